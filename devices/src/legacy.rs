@@ -1,1 +1,181 @@
-//! legacy
+//! Legacy PC devices: the 8250 UART on port 0x3f8 and the i8042 controller whose CPU-reset
+//! command ends the VM. Both come from vm-superio; this module fits them to the [`BusDevice`]
+//! trait and to event fds (the vmm turns the serial's fd into an irqfd on IRQ 4 and watches the
+//! i8042's fd to stop the VM).
+
+use std::io::{self, Write};
+
+use vm_superio::{I8042Device, Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// Base port of COM1.
+pub const COM1_PORT: u64 = 0x3f8;
+/// Ports COM1 spans.
+pub const COM1_LEN: u64 = 8;
+/// ISA IRQ of COM1.
+pub const COM1_IRQ: u32 = 4;
+/// Base port of the i8042 controller.
+pub const I8042_PORT: u64 = 0x60;
+/// Ports the i8042 spans (data at 0x60, command/status at 0x64).
+pub const I8042_LEN: u64 = 5;
+
+/// An [`EventFd`] that vm-superio devices can trigger.
+#[derive(Debug)]
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+impl EventFdTrigger {
+    /// A new non-blocking event fd.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self(EventFd::new(libc::EFD_NONBLOCK)?))
+    }
+}
+
+/// A writer that sends every byte on at once (the console must not wait for a newline).
+pub struct UnbufferedStdout;
+
+impl Write for UnbufferedStdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut out = io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().lock().flush()
+    }
+}
+
+/// The 8250 UART.
+pub struct SerialDevice {
+    serial: Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+}
+
+impl SerialDevice {
+    /// A UART writing guest output to `out` and raising its interrupt through `irq`.
+    pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
+        Self { serial: Serial::new(irq, out) }
+    }
+
+    /// The interrupt event fd (for an irqfd on [`COM1_IRQ`]).
+    pub fn irq_evt(&self) -> &EventFd {
+        &self.serial.interrupt_evt().0
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        let room = self.serial.fifo_capacity().min(input.len());
+        match self.serial.enqueue_raw_bytes(&input[..room]) {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("serial input dropped: {e:?}");
+                0
+            }
+        }
+    }
+
+    /// Free room in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.serial.fifo_capacity()
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Ok(off), Some(first)) = (u8::try_from(offset), data.first_mut()) {
+            *first = self.serial.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(off), Some(&value)) = (u8::try_from(offset), data.first()) {
+            if let Err(e) = self.serial.write(off, value) {
+                log::warn!("serial output failed: {e:?}");
+            }
+        }
+    }
+}
+
+/// The i8042 controller: its CPU-reset command (0xfe to port 0x64) signals [`Self::reset_evt`].
+pub struct I8042 {
+    dev: I8042Device<EventFdTrigger>,
+}
+
+impl I8042 {
+    /// A controller signalling `reset` when the guest resets the CPU through it.
+    pub fn new(reset: EventFdTrigger) -> Self {
+        Self { dev: I8042Device::new(reset) }
+    }
+
+    /// The event fd signalled on a guest reset or power-off request.
+    pub fn reset_evt(&self) -> &EventFd {
+        &self.dev.reset_evt().0
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Ok(off), Some(first)) = (u8::try_from(offset), data.first_mut()) {
+            *first = self.dev.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(off), Some(&value)) = (u8::try_from(offset), data.first()) {
+            if let Err(e) = self.dev.write(off, value) {
+                log::error!("i8042 cannot signal the reset: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn serial_writes_out_and_reads_input() {
+        let sink = Sink::default();
+        let mut s = SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(sink.clone()));
+        s.write(0, b"h");
+        s.write(0, &[]); // empty access is ignored
+        s.write(1 << 40, b"x"); // absurd offset is ignored
+        assert_eq!(&*sink.0.lock().unwrap(), b"h");
+        assert_eq!(s.enqueue_input(b"ok"), 2);
+        let mut d = [0u8; 1];
+        s.read(0, &mut d);
+        assert_eq!(d[0], b'o');
+    }
+
+    #[test]
+    fn i8042_reset_command_signals() {
+        let mut k = I8042::new(EventFdTrigger::new().unwrap());
+        k.write(0, &[0xfe]);
+        assert!(k.reset_evt().read().is_err()); // data port: nothing
+        k.write(4, &[0xfe]);
+        assert_eq!(k.reset_evt().read().unwrap(), 1);
+    }
+}
