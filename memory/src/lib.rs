@@ -1,1 +1,35 @@
-//! memory
+//! Host memory for a Tide guest.
+//!
+//! * [`parse_size`]: human-readable sizes.
+//! * [`MemoryLayout`]: boot RAM around the 32-bit MMIO gap and the hotplug window above it;
+//!   [`create_boot_memory`] maps the boot RAM.
+//! * [`HotplugRegion`]: one `MAP_NORESERVE` reservation of the hotplug window, plugged
+//!   (populated) and unplugged (discarded) block by block, with [`RamDiscardListener`]s that
+//!   follow what is plugged.
+//!
+//! The crate knows nothing of virtio or KVM. Ranges passed to [`HotplugRegion`] may come from
+//! a hostile guest: every one is validated and bad ones are returned as [`Error`]s.
+
+#![deny(missing_docs)]
+
+mod error;
+mod layout;
+mod region;
+mod size;
+
+pub use error::{Error, Result};
+pub use layout::{
+    create_boot_memory, HotplugLayout, MemoryLayout, GUEST_PHYS_BITS, MIN_BLOCK_SIZE, MMIO_GAP_END,
+    MMIO_GAP_START,
+};
+pub use region::{
+    Backend, HotplugRegion, ListenerId, RamDiscardListener, RangeState, RegionOptions,
+    UnpluggedAccess,
+};
+pub use size::parse_size;
+pub use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+/// Whether `x` is a multiple of `pow2`, which must be a power of two.
+fn aligned(x: u64, pow2: u64) -> bool {
+    x & (pow2 - 1) == 0
+}

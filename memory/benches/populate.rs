@@ -1,0 +1,173 @@
+//! Populate and discard throughput of `HotplugRegion` beside raw `madvise` on a fresh mapping of
+//! the same kind. Run with `cargo bench -p memory --bench populate`.
+
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::time::Instant;
+
+use memory::{Backend, GuestAddress, HotplugLayout, HotplugRegion, RegionOptions};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const SIZE: u64 = GIB;
+const ROUNDS: usize = 3;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Anon4k,
+    AnonThp,
+    Memfd,
+    Hugetlb,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Anon4k => "anon 4K",
+            Kind::AnonThp => "anon THP",
+            Kind::Memfd => "memfd",
+            Kind::Hugetlb => "hugetlb",
+        }
+    }
+}
+
+fn gib_s(secs: f64) -> f64 {
+    SIZE as f64 / GIB as f64 / secs
+}
+
+fn time<F: FnOnce()>(f: F) -> f64 {
+    let t = Instant::now();
+    f();
+    t.elapsed().as_secs_f64()
+}
+
+/// Best (populate, discard) seconds through `HotplugRegion`.
+fn through_region(kind: Kind) -> (f64, f64) {
+    let (backend, thp) = match kind {
+        Kind::Anon4k => (Backend::Anon, false),
+        Kind::AnonThp => (Backend::Anon, true),
+        Kind::Memfd => (Backend::Memfd, false),
+        Kind::Hugetlb => (Backend::Hugetlb, false),
+    };
+    let layout = HotplugLayout {
+        base: GuestAddress(4 * GIB),
+        size: SIZE,
+        block_size: 2 * MIB,
+    };
+    let r = HotplugRegion::with_options(&layout, backend, RegionOptions { thp }).unwrap();
+    assert_eq!(r.thp(), kind == Kind::AnonThp);
+    let (mut pop, mut dis) = (f64::MAX, f64::MAX);
+    for _ in 0..ROUNDS {
+        pop = pop.min(time(|| r.populate(layout.base, SIZE).unwrap()));
+        dis = dis.min(time(|| r.discard(layout.base, SIZE).unwrap()));
+    }
+    (pop, dis)
+}
+
+/// Best (populate, discard) seconds with raw syscalls on a fresh read-write mapping.
+fn raw(kind: Kind) -> (f64, f64) {
+    let len = SIZE as usize;
+    let (flags, fd, file) = match kind {
+        Kind::Anon4k | Kind::AnonThp => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, None),
+        Kind::Memfd | Kind::Hugetlb => {
+            let mut mfd = libc::MFD_CLOEXEC;
+            if kind == Kind::Hugetlb {
+                mfd |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+            }
+            // SAFETY: valid NUL-terminated name; result checked.
+            let fd = unsafe { libc::memfd_create(c"bench".as_ptr(), mfd) };
+            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+            // SAFETY: fd is fresh and owned by nobody else.
+            let f = unsafe { std::fs::File::from_raw_fd(fd) };
+            f.set_len(SIZE).unwrap();
+            (libc::MAP_SHARED, f.as_raw_fd(), Some(f))
+        }
+    };
+    // Over-map anonymous memory to align it for THP; a file mapping must stay within the file.
+    let over = if file.is_some() {
+        len
+    } else {
+        len + 2 * MIB as usize
+    };
+    // SAFETY: fresh mapping at a kernel-chosen address; result checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            over,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags | libc::MAP_NORESERVE,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    let aligned = if file.is_some() {
+        p
+    } else {
+        (p as usize).next_multiple_of(2 * MIB as usize) as *mut libc::c_void
+    };
+    if kind == Kind::AnonThp {
+        // SAFETY: inside our own mapping.
+        assert_eq!(
+            unsafe { libc::madvise(aligned, len, libc::MADV_HUGEPAGE) },
+            0
+        );
+    }
+    let (mut pop, mut dis) = (f64::MAX, f64::MAX);
+    for _ in 0..ROUNDS {
+        pop = pop.min(time(|| {
+            // SAFETY: inside our own mapping.
+            let r = unsafe { libc::madvise(aligned, len, libc::MADV_POPULATE_WRITE) };
+            assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        }));
+        dis = dis.min(time(|| {
+            let r = match &file {
+                // SAFETY: inside our own mapping.
+                None => unsafe { libc::madvise(aligned, len, libc::MADV_DONTNEED) },
+                // SAFETY: plain syscall on our own descriptor.
+                Some(f) => unsafe {
+                    libc::fallocate(
+                        f.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        0,
+                        SIZE as libc::off_t,
+                    )
+                },
+            };
+            assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        }));
+    }
+    // SAFETY: unmapping our own mapping.
+    unsafe { libc::munmap(p, over) };
+    (pop, dis)
+}
+
+fn main() {
+    let free_huge: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+    let mut kinds = vec![Kind::Anon4k, Kind::AnonThp, Kind::Memfd];
+    if free_huge >= SIZE / (2 * MIB) {
+        kinds.push(Kind::Hugetlb);
+    } else {
+        println!("hugetlb: skipped, {free_huge} free 2 MiB pages (need 512)");
+    }
+    println!("1 GiB populate / discard, best of {ROUNDS}, GiB/s");
+    println!(
+        "{:<10} {:>14} {:>14} {:>14} {:>14}",
+        "backend", "region pop", "raw pop", "region discard", "raw discard"
+    );
+    for kind in kinds {
+        let (rp, rd) = through_region(kind);
+        let (wp, wd) = raw(kind);
+        println!(
+            "{:<10} {:>14.2} {:>14.2} {:>14.2} {:>14.2}",
+            kind.name(),
+            gib_s(rp),
+            gib_s(wp),
+            gib_s(rd),
+            gib_s(wd)
+        );
+    }
+}

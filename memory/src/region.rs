@@ -1,0 +1,966 @@
+//! The hotplug reservation: one `MAP_NORESERVE` mapping of the whole hotplug window, populated
+//! and discarded block by block.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::{debug, error, warn};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestRegionMmap};
+
+use crate::layout::HotplugLayout;
+use crate::{aligned, Error, Result};
+
+const PAGE_SIZE: u64 = 4096;
+const HUGE_PAGE_SIZE: u64 = 2 << 20;
+const MAX_RUN_BUDGET: u64 = 32768;
+const FREE_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
+const MAX_MAP_COUNT: &str = "/proc/sys/vm/max_map_count";
+const OVERCOMMIT_MEMORY: &str = "/proc/sys/vm/overcommit_memory";
+
+/// What backs the hotplug reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// Private anonymous memory (transparent huge pages when the block size allows).
+    Anon,
+    /// A shared mapping of a memfd (shmem); discarded by punching holes.
+    Memfd,
+    /// A shared mapping of a hugetlb memfd with 2 MiB pages; needs a non-empty huge page pool.
+    Hugetlb,
+    /// A shared mapping of a file created (or truncated) at this path and sized with
+    /// `ftruncate`, e.g. on a tmpfs mounted with `size=` to cap the memory. The file is removed
+    /// when the region is dropped. Discarded by punching holes.
+    File(PathBuf),
+}
+
+impl FromStr for Backend {
+    type Err = Error;
+
+    /// Parses `"anon"`, `"memfd"`, `"hugetlb"` or `"file:/path"`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "anon" => Ok(Backend::Anon),
+            "memfd" => Ok(Backend::Memfd),
+            "hugetlb" => Ok(Backend::Hugetlb),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(Backend::File(PathBuf::from(path))),
+                _ => Err(Error::BadBackend {
+                    input: s.to_string(),
+                }),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Anon => f.write_str("anon"),
+            Backend::Memfd => f.write_str("memfd"),
+            Backend::Hugetlb => f.write_str("hugetlb"),
+            Backend::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+/// How unplugged blocks of the reservation are protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnpluggedAccess {
+    /// `PROT_NONE`: any access to an unplugged block faults (the default).
+    #[default]
+    Inaccessible,
+    /// `PROT_READ`: unplugged blocks read as zeros (anonymous memory maps the shared zero page;
+    /// shared backends may allocate page cache on read).
+    Readable,
+}
+
+impl UnpluggedAccess {
+    fn prot(self) -> libc::c_int {
+        match self {
+            UnpluggedAccess::Inaccessible => libc::PROT_NONE,
+            UnpluggedAccess::Readable => libc::PROT_READ,
+        }
+    }
+}
+
+/// The plug state of a range of blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeState {
+    /// Every block is plugged.
+    Plugged,
+    /// Every block is unplugged.
+    Unplugged,
+    /// Some blocks are plugged, some are not.
+    Mixed,
+}
+
+/// Something that must follow what is plugged (memory slots, DMA mappings, ...).
+///
+/// Callbacks run while the region's internal lock is held: they must not call the region's
+/// `populate`, `discard`, `state`, listener or protection methods (the plain getters and
+/// [`HotplugRegion::plugged_bytes`] are fine).
+pub trait RamDiscardListener: Send + Sync {
+    /// `[addr, addr + len)` has been populated and is about to be reported plugged. Returning
+    /// an error vetoes the populate, which is then rolled back (listeners that already accepted
+    /// it get [`RamDiscardListener::on_discard`]) and fails with [`Error::ListenerVeto`].
+    fn on_populate(&self, addr: GuestAddress, len: u64) -> std::result::Result<(), String>;
+    /// `[addr, addr + len)` is about to be discarded; its memory goes away after this returns.
+    fn on_discard(&self, addr: GuestAddress, len: u64);
+}
+
+/// Identifies a listener registered with [`HotplugRegion::add_listener`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ListenerId(u64);
+
+/// Options for [`HotplugRegion::with_options`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionOptions {
+    /// Ask for transparent huge pages (`MADV_HUGEPAGE`) on the anonymous backend when the block
+    /// size is a multiple of 2 MiB. Default: true.
+    pub thp: bool,
+}
+
+impl Default for RegionOptions {
+    fn default() -> Self {
+        RegionOptions { thp: true }
+    }
+}
+
+/// One bit per block: set = plugged.
+struct Bitmap {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Bitmap {
+    fn new(len: usize) -> Self {
+        Bitmap {
+            words: vec![0; len.div_ceil(64)],
+            len,
+        }
+    }
+
+    fn get(&self, i: usize) -> bool {
+        self.words[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn set(&mut self, i: usize, v: bool) {
+        if v {
+            self.words[i / 64] |= 1 << (i % 64);
+        } else {
+            self.words[i / 64] &= !(1 << (i % 64));
+        }
+    }
+
+    fn set_range(&mut self, a: usize, b: usize, v: bool) {
+        for i in a..b {
+            self.set(i, v);
+        }
+    }
+
+    fn count(&self, a: usize, b: usize) -> usize {
+        (a..b).filter(|&i| self.get(i)).count()
+    }
+
+    /// Number of adjacent pairs `(i, i + 1)` with different bits, for `i` in `[a - 1, b)`.
+    fn window_transitions(&self, a: usize, b: usize) -> u64 {
+        let lo = a.saturating_sub(1);
+        let hi = b.min(self.len - 1);
+        (lo..hi).filter(|&i| self.get(i) != self.get(i + 1)).count() as u64
+    }
+
+    /// Same as [`Bitmap::window_transitions`], as if `[a, b)` were all set to `v`.
+    fn window_transitions_if(&self, a: usize, b: usize, v: bool) -> u64 {
+        let left = a > 0 && self.get(a - 1) != v;
+        let right = b < self.len && self.get(b) != v;
+        u64::from(left) + u64::from(right)
+    }
+
+    /// Maximal runs `[start, end)` of blocks whose bit is `v`.
+    fn runs(&self, v: bool) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.len {
+            // Skip whole words that cannot start a run.
+            if i & 63 == 0 {
+                let w = self.words[i / 64];
+                if (v && w == 0) || (!v && w == u64::MAX) {
+                    i += 64;
+                    continue;
+                }
+            }
+            if self.get(i) == v {
+                let start = i;
+                while i < self.len && self.get(i) == v {
+                    i += 1;
+                }
+                out.push((start, i));
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+}
+
+/// How many of the boundaries of blocks `[a, b)` are not split yet (`splits` has one bit per
+/// block boundary; the outer edges never count).
+fn new_splits(splits: &Bitmap, a: usize, b: usize) -> u64 {
+    [a, b]
+        .into_iter()
+        .filter(|&i| i > 0 && i < splits.len - 1 && !splits.get(i))
+        .count() as u64
+}
+
+struct State {
+    bitmap: Bitmap,
+    /// Number of adjacent block pairs in different states; protection runs = transitions + 1.
+    transitions: u64,
+    /// Where the kernel does not merge mappings back (hugetlb; anonymous memory without a
+    /// shared anon_vma), every block boundary that was ever split, and how many there are.
+    splits: Option<(Bitmap, u64)>,
+    access: UnpluggedAccess,
+    listeners: Vec<(ListenerId, Arc<dyn RamDiscardListener>)>,
+    next_listener: u64,
+}
+
+/// The hot-pluggable memory of a guest: one `MAP_NORESERVE` reservation of the whole hotplug
+/// window, with blocks populated (plugged) and discarded (unplugged) on request.
+///
+/// Unplugged blocks hold no host memory and are protected per [`UnpluggedAccess`]; plugged
+/// blocks are read-write. All methods take `&self`; the region is `Send + Sync`.
+pub struct HotplugRegion {
+    base: u64,
+    size: u64,
+    block_size: u64,
+    backend: Backend,
+    host: usize,
+    fd: Option<File>,
+    thp: bool,
+    budget: u64,
+    plugged: AtomicU64,
+    state: Mutex<State>,
+}
+
+impl fmt::Debug for HotplugRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HotplugRegion")
+            .field("base", &format_args!("{:#x}", self.base))
+            .field("size", &format_args!("{:#x}", self.size))
+            .field("block_size", &format_args!("{:#x}", self.block_size))
+            .field("backend", &self.backend)
+            .field("host", &format_args!("{:#x}", self.host))
+            .field("thp", &self.thp)
+            .field("plugged_bytes", &self.plugged_bytes())
+            .finish()
+    }
+}
+
+fn last_err() -> io::Error {
+    io::Error::last_os_error()
+}
+
+fn read_u64_file(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// `mmap(NULL, len, PROT_NONE, flags, fd, 0)`.
+fn map_none(len: usize, flags: libc::c_int, fd: libc::c_int) -> io::Result<usize> {
+    // SAFETY: a fresh mapping at a kernel-chosen address (no MAP_FIXED) cannot alias any
+    // existing memory; the result is checked.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, flags, fd, 0) };
+    if p == libc::MAP_FAILED {
+        Err(last_err())
+    } else {
+        Ok(p as usize)
+    }
+}
+
+/// `munmap(addr, len)` of a range this crate mapped and nothing else refers to.
+fn unmap(addr: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    // SAFETY: callers only pass ranges of mappings this crate created and owns.
+    if unsafe { libc::munmap(addr as *mut libc::c_void, len) } != 0 {
+        error!("munmap({addr:#x}, {len:#x}) failed: {}", last_err());
+    }
+}
+
+fn create_memfd(size: u64, hugetlb: bool) -> io::Result<File> {
+    let mut flags = libc::MFD_CLOEXEC;
+    if hugetlb {
+        flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+    }
+    // SAFETY: the name is a valid NUL-terminated string; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"tide-hotplug".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(last_err());
+    }
+    // SAFETY: fd is a freshly created descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
+}
+
+/// Gives the whole anonymous reservation one anon_vma while it is still a single mapping, so
+/// that the pieces later split off by `mprotect` can merge back. Without it every block that is
+/// written first gets its own anon_vma and neighbouring pieces never merge again. Returns
+/// whether it worked. Skipped with `vm.overcommit_memory=2`, where making the whole mapping
+/// writable would charge its full size.
+fn prime_anon_vma(host: usize, len: usize) -> bool {
+    if read_u64_file(OVERCOMMIT_MEMORY) == Some(2) {
+        return false;
+    }
+    let p = host as *mut libc::c_void;
+    let page = PAGE_SIZE as usize;
+    // SAFETY: [host, host + len) is our own fresh, unshared reservation; we make it writable,
+    // fault in and drop its first page, and make it inaccessible again. No Rust reference
+    // points into it.
+    let ok = unsafe {
+        libc::mprotect(p, len, libc::PROT_READ | libc::PROT_WRITE) == 0
+            && libc::madvise(p, page, libc::MADV_POPULATE_WRITE) == 0
+            && libc::madvise(p, len.min(HUGE_PAGE_SIZE as usize), libc::MADV_DONTNEED) == 0
+    };
+    if !ok {
+        debug!(
+            "priming the anon_vma of the hotplug reservation failed: {}",
+            last_err()
+        );
+    }
+    // SAFETY: as above; back to PROT_NONE, which cannot fail for lack of memory on a whole VMA.
+    if unsafe { libc::mprotect(p, len, libc::PROT_NONE) } != 0 {
+        error!("cannot re-protect the hotplug reservation: {}", last_err());
+        return false;
+    }
+    ok
+}
+
+impl HotplugRegion {
+    /// Reserves the whole hotplug window `layout` with `backend` and default options.
+    ///
+    /// One `mmap(MAP_NORESERVE)` of `layout.size` bytes, all `PROT_NONE` (unplugged), so even a
+    /// 1 TiB reservation costs no memory and no commit charge. See [`HotplugRegion::with_options`].
+    pub fn new(layout: &HotplugLayout, backend: Backend) -> Result<Self> {
+        Self::with_options(layout, backend, RegionOptions::default())
+    }
+
+    /// Like [`HotplugRegion::new`], with options.
+    ///
+    /// * `Anon`: private anonymous, 2 MiB aligned; `MADV_HUGEPAGE` when `options.thp` and the
+    ///   block size is a multiple of 2 MiB.
+    /// * `Memfd`: `memfd_create` + `ftruncate` + `MAP_SHARED`.
+    /// * `Hugetlb`: like `Memfd` with `MFD_HUGETLB | MFD_HUGE_2MB`; the block size must be a
+    ///   multiple of 2 MiB and the 2 MiB pool must have free pages ([`Error::HugetlbPoolEmpty`]).
+    /// * `File(path)`: the file is created (truncated if it exists), sized and mapped shared.
+    ///
+    /// The layout must have a power-of-two block size of at least 4 KiB, a non-zero size that
+    /// is a multiple of it, and a block-aligned base.
+    pub fn with_options(
+        layout: &HotplugLayout,
+        backend: Backend,
+        options: RegionOptions,
+    ) -> Result<Self> {
+        let HotplugLayout {
+            base,
+            size,
+            block_size,
+        } = *layout;
+        let base = base.0;
+        if !block_size.is_power_of_two() || block_size < PAGE_SIZE {
+            return Err(Error::BlockSize {
+                block_size,
+                reason: "must be a power of two of at least 4 KiB",
+            });
+        }
+        if !aligned(base, block_size) {
+            return Err(Error::BlockSize {
+                block_size,
+                reason: "the hotplug base address is not aligned to it",
+            });
+        }
+        if size == 0 || !aligned(size, block_size) {
+            return Err(Error::HotplugSize {
+                size,
+                block_size,
+                reason: "must be a non-zero multiple of the block size",
+            });
+        }
+        let len = usize::try_from(size)
+            .ok()
+            .filter(|_| base.checked_add(size).is_some())
+            .ok_or(Error::AddressSpace {
+                base,
+                size,
+                bits: 64,
+            })?;
+        let blocks = usize::try_from(size / block_size).map_err(|_| Error::AddressSpace {
+            base,
+            size,
+            bits: usize::BITS,
+        })?;
+        if backend == Backend::Hugetlb {
+            if !aligned(block_size, HUGE_PAGE_SIZE) {
+                return Err(Error::HugetlbBlockSize { block_size });
+            }
+            if read_u64_file(FREE_HUGEPAGES).unwrap_or(0) == 0 {
+                return Err(Error::HugetlbPoolEmpty);
+            }
+        }
+        let budget = read_u64_file(MAX_MAP_COUNT)
+            .map(|n| n / 2)
+            .unwrap_or(MAX_RUN_BUDGET)
+            .clamp(1, MAX_RUN_BUDGET);
+
+        let mmap_err = |source| Error::Mmap { size, source };
+        let mut thp = false;
+        // Memfd and file mappings merge back; hugetlb ones never do.
+        let mut mergeable = backend != Backend::Hugetlb;
+        let (host, fd) = match &backend {
+            Backend::Anon => {
+                let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+                let align = HUGE_PAGE_SIZE as usize;
+                let over = len
+                    .checked_add(align)
+                    .ok_or_else(|| mmap_err(io::Error::from_raw_os_error(libc::ENOMEM)))?;
+                let raw = map_none(over, flags, -1).map_err(mmap_err)?;
+                let start = raw.next_multiple_of(align);
+                unmap(raw, start - raw);
+                unmap(start + len, raw + over - (start + len));
+                // Before MADV_HUGEPAGE, so that priming faults in a small page only.
+                mergeable = prime_anon_vma(start, len);
+                if options.thp && aligned(block_size, HUGE_PAGE_SIZE) {
+                    // SAFETY: [start, start + len) is our own fresh mapping; madvise only
+                    // changes its paging policy.
+                    let r = unsafe {
+                        libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE)
+                    };
+                    if r == 0 {
+                        thp = true;
+                    } else {
+                        warn!(
+                            "MADV_HUGEPAGE on the hotplug reservation failed: {}",
+                            last_err()
+                        );
+                    }
+                }
+                (start, None)
+            }
+            Backend::Memfd | Backend::Hugetlb => {
+                let file = create_memfd(size, backend == Backend::Hugetlb)
+                    .map_err(|source| Error::Memfd { size, source })?;
+                let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
+                let host = map_none(len, flags, file.as_raw_fd()).map_err(mmap_err)?;
+                (host, Some(file))
+            }
+            Backend::File(path) => {
+                let file_err = |source| Error::File {
+                    path: path.clone(),
+                    size,
+                    source,
+                };
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(path)
+                    .map_err(file_err)?;
+                if let Err(e) = file.set_len(size) {
+                    let _ = std::fs::remove_file(path);
+                    return Err(file_err(e));
+                }
+                let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
+                match map_none(len, flags, file.as_raw_fd()) {
+                    Ok(host) => (host, Some(file)),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(path);
+                        return Err(mmap_err(e));
+                    }
+                }
+            }
+        };
+        debug!(
+            "hotplug region [{base:#x}, +{size:#x}) block {block_size:#x} backend {backend} at host {host:#x} thp {thp}"
+        );
+        Ok(HotplugRegion {
+            base,
+            size,
+            block_size,
+            backend,
+            host,
+            fd,
+            thp,
+            budget,
+            plugged: AtomicU64::new(0),
+            state: Mutex::new(State {
+                bitmap: Bitmap::new(blocks),
+                transitions: 0,
+                splits: (!mergeable).then(|| (Bitmap::new(blocks + 1), 0)),
+                access: UnpluggedAccess::default(),
+                listeners: Vec::new(),
+                next_listener: 0,
+            }),
+        })
+    }
+
+    /// First guest physical address of the region.
+    pub fn base(&self) -> GuestAddress {
+        GuestAddress(self.base)
+    }
+
+    /// Size of the region in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Plug granularity in bytes.
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    /// The backend the region was created with.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Host virtual address of the first byte of the region.
+    pub fn host_addr(&self) -> u64 {
+        self.host as u64
+    }
+
+    /// Whether transparent huge pages were requested (`MADV_HUGEPAGE`) for the reservation.
+    pub fn thp(&self) -> bool {
+        self.thp
+    }
+
+    /// Bytes currently plugged. Never blocks, even while a populate runs.
+    pub fn plugged_bytes(&self) -> u64 {
+        self.plugged.load(Ordering::Acquire)
+    }
+
+    /// How many protection runs (mappings) the region may be split into.
+    pub fn fragmentation_budget(&self) -> u64 {
+        self.budget
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks a guest range and returns its block indices `[first, end)`.
+    fn check(&self, addr: GuestAddress, len: u64) -> Result<(usize, usize)> {
+        let addr = addr.0;
+        let end = addr.checked_add(len);
+        let inside = addr >= self.base && end.is_some_and(|e| e <= self.base + self.size);
+        if !inside {
+            return Err(Error::OutOfRange {
+                addr,
+                len,
+                base: self.base,
+                size: self.size,
+            });
+        }
+        if len == 0 || !aligned(addr, self.block_size) || !aligned(len, self.block_size) {
+            return Err(Error::Misaligned {
+                addr,
+                len,
+                block_size: self.block_size,
+            });
+        }
+        // Both fit in usize: they are at most size / block_size, which fit when created.
+        let first = ((addr - self.base) / self.block_size) as usize;
+        Ok((first, first + (len / self.block_size) as usize))
+    }
+
+    fn host_ptr(&self, a: usize) -> *mut libc::c_void {
+        (self.host + a * self.block_size as usize) as *mut libc::c_void
+    }
+
+    fn byte_len(&self, a: usize, b: usize) -> usize {
+        (b - a) * self.block_size as usize
+    }
+
+    fn guest_addr(&self, a: usize) -> u64 {
+        self.base + a as u64 * self.block_size
+    }
+
+    fn protect(&self, a: usize, b: usize, prot: libc::c_int) -> io::Result<()> {
+        // SAFETY: blocks [a, b) lie inside our reservation (checked by callers); changing their
+        // protection cannot affect memory outside it. Accesses to PROT_NONE blocks fault, which
+        // callers avoid by checking the plug state.
+        if unsafe { libc::mprotect(self.host_ptr(a), self.byte_len(a, b), prot) } != 0 {
+            return Err(last_err());
+        }
+        Ok(())
+    }
+
+    fn advise(&self, a: usize, b: usize, advice: libc::c_int) -> io::Result<()> {
+        loop {
+            // SAFETY: blocks [a, b) lie inside our reservation; the advice either faults pages
+            // in or drops them, both only within that range.
+            if unsafe { libc::madvise(self.host_ptr(a), self.byte_len(a, b), advice) } == 0 {
+                return Ok(());
+            }
+            let e = last_err();
+            if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Gives the host memory of blocks `[a, b)` back.
+    fn release(&self, a: usize, b: usize) -> io::Result<()> {
+        match &self.fd {
+            None => self.advise(a, b, libc::MADV_DONTNEED),
+            Some(file) => {
+                let off = (a as u64 * self.block_size) as libc::off_t;
+                let len = self.byte_len(a, b) as libc::off_t;
+                // SAFETY: plain syscall on our own descriptor; punching a hole also unmaps the
+                // freed pages from every shared mapping of the file.
+                let r = unsafe {
+                    libc::fallocate(
+                        file.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        off,
+                        len,
+                    )
+                };
+                if r != 0 {
+                    return Err(last_err());
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Discards and re-protects blocks `[a, b)` after a failed populate.
+    fn roll_back(&self, a: usize, b: usize, access: UnpluggedAccess) {
+        let addr = self.guest_addr(a);
+        let len = self.byte_len(a, b);
+        if let Err(e) = self.release(a, b) {
+            error!("roll back of [{addr:#x}, +{len:#x}): discard failed: {e}");
+        }
+        if let Err(e) = self.protect(a, b, access.prot()) {
+            error!("roll back of [{addr:#x}, +{len:#x}): re-protect failed: {e}");
+        }
+    }
+
+    /// Checks that setting blocks `[a, b)` to `v` keeps the number of mappings within the
+    /// budget, and returns the new number of transitions.
+    fn check_budget(&self, st: &State, a: usize, b: usize, v: bool) -> Result<u64> {
+        let t = st.transitions - st.bitmap.window_transitions(a, b)
+            + st.bitmap.window_transitions_if(a, b, v);
+        let runs = match &st.splits {
+            None => t + 1,
+            Some((splits, n)) => n + 1 + new_splits(splits, a, b),
+        };
+        if runs > self.budget {
+            return Err(Error::TooFragmented {
+                addr: self.guest_addr(a),
+                len: self.byte_len(a, b) as u64,
+                runs,
+                budget: self.budget,
+            });
+        }
+        Ok(t)
+    }
+
+    /// Plugs `[addr, addr + len)`: makes it read-write and backs it with host memory
+    /// (`MADV_POPULATE_WRITE`), then tells the listeners.
+    ///
+    /// The range must be non-empty, block aligned, inside the region and wholly unplugged.
+    /// If the host cannot back it (out of memory, a full tmpfs, an empty hugetlb pool, a cgroup
+    /// limit), the range is discarded and re-protected and [`Error::Populate`] is returned; a
+    /// listener veto likewise rolls back and returns [`Error::ListenerVeto`].
+    pub fn populate(&self, addr: GuestAddress, len: u64) -> Result<()> {
+        let (a, b) = self.check(addr, len)?;
+        let mut st = self.lock();
+        if st.bitmap.count(a, b) != 0 {
+            return Err(Error::NotUnplugged { addr: addr.0, len });
+        }
+        let transitions = self.check_budget(&st, a, b, true)?;
+        if let Err(source) = self.protect(a, b, libc::PROT_READ | libc::PROT_WRITE) {
+            self.roll_back(a, b, st.access);
+            return Err(Error::Protect {
+                addr: addr.0,
+                len,
+                source,
+            });
+        }
+        if let Err(source) = self.advise(a, b, libc::MADV_POPULATE_WRITE) {
+            self.roll_back(a, b, st.access);
+            return Err(Error::Populate {
+                addr: addr.0,
+                len,
+                source,
+            });
+        }
+        for (i, (_, l)) in st.listeners.iter().enumerate() {
+            if let Err(reason) = l.on_populate(addr, len) {
+                for (_, accepted) in st.listeners[..i].iter().rev() {
+                    accepted.on_discard(addr, len);
+                }
+                self.roll_back(a, b, st.access);
+                return Err(Error::ListenerVeto {
+                    addr: addr.0,
+                    len,
+                    reason,
+                });
+            }
+        }
+        st.bitmap.set_range(a, b, true);
+        st.transitions = transitions;
+        Self::mark_split(&mut st, a, b);
+        self.plugged.fetch_add(len, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Records the boundaries of blocks `[a, b)` as split.
+    fn mark_split(st: &mut State, a: usize, b: usize) {
+        if let Some((splits, n)) = &mut st.splits {
+            *n += new_splits(splits, a, b);
+            for i in [a, b] {
+                if i > 0 && i < splits.len - 1 {
+                    splits.set(i, true);
+                }
+            }
+        }
+    }
+
+    /// Discards blocks `[a, b)`, all plugged, with the lock held.
+    fn discard_locked(&self, st: &mut State, a: usize, b: usize, transitions: u64) -> Result<()> {
+        let addr = self.guest_addr(a);
+        let len = self.byte_len(a, b) as u64;
+        for (_, l) in &st.listeners {
+            l.on_discard(GuestAddress(addr), len);
+        }
+        let released = self.release(a, b);
+        let protected = self.protect(a, b, st.access.prot());
+        st.bitmap.set_range(a, b, false);
+        st.transitions = transitions;
+        Self::mark_split(st, a, b);
+        self.plugged.fetch_sub(len, Ordering::AcqRel);
+        released.map_err(|source| Error::Discard { addr, len, source })?;
+        protected.map_err(|source| Error::Protect { addr, len, source })
+    }
+
+    /// Unplugs `[addr, addr + len)`: tells the listeners, gives the host memory back
+    /// (`MADV_DONTNEED` or a punched hole) and re-protects it per [`UnpluggedAccess`].
+    ///
+    /// The range must be non-empty, block aligned, inside the region and wholly plugged.
+    pub fn discard(&self, addr: GuestAddress, len: u64) -> Result<()> {
+        let (a, b) = self.check(addr, len)?;
+        let mut st = self.lock();
+        if st.bitmap.count(a, b) != b - a {
+            return Err(Error::NotPlugged { addr: addr.0, len });
+        }
+        let transitions = self.check_budget(&st, a, b, false)?;
+        self.discard_locked(&mut st, a, b, transitions)
+    }
+
+    /// Unplugs everything that is plugged, run by run. Returns the first error, after trying
+    /// every run.
+    pub fn discard_all(&self) -> Result<()> {
+        let mut st = self.lock();
+        let mut result = Ok(());
+        for (a, b) in st.bitmap.runs(true) {
+            // Discarding a whole run only merges runs, so it never exceeds the budget.
+            let t = st.transitions - st.bitmap.window_transitions(a, b)
+                + st.bitmap.window_transitions_if(a, b, false);
+            let r = self.discard_locked(&mut st, a, b, t);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+
+    /// The plug state of `[addr, addr + len)`, validated like [`HotplugRegion::populate`].
+    pub fn state(&self, addr: GuestAddress, len: u64) -> Result<RangeState> {
+        let (a, b) = self.check(addr, len)?;
+        let st = self.lock();
+        let n = st.bitmap.count(a, b);
+        Ok(if n == 0 {
+            RangeState::Unplugged
+        } else if n == b - a {
+            RangeState::Plugged
+        } else {
+            RangeState::Mixed
+        })
+    }
+
+    /// Resident host memory of the reservation: the `Rss` (plus hugetlb pages) of the
+    /// `/proc/self/smaps` entries that overlap it.
+    pub fn resident_bytes(&self) -> Result<u64> {
+        let text = std::fs::read_to_string("/proc/self/smaps").map_err(Error::Smaps)?;
+        let start = self.host as u64;
+        let end = start + self.size;
+        let mut inside = false;
+        let mut kib = 0u64;
+        for line in text.lines() {
+            let mut words = line.split_ascii_whitespace();
+            let Some(first) = words.next() else { continue };
+            if let Some(key) = first.strip_suffix(':') {
+                if inside && matches!(key, "Rss" | "Shared_Hugetlb" | "Private_Hugetlb") {
+                    kib += words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                }
+            } else if let Some((s, e)) = first.split_once('-') {
+                if let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {
+                    inside = s < end && e > start;
+                }
+            }
+        }
+        Ok(kib * 1024)
+    }
+
+    /// How unplugged blocks are currently protected.
+    pub fn unplugged_access(&self) -> UnpluggedAccess {
+        self.lock().access
+    }
+
+    /// Changes how unplugged blocks are protected, re-protecting every unplugged run. On
+    /// failure the runs already changed are set back and the old access stays.
+    pub fn set_unplugged_access(&self, access: UnpluggedAccess) -> Result<()> {
+        let mut st = self.lock();
+        if st.access == access {
+            return Ok(());
+        }
+        let runs = st.bitmap.runs(false);
+        for (i, &(a, b)) in runs.iter().enumerate() {
+            if let Err(source) = self.protect(a, b, access.prot()) {
+                for &(a, b) in &runs[..i] {
+                    if let Err(e) = self.protect(a, b, st.access.prot()) {
+                        error!("restoring protection of unplugged blocks failed: {e}");
+                    }
+                }
+                return Err(Error::Protect {
+                    addr: self.guest_addr(a),
+                    len: self.byte_len(a, b) as u64,
+                    source,
+                });
+            }
+        }
+        st.access = access;
+        Ok(())
+    }
+
+    /// Registers a listener and replays every plugged run to it through
+    /// [`RamDiscardListener::on_populate`] (a veto during replay is only logged).
+    pub fn add_listener(&self, listener: Arc<dyn RamDiscardListener>) -> ListenerId {
+        let mut st = self.lock();
+        for (a, b) in st.bitmap.runs(true) {
+            let (addr, len) = (self.guest_addr(a), self.byte_len(a, b) as u64);
+            if let Err(e) = listener.on_populate(GuestAddress(addr), len) {
+                warn!("listener refused replay of plugged [{addr:#x}, +{len:#x}): {e}");
+            }
+        }
+        let id = ListenerId(st.next_listener);
+        st.next_listener += 1;
+        st.listeners.push((id, listener));
+        id
+    }
+
+    /// Unregisters a listener (no events are sent to it). Unknown ids are ignored.
+    pub fn remove_listener(&self, id: ListenerId) {
+        self.lock().listeners.retain(|(i, _)| *i != id);
+    }
+
+    /// The plugged memory as coalesced `(start, length)` runs, in address order.
+    pub fn plugged_ranges(&self) -> Vec<(GuestAddress, u64)> {
+        let st = self.lock();
+        st.bitmap
+            .runs(true)
+            .into_iter()
+            .map(|(a, b)| (GuestAddress(self.guest_addr(a)), self.byte_len(a, b) as u64))
+            .collect()
+    }
+
+    /// A vm-memory region over the whole reservation at [`HotplugRegion::base`], not owning the
+    /// mapping.
+    ///
+    /// The returned region (and any `GuestMemoryMmap` holding it) must not outlive `self`:
+    /// dropping the `HotplugRegion` unmaps the memory it points to. Accessing unplugged blocks
+    /// through it faults when they are [`UnpluggedAccess::Inaccessible`]; check
+    /// [`HotplugRegion::state`] first.
+    pub fn guest_region(&self) -> Result<GuestRegionMmap> {
+        let err = |reason: String| Error::GuestRegion {
+            host: self.host as u64,
+            size: self.size,
+            reason,
+        };
+        let flags = match self.fd {
+            None => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            Some(_) => libc::MAP_SHARED | libc::MAP_NORESERVE,
+        };
+        // SAFETY: [host, host + size) is our live mapping; the documented contract is that the
+        // region does not outlive `self`, which keeps it mapped.
+        let builder = unsafe {
+            MmapRegionBuilder::new(self.size as usize).with_raw_mmap_pointer(self.host as *mut u8)
+        };
+        let mapping = builder
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .with_hugetlbfs(self.backend == Backend::Hugetlb)
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        GuestRegionMmap::new(mapping, GuestAddress(self.base))
+            .ok_or_else(|| err("guest address range overflows".to_string()))
+    }
+}
+
+impl Drop for HotplugRegion {
+    fn drop(&mut self) {
+        unmap(self.host, self.size as usize);
+        if let Backend::File(path) = &self.backend {
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!("cannot remove backing file {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_strings() {
+        for s in ["anon", "memfd", "hugetlb", "file:/dev/shm/x"] {
+            let b: Backend = s.parse().unwrap();
+            assert_eq!(b.to_string(), s);
+        }
+        assert_eq!(
+            "file:/a/b".parse::<Backend>().unwrap(),
+            Backend::File(PathBuf::from("/a/b"))
+        );
+        for s in ["", "file:", "shm", "Anon"] {
+            assert!(matches!(
+                s.parse::<Backend>(),
+                Err(Error::BadBackend { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn bitmap_runs_and_transitions() {
+        let mut b = Bitmap::new(130);
+        assert_eq!(b.runs(false), vec![(0, 130)]);
+        assert!(b.runs(true).is_empty());
+        assert_eq!(b.window_transitions_if(3, 5, true), 2);
+        b.set_range(3, 5, true);
+        assert_eq!(b.window_transitions(0, 130), 2);
+        b.set_range(64, 130, true);
+        assert_eq!(b.runs(true), vec![(3, 5), (64, 130)]);
+        assert_eq!(b.runs(false), vec![(0, 3), (5, 64)]);
+        assert_eq!(b.window_transitions_if(0, 3, true), 0);
+        assert_eq!(b.window_transitions(0, 130), 3);
+        assert_eq!(b.count(0, 130), 68);
+    }
+}
