@@ -162,10 +162,22 @@ mod tests {
         let mut bus = Bus::new();
         let a = Arc::new(Mutex::new(Reg(vec![])));
         bus.insert(a.clone(), 0x100, 0x10).unwrap();
-        assert!(matches!(bus.insert(a.clone(), 0x10f, 1), Err(BusError::Overlap { .. })));
-        assert!(matches!(bus.insert(a.clone(), 0xf0, 0x11), Err(BusError::Overlap { .. })));
+        assert!(matches!(
+            bus.insert(a.clone(), 0x10f, 1),
+            Err(BusError::Overlap { .. })
+        ));
+        assert!(matches!(
+            bus.insert(a.clone(), 0xf0, 0x11),
+            Err(BusError::Overlap { .. })
+        ));
         assert!(bus.insert(a.clone(), 0x110, 1).is_ok());
-        assert!(matches!(bus.insert(a.clone(), 0x200, 0), Err(BusError::BadRange { .. })));
-        assert!(matches!(bus.insert(a, u64::MAX, 2), Err(BusError::BadRange { .. })));
+        assert!(matches!(
+            bus.insert(a.clone(), 0x200, 0),
+            Err(BusError::BadRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(a, u64::MAX, 2),
+            Err(BusError::BadRange { .. })
+        ));
     }
 }

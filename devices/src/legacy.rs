@@ -62,7 +62,9 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// A UART writing guest output to `out` and raising its interrupt through `irq`.
     pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
-        Self { serial: Serial::new(irq, out) }
+        Self {
+            serial: Serial::new(irq, out),
+        }
     }
 
     /// The interrupt event fd (for an irqfd on [`COM1_IRQ`]).
@@ -113,7 +115,9 @@ pub struct I8042 {
 impl I8042 {
     /// A controller signalling `reset` when the guest resets the CPU through it.
     pub fn new(reset: EventFdTrigger) -> Self {
-        Self { dev: I8042Device::new(reset) }
+        Self {
+            dev: I8042Device::new(reset),
+        }
     }
 
     /// The event fd signalled on a guest reset or power-off request.

@@ -1,0 +1,583 @@
+//! A virtio-mmio transport, version 2 ("modern") only, as described in section 4.2 of the virtio
+//! 1.2 specification.
+//!
+//! The transport owns the queue configuration until the driver sets `DRIVER_OK`; then it hands a
+//! copy of every queue to the device ([`VirtioDevice::activate`]) and from then on forwards queue
+//! notifications to [`VirtioDevice::process_queue`]. Every register access is guest controlled:
+//! all of them get a defined answer and none can make the transport panic.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use log::{debug, error, warn};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{Error, Result};
+use crate::bus::BusDevice;
+
+/// The value of the magic register: "virt" in little endian.
+pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
+/// The only transport version this implementation speaks.
+pub const MMIO_VERSION: u32 = 2;
+/// The vendor ID the transport reports: "TIDE" in little endian.
+pub const MMIO_VENDOR_ID: u32 = 0x4544_4954;
+/// The size of the MMIO window one transport needs (registers plus config space).
+pub const MMIO_SIZE: u64 = 0x1000;
+/// The offset of the queue notify register, where the vmm puts the queues' ioeventfds (with the
+/// queue index as datamatch).
+pub const NOTIFY_REG_OFFSET: u64 = 0x050;
+/// The offset at which the device-specific configuration space starts.
+pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
+
+/// Device status bit: the guest found the device.
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+/// Device status bit: the guest has a driver for the device.
+pub const STATUS_DRIVER: u32 = 2;
+/// Device status bit: the driver is ready to drive the device.
+pub const STATUS_DRIVER_OK: u32 = 4;
+/// Device status bit: feature negotiation is complete.
+pub const STATUS_FEATURES_OK: u32 = 8;
+/// Device status bit: the device hit an error and needs a reset.
+pub const STATUS_DEVICE_NEEDS_RESET: u32 = 64;
+/// Device status bit: the driver gave up on the device.
+pub const STATUS_FAILED: u32 = 128;
+
+/// Interrupt status bit: the device used a buffer.
+pub const INT_USED_RING: u32 = 1;
+/// Interrupt status bit: the device configuration changed.
+pub const INT_CONFIG: u32 = 2;
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = NOTIFY_REG_OFFSET;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_SHM_LEN_LOW: u64 = 0x0b0;
+const REG_SHM_LEN_HIGH: u64 = 0x0b4;
+const REG_SHM_BASE_LOW: u64 = 0x0b8;
+const REG_SHM_BASE_HIGH: u64 = 0x0bc;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+
+/// The interrupt line of one virtio-mmio transport.
+///
+/// It holds the interrupt status register and an event fd that the vmm registers as a KVM irqfd:
+/// signalling the fd injects the transport's interrupt. Devices keep an `Arc` of it and raise
+/// it from whatever thread they run on.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    evt: EventFd,
+}
+
+impl Interrupt {
+    /// A new interrupt with no status bit set and a non-blocking event fd.
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            status: AtomicU32::new(0),
+            evt: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
+        })
+    }
+
+    /// Sets the "used buffer" status bit and signals the interrupt.
+    pub fn trigger_used(&self) -> Result<()> {
+        self.trigger(INT_USED_RING)
+    }
+
+    /// Sets the "configuration change" status bit and signals the interrupt.
+    pub fn trigger_config(&self) -> Result<()> {
+        self.trigger(INT_CONFIG)
+    }
+
+    /// The event fd to register as the KVM irqfd of this transport's interrupt line.
+    pub fn evt(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// The current value of the interrupt status register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// Clears the status bits set in `bits` (what a write to the interrupt ACK register does).
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    fn clear(&self) {
+        self.status.store(0, Ordering::Release);
+    }
+
+    fn trigger(&self, bit: u32) -> Result<()> {
+        self.status.fetch_or(bit, Ordering::AcqRel);
+        self.evt.write(1).map_err(Error::Interrupt)
+    }
+}
+
+/// A virtio device that can sit behind an [`MmioTransport`].
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (24 for virtio-mem).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each of the device's queues; its length is the number of queues.
+    /// Each size must be a power of two no larger than 32768.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The feature bits the device offers, `VIRTIO_F_VERSION_1` (bit 32) included.
+    fn avail_features(&self) -> u64;
+    /// The features the driver acknowledged (a subset of [`Self::avail_features`] with
+    /// `VIRTIO_F_VERSION_1`). An error makes the transport refuse `FEATURES_OK`.
+    fn set_acked_features(&mut self, features: u64) -> Result<()>;
+    /// Reads `data.len()` bytes (1, 2, 4 or 8) of the configuration space at `offset`.
+    /// Bytes past the end of the configuration space read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes `data` into the configuration space at `offset`; read-only fields ignore it.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The configuration generation: it changes whenever the configuration space changes.
+    fn config_generation(&self) -> u32 {
+        0
+    }
+    /// The driver set `DRIVER_OK`: from now on the device uses `queues` (one per entry of
+    /// [`Self::queue_max_sizes`], validated when ready) over `mem` and signals `interrupt`.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<()>;
+    /// The driver notified queue `index`: process what it made available. An error means the
+    /// device cannot go on; the transport then sets `DEVICE_NEEDS_RESET`.
+    fn process_queue(&mut self, index: usize) -> Result<()>;
+    /// The driver reset the device: go back to the state before activation.
+    fn reset(&mut self);
+}
+
+/// A virtio-mmio version 2 transport for the device `D`.
+///
+/// Put it on the MMIO bus with a window of [`MMIO_SIZE`] bytes; register each of
+/// [`Self::queue_evts`] as an ioeventfd at `base + NOTIFY_REG_OFFSET` with the queue index as
+/// datamatch and call [`Self::handle_queue_event`] when it fires; register
+/// `self.interrupt().evt()` as the irqfd of the transport's interrupt line.
+pub struct MmioTransport<D: VirtioDevice> {
+    device: D,
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    interrupt: Arc<Interrupt>,
+    device_features_select: u32,
+    driver_features_select: u32,
+    driver_features: u64,
+    queue_select: u32,
+    /// The status bits the driver set (DEVICE_NEEDS_RESET is kept apart in `needs_reset`).
+    status: u32,
+    needs_reset: bool,
+    activated: bool,
+}
+
+impl<D: VirtioDevice> MmioTransport<D> {
+    /// A transport for `device` whose queues live in `mem`.
+    ///
+    /// Fails if the device offers a queue size that is not a power of two in 1..=32768 or if an
+    /// event fd cannot be created.
+    pub fn new(device: D, mem: GuestMemoryMmap) -> Result<Self> {
+        let mut queues = Vec::new();
+        let mut queue_evts = Vec::new();
+        for &max in device.queue_max_sizes() {
+            queues.push(Queue::new(max).map_err(Error::Queue)?);
+            queue_evts.push(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?);
+        }
+        Ok(Self {
+            device,
+            mem,
+            queues,
+            queue_evts,
+            interrupt: Arc::new(Interrupt::new()?),
+            device_features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0,
+            queue_select: 0,
+            status: 0,
+            needs_reset: false,
+            activated: false,
+        })
+    }
+
+    /// One event fd per queue, in queue order, to register as ioeventfds.
+    pub fn queue_evts(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The transport's interrupt line.
+    pub fn interrupt(&self) -> Arc<Interrupt> {
+        self.interrupt.clone()
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    /// The device behind the transport, mutably.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    /// The device status register as the driver reads it.
+    pub fn status(&self) -> u32 {
+        self.status
+            | if self.needs_reset {
+                STATUS_DEVICE_NEEDS_RESET
+            } else {
+                0
+            }
+    }
+
+    /// Whether the device was activated (the driver set `DRIVER_OK` and activation succeeded).
+    pub fn is_activated(&self) -> bool {
+        self.activated
+    }
+
+    /// The ioeventfd of queue `index` fired: consume it and, if the device is active, process
+    /// the queue. Out-of-range indices are ignored.
+    pub fn handle_queue_event(&mut self, index: usize) {
+        let Some(evt) = self.queue_evts.get(index) else {
+            warn!("virtio-mmio: event for nonexistent queue {index}");
+            return;
+        };
+        if let Err(e) = evt.read() {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                warn!("virtio-mmio: cannot read queue {index} event fd: {e}");
+            }
+        }
+        self.process(index);
+    }
+
+    fn process(&mut self, index: usize) {
+        if !self.activated || self.needs_reset || index >= self.queues.len() {
+            return;
+        }
+        if let Err(e) = self.device.process_queue(index) {
+            self.device_failed(&format!("queue {index} processing failed: {e}"));
+        }
+    }
+
+    /// The device cannot go on: set DEVICE_NEEDS_RESET and tell a running driver.
+    fn device_failed(&mut self, why: &str) {
+        error!(
+            "virtio-mmio: device {} needs reset: {why}",
+            self.device.device_type()
+        );
+        self.needs_reset = true;
+        if self.status & STATUS_DRIVER_OK != 0 {
+            if let Err(e) = self.interrupt.trigger_config() {
+                error!("virtio-mmio: {e}");
+            }
+        }
+    }
+
+    fn selected_queue(&self) -> Option<&Queue> {
+        self.queues.get(self.queue_select as usize)
+    }
+
+    /// The selected queue if the driver may change its configuration now: after FEATURES_OK,
+    /// before DRIVER_OK, and (unless `even_if_ready`) while the queue is not ready.
+    fn configurable_queue(&mut self, even_if_ready: bool) -> Option<&mut Queue> {
+        if self.status & STATUS_FEATURES_OK == 0
+            || self.status & (STATUS_DRIVER_OK | STATUS_FAILED) != 0
+        {
+            return None;
+        }
+        let queue = self.queues.get_mut(self.queue_select as usize)?;
+        if queue.ready() && !even_if_ready {
+            return None;
+        }
+        Some(queue)
+    }
+
+    fn reset(&mut self) {
+        debug!("virtio-mmio: reset of device {}", self.device.device_type());
+        self.device.reset();
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+        for evt in &self.queue_evts {
+            // Drop any notification left over from before the reset.
+            let _ = evt.read();
+        }
+        self.interrupt.clear();
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.driver_features = 0;
+        self.queue_select = 0;
+        self.status = 0;
+        self.needs_reset = false;
+        self.activated = false;
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // DEVICE_NEEDS_RESET belongs to the device; the driver cannot set or clear it.
+        let value = value & !STATUS_DEVICE_NEEDS_RESET;
+        if value & STATUS_FAILED != 0 {
+            debug!("virtio-mmio: driver marked the device FAILED");
+            self.status |= STATUS_FAILED;
+            return;
+        }
+        let current = self.status;
+        if value & current != current {
+            warn!("virtio-mmio: status write {value:#x} clears bits of {current:#x}; ignored");
+            return;
+        }
+        let added = value & !current;
+        const AD: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
+        const ADF: u32 = AD | STATUS_FEATURES_OK;
+        match (current, added) {
+            (_, 0) => {}
+            (0, STATUS_ACKNOWLEDGE) => self.status = STATUS_ACKNOWLEDGE,
+            (STATUS_ACKNOWLEDGE, STATUS_DRIVER) => self.status = AD,
+            (AD, STATUS_FEATURES_OK) => self.negotiate_features(),
+            (ADF, STATUS_DRIVER_OK) => self.activate(),
+            _ => warn!("virtio-mmio: status {current:#x} -> {value:#x} out of order; ignored"),
+        }
+    }
+
+    fn negotiate_features(&mut self) {
+        let offered = self.device.avail_features();
+        let acked = self.driver_features;
+        if acked & !offered != 0 {
+            warn!(
+                "virtio-mmio: driver acked features {:#x} that were not offered; FEATURES_OK refused",
+                acked & !offered
+            );
+            return;
+        }
+        if acked & (1 << VIRTIO_F_VERSION_1) == 0 {
+            warn!("virtio-mmio: driver did not ack VIRTIO_F_VERSION_1; FEATURES_OK refused");
+            return;
+        }
+        match self.device.set_acked_features(acked) {
+            Ok(()) => self.status |= STATUS_FEATURES_OK,
+            Err(e) => warn!("virtio-mmio: device refused features {acked:#x}: {e}"),
+        }
+    }
+
+    fn activate(&mut self) {
+        self.status |= STATUS_DRIVER_OK;
+        if self.needs_reset {
+            // A queue failed validation earlier: the driver must reset.
+            self.device_failed("driver set DRIVER_OK on a device that needs reset");
+            return;
+        }
+        let mut copies = Vec::with_capacity(self.queues.len());
+        for (index, queue) in self.queues.iter().enumerate() {
+            if queue.ready() && !queue.is_valid(&self.mem) {
+                self.device_failed(&format!("queue {index} has invalid addresses or size"));
+                return;
+            }
+            match copy_queue(queue) {
+                Ok(copy) => copies.push(copy),
+                Err(e) => {
+                    self.device_failed(&format!("cannot copy queue {index}: {e}"));
+                    return;
+                }
+            }
+        }
+        match self
+            .device
+            .activate(self.mem.clone(), copies, self.interrupt.clone())
+        {
+            Ok(()) => self.activated = true,
+            Err(e) => self.device_failed(&format!("activation failed: {e}")),
+        }
+    }
+
+    fn set_queue_ready(&mut self, value: u32) {
+        let mem = self.mem.clone();
+        let Some(queue) = self.configurable_queue(true) else {
+            return;
+        };
+        match value {
+            0 => queue.set_ready(false),
+            1 => {
+                queue.set_ready(true);
+                if !queue.is_valid(&mem) {
+                    queue.set_ready(false);
+                    let index = self.queue_select;
+                    self.device_failed(&format!("queue {index} made ready with invalid rings"));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let queue = self.selected_queue();
+        match offset {
+            REG_MAGIC => MMIO_MAGIC_VALUE,
+            REG_VERSION => MMIO_VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => MMIO_VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_select {
+                0 => self.device.avail_features() as u32,
+                1 => (self.device.avail_features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_NUM => queue.map_or(0, |q| u32::from(q.size())),
+            REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS => self.status(),
+            REG_QUEUE_DESC_LOW => queue.map_or(0, |q| q.desc_table() as u32),
+            REG_QUEUE_DESC_HIGH => queue.map_or(0, |q| (q.desc_table() >> 32) as u32),
+            REG_QUEUE_DRIVER_LOW => queue.map_or(0, |q| q.avail_ring() as u32),
+            REG_QUEUE_DRIVER_HIGH => queue.map_or(0, |q| (q.avail_ring() >> 32) as u32),
+            REG_QUEUE_DEVICE_LOW => queue.map_or(0, |q| q.used_ring() as u32),
+            REG_QUEUE_DEVICE_HIGH => queue.map_or(0, |q| (q.used_ring() >> 32) as u32),
+            // No shared memory regions: their length reads as all ones ("no such region").
+            REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH | REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
+            REG_CONFIG_GENERATION => self.device.config_generation(),
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_select = value,
+            REG_DRIVER_FEATURES => {
+                let negotiating = self.status & STATUS_DRIVER != 0
+                    && self.status & (STATUS_FEATURES_OK | STATUS_FAILED) == 0;
+                if !negotiating {
+                    return;
+                }
+                match self.driver_features_select {
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | u64::from(value);
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32);
+                    }
+                    // Features past bit 63 do not exist; the driver must write 0 there.
+                    _ => {}
+                }
+            }
+            REG_DRIVER_FEATURES_SEL => self.driver_features_select = value,
+            REG_QUEUE_SEL => self.queue_select = value,
+            REG_QUEUE_NUM => {
+                if let Some(q) = self.configurable_queue(false) {
+                    // Invalid sizes (0, not a power of two, over the max) are ignored.
+                    if q.try_set_size(value.try_into().unwrap_or(0)).is_err() {
+                        debug!("virtio-mmio: queue size {value} refused");
+                    }
+                }
+            }
+            REG_QUEUE_READY => self.set_queue_ready(value),
+            REG_QUEUE_NOTIFY => self.process(value as usize),
+            REG_INTERRUPT_ACK => self.interrupt.ack(value),
+            REG_STATUS => self.set_status(value),
+            REG_QUEUE_DESC_LOW => {
+                self.set_queue_address(|q| q.set_desc_table_address(Some(value), None))
+            }
+            REG_QUEUE_DESC_HIGH => {
+                self.set_queue_address(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            REG_QUEUE_DRIVER_LOW => {
+                self.set_queue_address(|q| q.set_avail_ring_address(Some(value), None))
+            }
+            REG_QUEUE_DRIVER_HIGH => {
+                self.set_queue_address(|q| q.set_avail_ring_address(None, Some(value)))
+            }
+            REG_QUEUE_DEVICE_LOW => {
+                self.set_queue_address(|q| q.set_used_ring_address(Some(value), None))
+            }
+            REG_QUEUE_DEVICE_HIGH => {
+                self.set_queue_address(|q| q.set_used_ring_address(None, Some(value)))
+            }
+            _ => {
+                debug!("virtio-mmio: write {value:#x} to read-only or unknown register {offset:#x}")
+            }
+        }
+    }
+
+    fn set_queue_address(&mut self, set: impl FnOnce(&mut Queue)) {
+        if let Some(q) = self.configurable_queue(false) {
+            set(q);
+        }
+    }
+}
+
+/// A fresh queue with the same configuration as `queue` (the `Queue` type is not `Clone`).
+fn copy_queue(queue: &Queue) -> Result<Queue> {
+    let mut copy = Queue::new(queue.max_size()).map_err(Error::Queue)?;
+    copy.try_set_size(queue.size()).map_err(Error::Queue)?;
+    copy.try_set_desc_table_address(vm_memory::GuestAddress(queue.desc_table()))
+        .map_err(Error::Queue)?;
+    copy.try_set_avail_ring_address(vm_memory::GuestAddress(queue.avail_ring()))
+        .map_err(Error::Queue)?;
+    copy.try_set_used_ring_address(vm_memory::GuestAddress(queue.used_ring()))
+        .map_err(Error::Queue)?;
+    copy.set_next_avail(queue.next_avail());
+    copy.set_next_used(queue.next_used());
+    copy.set_event_idx(queue.event_idx_enabled());
+    copy.set_ready(queue.ready());
+    Ok(copy)
+}
+
+impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            data.fill(0);
+            if matches!(data.len(), 1 | 2 | 4 | 8) {
+                self.device.read_config(offset - CONFIG_SPACE_OFFSET, data);
+            }
+            return;
+        }
+        // Registers are 32 bits wide and 4-byte aligned: other accesses read as zero.
+        if data.len() != 4 || offset & 3 != 0 {
+            data.fill(0);
+            return;
+        }
+        data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE_OFFSET {
+            if matches!(data.len(), 1 | 2 | 4 | 8) {
+                self.device.write_config(offset - CONFIG_SPACE_OFFSET, data);
+            }
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            debug!(
+                "virtio-mmio: {}-byte register write at {offset:#x} ignored",
+                data.len()
+            );
+            return;
+        };
+        if offset & 3 != 0 {
+            return;
+        }
+        self.write_register(offset, u32::from_le_bytes(bytes));
+    }
+}
