@@ -87,7 +87,8 @@ pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<u64> {
     let pdpt = pml4 + 0x1000;
     let pd = pdpt + 0x1000;
     let err = |_| Error::GuestWrite("page tables");
-    mem.write_obj(pdpt | 0x03, GuestAddress(pml4)).map_err(err)?;
+    mem.write_obj(pdpt | 0x03, GuestAddress(pml4))
+        .map_err(err)?;
     for i in 0..4u64 {
         mem.write_obj((pd + i * 0x1000) | 0x03, GuestAddress(pdpt + i * 8))
             .map_err(err)?;
@@ -114,7 +115,10 @@ mod tests {
         let m = e820_map(&[(GuestAddress(0), 3 << 30), (GuestAddress(4 << 30), 1 << 30)]);
         assert_eq!(m.len(), 3);
         assert_eq!((m[0].addr, m[0].size), (0, EBDA_START));
-        assert_eq!((m[1].addr, m[1].size), (HIMEM_START.0, (3 << 30) - HIMEM_START.0));
+        assert_eq!(
+            (m[1].addr, m[1].size),
+            (HIMEM_START.0, (3 << 30) - HIMEM_START.0)
+        );
         assert_eq!((m[2].addr, m[2].size), (4 << 30, 1 << 30));
         assert!(m.iter().all(|e| e.r#type == E820_RAM));
     }
@@ -139,7 +143,9 @@ mod tests {
     fn page_tables_identity_map_4g() {
         let m = mem();
         assert_eq!(write_page_tables(&m).unwrap(), PML4_ADDR);
-        let last_pd: u64 = m.read_obj(GuestAddress(PML4_ADDR + 0x2000 + 4 * 4096 - 8)).unwrap();
+        let last_pd: u64 = m
+            .read_obj(GuestAddress(PML4_ADDR + 0x2000 + 4 * 4096 - 8))
+            .unwrap();
         assert_eq!(last_pd, ((2047u64) << 21) | 0x83);
     }
 }

@@ -97,7 +97,13 @@ const MISC_ENABLE_FAST_STRING: u64 = 1;
 /// boot vCPU (id 0) also gets long-mode segments, paging and registers that enter `entry` with
 /// RSI pointing at the zero page. Other vCPUs wait for the guest's INIT/SIPI.
 pub fn configure_vcpu(vcpu: &VcpuFd, id: u8, cpuid: &CpuId, entry: u64, cr3: u64) -> Result<()> {
-    let err = |what| move |source| Error::Vcpu { what, cpu: id, source };
+    let err = |what| {
+        move |source| Error::Vcpu {
+            what,
+            cpu: id,
+            source,
+        }
+    };
     vcpu.set_cpuid2(cpuid).map_err(err("set CPUID"))?;
 
     let entries: Vec<kvm_msr_entry> = [
@@ -113,12 +119,20 @@ pub fn configure_vcpu(vcpu: &VcpuFd, id: u8, cpuid: &CpuId, entry: u64, cr3: u64
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
     ]
     .iter()
-    .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+    .map(|&(index, data)| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    })
     .collect();
     let msrs = Msrs::from_entries(&entries).expect("ten MSR entries fit a FAM wrapper");
     vcpu.set_msrs(&msrs).map_err(err("set MSRs"))?;
 
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(err("set FPU"))?;
 
     // LINT0 as ExtINT (the PIC), LINT1 as NMI, as a BIOS would leave them.
@@ -143,7 +157,8 @@ pub fn configure_vcpu(vcpu: &VcpuFd, id: u8, cpuid: &CpuId, entry: u64, cr3: u64
     sregs.cr4 |= 1 << 5; // PAE
     sregs.cr0 = 0x8005_0033; // PG | AM | WP | NE | ET | MP | PE
     sregs.efer |= 0x500; // LME | LMA
-    vcpu.set_sregs(&sregs).map_err(err("set special registers"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(err("set special registers"))?;
 
     let regs = kvm_regs {
         rflags: 0x2,

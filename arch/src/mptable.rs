@@ -85,10 +85,16 @@ mod tests {
         assert_eq!(&t[0..4], b"_MP_");
         assert_eq!(t[..16].iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         let len = u16::from_le_bytes([t[20], t[21]]) as usize;
-        assert_eq!(t[16..16 + len].iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+        assert_eq!(
+            t[16..16 + len].iter().fold(0u8, |a, b| a.wrapping_add(*b)),
+            0
+        );
         // Four 20-byte processor entries come first, with the BSP flag on the first only.
         let procs: Vec<&[u8]> = t[16 + 44..16 + 44 + 80].chunks(20).collect();
-        assert!(procs.iter().enumerate().all(|(i, c)| c[0] == 0 && c[1] == i as u8));
+        assert!(procs
+            .iter()
+            .enumerate()
+            .all(|(i, c)| c[0] == 0 && c[1] == i as u8));
         assert_eq!(procs.iter().filter(|c| c[3] & CPU_BSP != 0).count(), 1);
         assert_eq!(u16::from_le_bytes([t[16 + 34], t[16 + 35]]), 4 + 2 + 24 + 2);
         assert!(matches!(build(0, 0), Err(Error::TooManyCpus(0))));

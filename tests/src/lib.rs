@@ -1,1 +1,278 @@
-//! tests
+//! Helpers for Tide's integration tests: find the `tide` binary and the test guest, run `tide`
+//! as a child process, read its console, talk to its API socket, and read host memory figures.
+//!
+//! Tests that need `/dev/kvm` call [`require_kvm`] first: it prints one loud `SKIP` line and
+//! returns `false` when there is none.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The freestanding test guest built by this crate's build script.
+pub fn test_guest() -> PathBuf {
+    PathBuf::from(env!("TIDE_TEST_GUEST"))
+}
+
+/// The `tide` binary of this build (built by `cargo build --workspace`, which the README's test
+/// command runs first). Builds it if it is missing.
+pub fn tide_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/tide
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = profile_dir.join("tide");
+    if !bin.exists() {
+        let release = profile_dir.ends_with("release");
+        let mut c = Command::new(env!("CARGO"));
+        c.args(["build", "-p", "vmm", "--bin", "tide"]);
+        if release {
+            c.arg("--release");
+        }
+        let st = c.status().expect("run cargo build for tide");
+        assert!(st.success(), "cannot build tide");
+    }
+    bin
+}
+
+/// Whether `/dev/kvm` can be used; prints one SKIP line naming `test` when not.
+pub fn require_kvm(test: &str) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            println!("SKIP {test}: /dev/kvm is not usable here ({e}); this test needs KVM");
+            false
+        }
+    }
+}
+
+/// Whether this host's KVM emulates guest code instead of running it on hardware (the `kvm_pvm`
+/// software nested KVM of shared/README.md): real Linux guests cannot boot there.
+pub fn kvm_is_emulating() -> Option<&'static str> {
+    Path::new("/sys/module/kvm_pvm")
+        .exists()
+        .then_some("this host's /dev/kvm is the software kvm_pvm module, which emulates 64-bit guest code and cannot run a Linux kernel past early boot")
+}
+
+/// A running `tide` with its console captured.
+pub struct Tide {
+    child: Child,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
+    /// When the process was started.
+    pub started: Instant,
+    status: Option<ExitStatus>,
+}
+
+fn pump(mut r: impl Read + Send + 'static, buf: Arc<Mutex<Vec<u8>>>) {
+    std::thread::spawn(move || {
+        let mut b = [0u8; 4096];
+        while let Ok(n) = r.read(&mut b) {
+            if n == 0 {
+                break;
+            }
+            buf.lock().unwrap().extend_from_slice(&b[..n]);
+        }
+    });
+}
+
+impl Tide {
+    /// Starts `tide` with `args` (stdin closed).
+    pub fn spawn<I, S>(args: I) -> Tide
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let started = Instant::now();
+        let mut child = Command::new(tide_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tide");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let err = Arc::new(Mutex::new(Vec::new()));
+        pump(child.stdout.take().unwrap(), out.clone());
+        pump(child.stderr.take().unwrap(), err.clone());
+        Tide {
+            child,
+            out,
+            err,
+            started,
+            status: None,
+        }
+    }
+
+    /// Starts `tide run --kernel <test guest>` with `extra` arguments and the guest command line.
+    pub fn run_guest(cmdline: &str, extra: &[&str]) -> Tide {
+        let guest = test_guest();
+        let mut args: Vec<String> =
+            vec!["run".into(), "--kernel".into(), guest.display().to_string()];
+        args.push("--cmdline".into());
+        args.push(cmdline.into());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Tide::spawn(args)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Console output so far.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    /// Diagnostics so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the console shows `needle`; panics with the output on timeout or exit.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let out = self.stdout();
+            if out.contains(needle) {
+                return out;
+            }
+            if self.status.is_none() {
+                self.status = self.child.try_wait().expect("try_wait");
+            }
+            if self.status.is_some() {
+                std::thread::sleep(Duration::from_millis(50));
+                let out = self.stdout();
+                if out.contains(needle) {
+                    return out;
+                }
+                panic!(
+                    "tide exited ({:?}) before printing {needle:?}\nstdout:\n{out}\nstderr:\n{}",
+                    self.status,
+                    self.stderr()
+                );
+            }
+            if Instant::now() > end {
+                panic!("timed out after {timeout:?} waiting for {needle:?}\nstdout:\n{out}\nstderr:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for `tide` to exit; kills it and panics on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self
+                .status
+                .or_else(|| self.child.try_wait().expect("try_wait"))
+            {
+                self.status = Some(s);
+                std::thread::sleep(Duration::from_millis(50)); // let the pumps drain
+                return s;
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                panic!(
+                    "tide did not exit within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Peak resident memory of the tide process (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> Option<u64> {
+        proc_status_kib(self.pid(), "VmHWM:").map(|k| k * 1024)
+    }
+
+    /// Current number of threads and open file descriptors of the tide process.
+    pub fn threads_and_fds(&self) -> (u64, usize) {
+        let threads = proc_status_kib(self.pid(), "Threads:").unwrap_or(0);
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        (threads, fds)
+    }
+}
+
+impl Drop for Tide {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// One HTTP/1.1 request over a UNIX socket; returns (status code, body).
+pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).expect("connect to the API socket");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// Waits until `path` exists (a socket being created), panicking after `timeout`.
+pub fn wait_for_path(path: &Path, timeout: Duration) {
+    let end = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(
+            Instant::now() < end,
+            "{} did not appear within {timeout:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A unique temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates one named after `tag`.
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(
+            format!("tide-{tag}-{}-{:?}", std::process::id(), Instant::now())
+                .replace([' ', ':', '.'], "_"),
+        );
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,1 +1,150 @@
-fn main() {}
+//! `tide`: the command line. It only parses into a [`vmm::VmmConfig`] (or an API request) and
+//! hands over; errors print as one line with their cause chain.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use vmm::config::{HotplugConfig, KernelConfig, MachineConfig, VmmConfig, DEFAULT_CMDLINE};
+
+/// Tide: a minimal KVM VMM whose guest memory grows and shrinks through virtio-mem.
+#[derive(Parser, Debug)]
+#[command(name = "tide", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a guest and run it until it powers off or resets.
+    Run(RunArgs),
+    /// Talk to a running tide over its API socket.
+    Ctl(vmm::api::client::CtlArgs),
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    memory::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse()
+        .map_err(|_| format!("unknown log level {s:?} (error, warn, info, debug, trace, off)"))
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Kernel: bzImage or ELF (vmlinux or a static ELF with a 64-bit entry).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs to load.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (Tide appends its virtio_mmio.device= parameters).
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    cpus: u8,
+    /// Boot RAM (suffixes K, M, G, T).
+    #[arg(long, default_value = "512M", value_parser = size)]
+    memory: u64,
+    /// Size of the virtio-mem hotplug region (0: no virtio-mem device).
+    #[arg(long, default_value = "0", value_parser = size)]
+    hotplug_size: u64,
+    /// virtio-mem block size (power of two, at least 2M).
+    #[arg(long, default_value = "2M", value_parser = size)]
+    block_size: u64,
+    /// Host backend of the hotplug region: anon, memfd, hugetlb or file:PATH.
+    #[arg(long, default_value = "anon")]
+    backend: memory::Backend,
+    /// Initial requested size of the hotplug region.
+    #[arg(long, default_value = "0", value_parser = size)]
+    requested: u64,
+    /// Serve the HTTP API on this UNIX socket.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Log level: error, warn, info, debug.
+    #[arg(long, default_value = "warn", value_parser = level)]
+    log_level: log::LevelFilter,
+}
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("tide: {}: {}", r.level().as_str().to_lowercase(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("tide: {}", line.trim_start_matches("error: ").trim());
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Run(a) => {
+            let _ = log::set_logger(&StderrLogger);
+            log::set_max_level(a.log_level);
+            let config = VmmConfig {
+                kernel: KernelConfig {
+                    path: a.kernel,
+                    initrd: a.initrd,
+                    cmdline: a.cmdline,
+                },
+                machine: MachineConfig {
+                    cpus: a.cpus,
+                    memory: a.memory,
+                },
+                hotplug: HotplugConfig {
+                    size: a.hotplug_size,
+                    block_size: a.block_size,
+                    backend: a.backend,
+                    requested: a.requested,
+                },
+                api_socket: a.api_socket,
+            };
+            match vmm::Vmm::new(config).and_then(|v| v.run()) {
+                Ok(exit) => {
+                    log::info!("{}", exit.reason);
+                    if exit.code != 0 {
+                        eprintln!("tide: {}", exit.reason);
+                    }
+                    ExitCode::from(exit.code.clamp(0, 255) as u8)
+                }
+                Err(e) => {
+                    eprintln!("tide: error: {}", vmm::error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Ctl(a) => match vmm::api::client::run(a) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("tide ctl: error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

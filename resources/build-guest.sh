@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Builds Tide's minimal Linux guest: bzImage + vmlinux (PVH) from `make tinyconfig` plus
+# resources/guest-kernel.config, and a busybox initramfs whose /init is resources/init.
+#
+#   resources/build-guest.sh            # prints the artifact directory as its last line
+#   nice -n 19 resources/build-guest.sh # on a shared machine
+#
+# Artifacts go to ${TIDE_CACHE:-$HOME/.cache/tide}/guest-<hash>/ where <hash> covers the fragment,
+# this script and init: bzImage, vmlinux, initramfs.cpio.gz, config (the final .config), build.log.
+# A directory that is complete (has .complete) is reused as is; nothing is rebuilt until one of those
+# three files changes. Needs Debian's linux-source-6.12 and build tools: missing packages are installed
+# with apt-get (as root, or through sudo).
+#
+# Environment: TIDE_CACHE (cache root), JOBS (make -j, default: nproc), KEEP_BUILD=1 (keep the kernel
+# build tree), KERNEL_SOURCE (a linux-source tarball or unpacked tree instead of Debian's).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+fragment=$here/guest-kernel.config
+init=$here/init
+self=$here/$(basename "${BASH_SOURCE[0]}")
+cache=${TIDE_CACHE:-$HOME/.cache/tide}
+jobs=${JOBS:-$(nproc)}
+kernel_source=${KERNEL_SOURCE:-/usr/src/linux-source-6.12.tar.xz}
+
+die() { echo "build-guest.sh: error: $*" >&2; exit 1; }
+log() { echo "build-guest.sh: $*" >&2; }
+
+for f in "$fragment" "$init"; do [ -f "$f" ] || die "missing $f"; done
+
+hash=$(cat "$fragment" "$self" "$init" | sha256sum | cut -c1-16)
+out=$cache/guest-$hash
+if [ -f "$out/.complete" ]; then
+    log "up to date: $out"
+    echo "$out"
+    exit 0
+fi
+
+# --- build dependencies --------------------------------------------------------------------------
+need_pkgs=()
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+pkgs=(bc bison flex libelf-dev libssl-dev busybox-static cpio gzip lz4 make gcc)
+[ -n "${KERNEL_SOURCE:-}" ] || pkgs+=(linux-source-6.12)
+for p in "${pkgs[@]}"; do have_pkg "$p" || need_pkgs+=("$p"); done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    log "installing: ${need_pkgs[*]}"
+    sudo=()
+    if [ "$(id -u)" != 0 ]; then
+        command -v sudo >/dev/null || die "need root or sudo to install: ${need_pkgs[*]}"
+        sudo=(sudo)
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    if ! "${sudo[@]}" apt-get install -y --no-install-recommends "${need_pkgs[@]}" >&2; then
+        "${sudo[@]}" apt-get update >&2
+        "${sudo[@]}" apt-get install -y --no-install-recommends "${need_pkgs[@]}" >&2 ||
+            die "apt-get install ${need_pkgs[*]} failed"
+    fi
+fi
+busybox=$(command -v busybox || true)
+[ -n "$busybox" ] || busybox=/bin/busybox
+[ -x "$busybox" ] || die "busybox not found (package busybox-static)"
+if ldd "$busybox" >/dev/null 2>&1; then die "$busybox is dynamically linked: install busybox-static"; fi
+
+# --- kernel --------------------------------------------------------------------------------------
+mkdir -p "$cache"
+work=$(mktemp -d "$cache/build-$hash.XXXXXX")
+cleanup() { [ "${KEEP_BUILD:-0}" = 1 ] || rm -rf "$work"; }
+trap cleanup EXIT
+buildlog=$work/build.log
+t0=$(date +%s)
+
+if [ -d "$kernel_source" ]; then
+    ksrc=$kernel_source
+    log "using kernel tree $ksrc (built out of tree in $work/obj)"
+else
+    [ -f "$kernel_source" ] || die "no kernel source at $kernel_source"
+    log "unpacking $kernel_source"
+    tar -xf "$kernel_source" -C "$work"
+    ksrc=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'linux*' | head -n1)
+    [ -n "$ksrc" ] || die "no linux-* directory in $kernel_source"
+fi
+obj=$work/obj
+mkdir -p "$obj"
+kmake() { make -C "$ksrc" O="$obj" ARCH=x86_64 -j"$jobs" "$@" >>"$buildlog" 2>&1 ||
+    { tail -n 40 "$buildlog" >&2; die "make $* failed (log: $buildlog)"; }; }
+
+log "configuring (tinyconfig + $(basename "$fragment"))"
+kmake tinyconfig
+args=()
+while IFS= read -r line; do
+    case "$line" in
+        CONFIG_*=y) o=${line%%=*}; args+=(--enable "${o#CONFIG_}") ;;
+        CONFIG_*=m) die "modules are not supported in the fragment: $line" ;;
+        CONFIG_*=*) o=${line%%=*}; args+=(--set-val "${o#CONFIG_}" "${line#*=}") ;;
+        "# CONFIG_"*" is not set") o=${line#\# CONFIG_}; args+=(--disable "${o%% is not set}") ;;
+    esac
+done <"$fragment"
+"$ksrc/scripts/config" --file "$obj/.config" "${args[@]}"
+kmake olddefconfig
+
+# Every option of the fragment must have survived olddefconfig exactly.
+bad=()
+while IFS= read -r line; do
+    case "$line" in
+        CONFIG_*=*)
+            grep -qxF -- "$line" "$obj/.config" ||
+                bad+=("$line (got: $(grep -E "^(# )?${line%%=*}[= ]" "$obj/.config" || echo 'absent'))") ;;
+        "# CONFIG_"*" is not set")
+            o=${line#\# }; o=${o%% is not set}
+            if grep -qE "^$o=" "$obj/.config"; then bad+=("$line (got: $(grep -E "^$o=" "$obj/.config"))"); fi ;;
+    esac
+done <"$fragment"
+if [ ${#bad[@]} -gt 0 ]; then
+    echo "build-guest.sh: error: these options of $fragment did not survive olddefconfig" \
+        "(a dependency is missing or the option does not exist in this kernel):" >&2
+    printf '  %s\n' "${bad[@]}" >&2
+    exit 1
+fi
+log "all $(grep -cE '^(CONFIG_|# CONFIG_.* is not set)' "$fragment") fragment options present in .config"
+
+log "building bzImage with -j$jobs (a few minutes)"
+kmake bzImage
+[ -x "$obj/usr/gen_init_cpio" ] || kmake usr/gen_init_cpio
+t1=$(date +%s)
+log "kernel built in $((t1 - t0)) s"
+
+# --- initramfs -----------------------------------------------------------------------------------
+list=$work/initramfs.list
+{
+    echo "dir /dev 0755 0 0"
+    echo "nod /dev/console 0600 0 0 c 5 1"
+    echo "nod /dev/null 0666 0 0 c 1 3"
+    echo "nod /dev/ttyS0 0600 0 0 c 4 64"
+    for d in /bin /sbin /usr /usr/bin /usr/sbin /proc /sys /tmp /run /root /etc /mnt; do
+        echo "dir $d 0755 0 0"
+    done
+    echo "file /bin/busybox $busybox 0755 0 0"
+    echo "file /init $init 0755 0 0"
+    echo "slink /bin/sh busybox 0777 0 0"
+    for a in $("$busybox" --list); do
+        [ "$a" = busybox ] || [ "$a" = sh ] || echo "slink /bin/$a busybox 0777 0 0"
+    done
+    echo "slink /sbin/init /init 0777 0 0"
+} >"$list"
+"$obj/usr/gen_init_cpio" "$list" | gzip -9n >"$work/initramfs.cpio.gz"
+
+# --- publish -------------------------------------------------------------------------------------
+stage=$work/out
+mkdir -p "$stage"
+cp "$obj/arch/x86/boot/bzImage" "$stage/bzImage"
+cp "$obj/vmlinux" "$stage/vmlinux"
+cp "$obj/.config" "$stage/config"
+mv "$work/initramfs.cpio.gz" "$stage/initramfs.cpio.gz"
+cp "$buildlog" "$stage/build.log"
+{
+    echo "kernel: $(make -s -C "$ksrc" O="$obj" kernelversion 2>/dev/null || echo unknown)"
+    echo "source: $kernel_source"
+    echo "built: $(date -u +%FT%TZ) in $(( $(date +%s) - t0 )) s with -j$jobs"
+} >"$stage/info"
+touch "$stage/.complete"
+rm -rf "$out"
+mv "$stage" "$out"
+log "bzImage $(stat -c %s "$out/bzImage") bytes, vmlinux $(stat -c %s "$out/vmlinux") bytes," \
+    "initramfs $(stat -c %s "$out/initramfs.cpio.gz") bytes"
+echo "$out"

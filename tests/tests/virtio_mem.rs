@@ -1,0 +1,247 @@
+//! Tier 2: the test guest drives the real virtio-mmio virtio-mem device through real KVM exits,
+//! ioeventfds and irqfds; the tests check what the guest sees and what the host's resident
+//! memory does.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tests::{http, require_kvm, wait_for_path, TempDir, Tide};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+const T: Duration = Duration::from_secs(120);
+
+fn status(sock: &Path) -> serde_json::Value {
+    let (code, body) = http(sock, "GET", "/hotplug/memory", None);
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).expect("status JSON")
+}
+
+fn field(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
+}
+
+fn wait_plugged(sock: &Path, want: u64) -> serde_json::Value {
+    let end = Instant::now() + T;
+    loop {
+        let s = status(sock);
+        if field(&s, "plugged_size") == want {
+            return s;
+        }
+        assert!(
+            Instant::now() < end,
+            "plugged_size never reached {want}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn guest_plugs_1g_host_rss_follows_and_unplug_returns_it() {
+    if !require_kvm("guest_plugs_1g_host_rss_follows_and_unplug_returns_it") {
+        return;
+    }
+    let tmp = TempDir::new("plug1g");
+    let sock = tmp.0.join("api.sock");
+    let mut tide = Tide::run_guest(
+        "console=ttyS0 tide.test=mem-follow",
+        &[
+            "--hotplug-size",
+            "4G",
+            "--requested",
+            "1G",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    wait_for_path(&sock, T);
+    tide.wait_for("tide-guest: plugged 1073741824 requested 1073741824", T);
+    let out = tide.stdout();
+    assert!(!out.contains("FAIL"), "{out}");
+    assert!(
+        out.contains("tide-guest: pattern 0x100000000"),
+        "the guest wrote and checked its pattern: {out}"
+    );
+    let s = wait_plugged(&sock, GIB);
+    let resident = field(&s, "resident_bytes");
+    assert!(
+        (GIB..=GIB + 4 * MIB).contains(&resident),
+        "resident {resident} after plugging 1 GiB: {s}"
+    );
+
+    let (code, body) = http(
+        &sock,
+        "PATCH",
+        "/hotplug/memory",
+        Some(r#"{"requested_size": 0}"#),
+    );
+    assert_eq!(code, 204, "{body}");
+    tide.wait_for("tide-guest: plugged 0 requested 0", T);
+    let s = wait_plugged(&sock, 0);
+    let resident = field(&s, "resident_bytes");
+    assert!(
+        resident <= MIB,
+        "resident {resident} after unplugging everything: {s}"
+    );
+
+    let (code, _) = http(&sock, "PUT", "/vm/shutdown", None);
+    assert_eq!(code, 204);
+    assert!(tide.wait_exit(T).success(), "{}", tide.stderr());
+}
+
+#[test]
+fn hostile_requests_get_the_right_answers_and_tide_keeps_running() {
+    if !require_kvm("hostile_requests_get_the_right_answers_and_tide_keeps_running") {
+        return;
+    }
+    let mut tide = Tide::run_guest(
+        "console=ttyS0 tide.test=mem-hostile",
+        &["--hotplug-size", "1G", "--requested", "64M"],
+    );
+    let status = tide.wait_exit(T);
+    let out = tide.stdout();
+    let answer = |name: &str| -> String {
+        let prefix = format!("tide-guest: hostile {name}: ");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {name} line:\n{out}"));
+        line.split("-> ").nth(1).unwrap_or("").to_string()
+    };
+    for bad in [
+        "misaligned",
+        "beyond-region",
+        "zero-blocks",
+        "past-end",
+        "double-plug",
+        "unplug-unplugged",
+        "unknown-type",
+        "short-request",
+    ] {
+        assert!(
+            answer(bad).starts_with("ERROR"),
+            "{bad}: {}\n{out}",
+            answer(bad)
+        );
+    }
+    assert!(answer("plug").starts_with("ACK"), "{out}");
+    assert!(answer("state-plugged").starts_with("ACK PLUGGED"), "{out}");
+    assert!(
+        answer("state-unplugged").starts_with("ACK UNPLUGGED"),
+        "{out}"
+    );
+    assert!(answer("state-mixed").starts_with("ACK MIXED"), "{out}");
+    assert!(answer("no-writable").contains("len=0"), "{out}");
+    assert!(answer("unplug").starts_with("ACK"), "{out}");
+    assert!(out.contains("tide-guest: hostile final plug ACK"), "{out}");
+    assert!(out.contains("tide-guest: hostile done"), "{out}");
+    assert!(status.success(), "{}", tide.stderr());
+    assert!(!tide.stderr().contains("panicked"));
+}
+
+#[test]
+fn touching_unplugged_memory_is_reported_and_stops_the_guest() {
+    if !require_kvm("touching_unplugged_memory_is_reported_and_stops_the_guest") {
+        return;
+    }
+    let mut tide = Tide::run_guest(
+        "console=ttyS0 tide.test=mem-touch-unplugged",
+        &["--hotplug-size", "1G"],
+    );
+    let status = tide.wait_exit(T);
+    let out = tide.stdout();
+    assert!(
+        out.contains("tide-guest: touching unplugged 0x100000000"),
+        "{out}"
+    );
+    assert!(!out.contains("the guest was not stopped"), "{out}");
+    assert!(!status.success());
+    let err = tide.stderr();
+    assert!(
+        err.contains("unplugged hotplug memory at guest physical address 0x100000000"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn readable_unplugged_memory_reads_zero_without_allocating() {
+    if !require_kvm("readable_unplugged_memory_reads_zero_without_allocating") {
+        return;
+    }
+    // A guest that does not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE may read unplugged memory:
+    // it reads zeros and the host allocates nothing for it.
+    let mut tide = Tide::run_guest(
+        "console=ttyS0 tide.test=mem-touch-unplugged tide.accept_inaccessible=0",
+        &["--hotplug-size", "1G"],
+    );
+    let status = tide.wait_exit(T);
+    let out = tide.stdout();
+    assert!(out.contains("driver features 0x100000000"), "{out}");
+    assert!(out.contains("read unplugged 0x100000000 = 0x0"), "{out}");
+    assert!(status.success(), "{}", tide.stderr());
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn plug_the_host_cannot_back_gets_busy_and_the_guest_goes_on() {
+    if !require_kvm("plug_the_host_cannot_back_gets_busy_and_the_guest_goes_on") {
+        return;
+    }
+    let tmp = TempDir::new("busy");
+    let mnt = tmp.0.join("tmpfs");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = is_root()
+        && Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=64m",
+                "tide-test",
+                mnt.to_str().unwrap(),
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !mounted {
+        println!("SKIP plug_the_host_cannot_back_gets_busy_and_the_guest_goes_on: needs root to mount a size-limited tmpfs");
+        return;
+    }
+    let backend = format!("file:{}", mnt.join("guest-mem").display());
+    let mut tide = Tide::run_guest(
+        "console=ttyS0 tide.test=mem-busy",
+        &[
+            "--hotplug-size",
+            "1G",
+            "--requested",
+            "256M",
+            "--backend",
+            &backend,
+        ],
+    );
+    let status = tide.wait_exit(T);
+    let _ = Command::new("umount").arg(&mnt).status();
+    let out = tide.stdout();
+    let plugs: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("tide-guest: plug 0x"))
+        .collect();
+    assert!(
+        plugs.first().is_some_and(|l| l.ends_with("n=128 -> BUSY")),
+        "{out}"
+    );
+    assert!(
+        plugs.get(1).is_some_and(|l| l.ends_with("n=1 -> ACK")),
+        "{out}"
+    );
+    assert!(
+        out.contains("tide-guest: plugged 2097152 requested"),
+        "{out}"
+    );
+    assert!(status.success(), "{}", tide.stderr());
+}

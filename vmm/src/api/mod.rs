@@ -1,0 +1,84 @@
+//! Tide's control API: HTTP/1.1 over a UNIX socket (like Firecracker and Cloud Hypervisor), so
+//! `curl --unix-socket S http://localhost/vm` works.
+//!
+//! The [`server`] runs inside the VMM's event loop ([`server::ApiServer`] is an
+//! `event_manager::MutEventSubscriber`) and never blocks it; the VMM answers through the
+//! [`ApiBackend`] trait. The [`client`] is `tide ctl`.
+//!
+//! # Endpoints
+//!
+//! | Method  | Path              | Answer |
+//! |---------|-------------------|--------|
+//! | `GET`   | `/hotplug/memory` | 200 [`MemoryStatus`]; 404 if the VM has no hotplug region |
+//! | `GET`   | `/hotplug/memory?wait_for=plugged_size&timeout_ms=N` | long poll, see below |
+//! | `PATCH` | `/hotplug/memory` | body `{"requested_size": BYTES}`; 204, or 400 `{"error": ...}` |
+//! | `GET`   | `/vm`             | 200 [`VmInfo`] |
+//! | `PUT`   | `/vm/shutdown`    | 204, then [`ApiBackend::shutdown`] |
+//!
+//! The long poll answers 200 as soon as `plugged_size == requested_size`, or when `timeout_ms`
+//! (default 30000, at most 600000; larger values are clamped) has passed. Its body is the
+//! [`MemoryStatus`] with one more field, `"settled": true|false`, telling which of the two
+//! happened. A plain `GET /hotplug/memory` has no `settled` field.
+//!
+//! Every error answer has a JSON body `{"error": "..."}`: 400 malformed request or bad body,
+//! 404 unknown path, 405 wrong method (with `Allow`), 408 request not received in time, 411
+//! `Transfer-Encoding` (only `Content-Length` bodies are accepted), 413 body over 64 KiB, 431
+//! header section over 8 KiB, 503 too many connections. The server answers one request per
+//! connection and then closes it (`Connection: close`).
+
+pub mod client;
+mod http;
+pub mod server;
+#[cfg(test)]
+mod tests;
+
+pub use server::{ApiError, ApiServer};
+
+use serde::{Deserialize, Serialize};
+
+/// The state of the VM's hotpluggable (virtio-mem) memory region, in bytes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MemoryStatus {
+    /// Size of the hotplug region.
+    pub region_size: u64,
+    /// Plug granularity.
+    pub block_size: u64,
+    /// What the host asked the guest to have plugged.
+    pub requested_size: u64,
+    /// What the guest has plugged.
+    pub plugged_size: u64,
+    /// The part of the region the guest may currently use.
+    pub usable_region_size: u64,
+    /// What backs the region (for example "anonymous" or a file).
+    pub backend: String,
+    /// Host memory actually resident for the region.
+    pub resident_bytes: u64,
+}
+
+/// General information about the VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmInfo {
+    /// `"running"` or `"stopped"`.
+    pub state: String,
+    /// Exit code once stopped.
+    pub exit_code: Option<i32>,
+    /// Why the VM stopped, once stopped.
+    pub exit_reason: Option<String>,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Boot memory size in bytes.
+    pub boot_memory: u64,
+}
+
+/// What the VMM provides to the API server. Called on the event loop thread: must not block.
+pub trait ApiBackend: Send + Sync {
+    /// The hotplug region's state; `None` when the VM has none (the API answers 404).
+    fn memory_status(&self) -> Option<MemoryStatus>;
+    /// Asks the guest to have `requested_size` bytes plugged. `Err(msg)` is answered as
+    /// 400 `{"error": msg}`.
+    fn resize(&self, requested_size: u64) -> Result<(), String>;
+    /// The VM's general state.
+    fn vm_info(&self) -> VmInfo;
+    /// Starts an ordered stop of the VM.
+    fn shutdown(&self);
+}

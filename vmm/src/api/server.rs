@@ -1,0 +1,594 @@
+//! The API server: a non-blocking HTTP/1.1 server on a UNIX socket, driven by the VMM's event
+//! loop.
+//!
+//! One [`ApiServer`] subscriber owns the listener, every client connection and a timer; the
+//! epoll `data` of each registration tells them apart (`LISTENER`, `TIMER`, or a
+//! connection id). Each connection reads one request into a bounded buffer, gets one answer
+//! and is closed. Answers are written without blocking; what the socket does not take at once
+//! is flushed on `EPOLLOUT`. A long poll parks its connection until the timer, armed at
+//! [`POLL_TICK`] while any long poll is pending, finds it settled or timed out.
+
+use std::collections::HashMap;
+use std::io::{self, ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde::Deserialize;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::http::{parse_request, query_pairs, Parse, Request, Response};
+use super::{ApiBackend, MemoryStatus};
+
+/// Epoll data of the listening socket.
+const LISTENER: u32 = 0;
+/// Epoll data of the timer.
+const TIMER: u32 = 1;
+/// First connection id (connections use the epoll data values from here on).
+const FIRST_CONN: u32 = 2;
+
+/// Most connections open at once; more are answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How often pending long polls are re-checked.
+pub const POLL_TICK: Duration = Duration::from_millis(20);
+/// Timer period while connections are open but no long poll is pending (for the deadlines).
+const IDLE_TICK: Duration = Duration::from_millis(250);
+/// Time a client has to send its whole request (408 after that).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to read its whole answer (the connection is dropped after that).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default long-poll timeout.
+pub const DEFAULT_WAIT_MS: u64 = 30_000;
+/// Largest long-poll timeout; larger values are clamped to it.
+pub const MAX_WAIT_MS: u64 = 600_000;
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 4096;
+
+/// Errors setting up the API socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Another process listens on the socket.
+    #[error("API socket {0} is in use by another process")]
+    InUse(PathBuf),
+    /// The path exists and is not a socket.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// Inspecting the existing path failed.
+    #[error("cannot inspect {0}: {1}")]
+    Inspect(PathBuf, #[source] io::Error),
+    /// Removing a stale socket failed.
+    #[error("cannot remove stale API socket {0}: {1}")]
+    RemoveStale(PathBuf, #[source] io::Error),
+    /// Binding failed.
+    #[error("cannot bind API socket {0}: {1}")]
+    Bind(PathBuf, #[source] io::Error),
+    /// Setting up the bound socket (mode, non-blocking) failed.
+    #[error("cannot set up API socket {0}: {1}")]
+    Setup(PathBuf, #[source] io::Error),
+    /// Creating the timer failed.
+    #[error("cannot create the API timer: {0}")]
+    Timer(#[source] io::Error),
+}
+
+/// Body of `PATCH /hotplug/memory`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeRequest {
+    requested_size: u64,
+}
+
+/// Where a connection is in its single request/answer exchange.
+enum State {
+    /// Reading the request.
+    Reading,
+    /// A long poll waiting for `plugged_size == requested_size` until the deadline.
+    Waiting { deadline: Instant },
+    /// Sending `buf[pos..]`; the connection is closed once it is sent.
+    Writing {
+        buf: Vec<u8>,
+        pos: usize,
+        since: Instant,
+    },
+}
+
+struct Conn {
+    stream: UnixStream,
+    rbuf: Vec<u8>,
+    state: State,
+    opened: Instant,
+}
+
+/// What handling a request asks for.
+enum Outcome {
+    /// Send this.
+    Answer(Response),
+    /// Send this, then stop the VM.
+    AnswerThenShutdown(Response),
+    /// Park the connection as a long poll until the deadline.
+    Wait(Instant),
+}
+
+/// The API server. Register it with the VMM's `EventManager`; see the [module](super) docs for
+/// the endpoints.
+pub struct ApiServer {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Device and inode of the socket file we created, so that drop removes only ours.
+    ident: (u64, u64),
+    backend: Arc<dyn ApiBackend>,
+    conns: HashMap<u32, Conn>,
+    next_id: u32,
+    timer: TimerFd,
+    tick: Option<Duration>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("path", &self.path)
+            .field("connections", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiServer {
+    /// Binds the API socket at `path` (mode 0600, non-blocking).
+    ///
+    /// An existing socket nobody listens on (connecting is refused) is stale and replaced; one
+    /// somebody listens on gives [`ApiError::InUse`]; anything else at `path` gives
+    /// [`ApiError::NotASocket`]. The socket file is removed when the server is dropped.
+    pub fn bind(path: &Path, backend: Arc<dyn ApiBackend>) -> Result<Self, ApiError> {
+        match std::fs::symlink_metadata(path) {
+            Ok(md) if md.file_type().is_socket() => match UnixStream::connect(path) {
+                Ok(_) => return Err(ApiError::InUse(path.to_path_buf())),
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                    log::info!("removing stale API socket {}", path.display());
+                    std::fs::remove_file(path)
+                        .map_err(|e| ApiError::RemoveStale(path.to_path_buf(), e))?;
+                }
+                Err(e) => return Err(ApiError::Inspect(path.to_path_buf(), e)),
+            },
+            Ok(_) => return Err(ApiError::NotASocket(path.to_path_buf())),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(ApiError::Inspect(path.to_path_buf(), e)),
+        }
+        let listener =
+            UnixListener::bind(path).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+        let setup = || -> io::Result<(u64, u64)> {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            listener.set_nonblocking(true)?;
+            let md = std::fs::symlink_metadata(path)?;
+            Ok((md.dev(), md.ino()))
+        };
+        let ident = match setup() {
+            Ok(ident) => ident,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(ApiError::Setup(path.to_path_buf(), e));
+            }
+        };
+        let server = ApiServer {
+            listener,
+            path: path.to_path_buf(),
+            ident,
+            backend,
+            conns: HashMap::new(),
+            next_id: FIRST_CONN,
+            timer: TimerFd::new().map_err(|e| ApiError::Timer(e.into()))?,
+            tick: None,
+        };
+        // Dropping `server` on error removes the socket file.
+        set_nonblocking_fd(&server.timer).map_err(ApiError::Timer)?;
+        Ok(server)
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn accept(&mut self, ops: &mut EventOps) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // ECONNABORTED, EMFILE...: nothing to do for this one; try on the next event.
+                    log::warn!("API socket: accept failed: {e}");
+                    return;
+                }
+            };
+            if let Err(e) = stream.set_nonblocking(true) {
+                log::warn!("API socket: cannot make a connection non-blocking: {e}");
+                continue;
+            }
+            if self.conns.len() >= MAX_CONNECTIONS {
+                // Best effort: the socket buffer of a fresh connection takes this at once.
+                let r = Response::error(503, "too many API connections");
+                let _ = (&stream).write(&r.to_bytes());
+                continue;
+            }
+            let id = self.new_id();
+            let ev = Events::with_data(&stream, id, EventSet::IN | EventSet::READ_HANG_UP);
+            if let Err(e) = ops.add(ev) {
+                log::warn!("API socket: cannot watch a connection: {e:?}");
+                continue;
+            }
+            self.conns.insert(
+                id,
+                Conn {
+                    stream,
+                    rbuf: Vec::new(),
+                    state: State::Reading,
+                    opened: Instant::now(),
+                },
+            );
+        }
+    }
+
+    fn new_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_id;
+            self.next_id = self.next_id.checked_add(1).unwrap_or(FIRST_CONN);
+            if !self.conns.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn close(&mut self, id: u32, ops: &mut EventOps) {
+        if let Some(conn) = self.conns.remove(&id) {
+            let _ = ops.remove(Events::with_data(&conn.stream, id, EventSet::empty()));
+        }
+    }
+
+    fn conn_event(&mut self, id: u32, set: EventSet, ops: &mut EventOps) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if set.contains(EventSet::ERROR) {
+            return self.close(id, ops);
+        }
+        match conn.state {
+            State::Reading => self.read_request(id, ops),
+            // Waiting connections are registered for nothing: any event is a hang-up or error.
+            State::Waiting { .. } => self.close(id, ops),
+            State::Writing { .. } => {
+                if set.contains(EventSet::HANG_UP) {
+                    return self.close(id, ops);
+                }
+                self.flush(id, ops);
+            }
+        }
+    }
+
+    fn read_request(&mut self, id: u32, ops: &mut EventOps) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let mut chunk = [0u8; READ_CHUNK];
+        let parsed = loop {
+            match conn.stream.read(&mut chunk) {
+                // The client went away (or half-closed) before sending a whole request.
+                Ok(0) => return self.close(id, ops),
+                Ok(n) => {
+                    conn.rbuf.extend_from_slice(&chunk[..n]);
+                    // The parser bounds the buffer: it errors out past the header limit, and
+                    // a complete header section fixes a body length under the body limit.
+                    match parse_request(&conn.rbuf) {
+                        Parse::Partial => continue,
+                        other => break other,
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::debug!("API socket: read failed: {e}");
+                    return self.close(id, ops);
+                }
+            }
+        };
+        conn.rbuf = Vec::new();
+        let outcome = match parsed {
+            Parse::Complete(req) => handle(self.backend.as_ref(), &req),
+            Parse::Error(resp) => Outcome::Answer(resp),
+            Parse::Partial => return,
+        };
+        match outcome {
+            Outcome::Answer(resp) => self.respond(id, resp, ops),
+            Outcome::AnswerThenShutdown(resp) => {
+                self.respond(id, resp, ops);
+                // Not waiting for the answer to be flushed: a slow client must not delay the
+                // stop. The answer is tiny and normally leaves at once.
+                self.backend.shutdown();
+            }
+            Outcome::Wait(deadline) => {
+                conn.state = State::Waiting { deadline };
+                // Only hang-ups and errors (always reported) matter while waiting; a client
+                // that half-closes after its request keeps waiting.
+                if ops
+                    .modify(Events::with_data(&conn.stream, id, EventSet::empty()))
+                    .is_err()
+                {
+                    self.close(id, ops);
+                }
+            }
+        }
+    }
+
+    /// Starts sending `resp` on connection `id`, then closes it once sent.
+    fn respond(&mut self, id: u32, resp: Response, ops: &mut EventOps) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        conn.state = State::Writing {
+            buf: resp.to_bytes(),
+            pos: 0,
+            since: Instant::now(),
+        };
+        self.flush(id, ops);
+        if let Some(conn) = self.conns.get(&id) {
+            // Not all sent: wait until the socket takes more.
+            if ops
+                .modify(Events::with_data(&conn.stream, id, EventSet::OUT))
+                .is_err()
+            {
+                self.close(id, ops);
+            }
+        }
+    }
+
+    /// Writes what the socket takes; closes the connection when all is sent or on error.
+    fn flush(&mut self, id: u32, ops: &mut EventOps) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let State::Writing { buf, pos, .. } = &mut conn.state else {
+            return;
+        };
+        while *pos < buf.len() {
+            match conn.stream.write(&buf[*pos..]) {
+                Ok(0) => return self.close(id, ops),
+                Ok(n) => *pos += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("API socket: write failed: {e}");
+                    return self.close(id, ops);
+                }
+            }
+        }
+        // Closing a UNIX socket with unread input makes the peer's reads fail with
+        // ECONNRESET once it has read the answer: discard what the client sent beyond the
+        // request (bounded; this is best effort).
+        let mut chunk = [0u8; READ_CHUNK];
+        for _ in 0..16 {
+            match conn.stream.read(&mut chunk) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+        self.close(id, ops);
+    }
+
+    /// Timer tick: answers settled or expired long polls and enforces the I/O deadlines.
+    fn on_tick(&mut self, ops: &mut EventOps) {
+        // Non-blocking timer: EAGAIN when the expirations were already consumed or reset.
+        let _ = self.timer.wait();
+        let now = Instant::now();
+        let mut status: Option<Option<MemoryStatus>> = None;
+        let ids: Vec<u32> = self.conns.keys().copied().collect();
+        for id in ids {
+            let Some(conn) = self.conns.get(&id) else {
+                continue;
+            };
+            match conn.state {
+                State::Reading => {
+                    if now.duration_since(conn.opened) >= REQUEST_TIMEOUT {
+                        self.respond(
+                            id,
+                            Response::error(408, "request not received in time"),
+                            ops,
+                        );
+                    }
+                }
+                State::Writing { since, .. } => {
+                    if now.duration_since(since) >= WRITE_TIMEOUT {
+                        log::debug!("API socket: dropping a client that does not read");
+                        self.close(id, ops);
+                    }
+                }
+                State::Waiting { deadline } => {
+                    let status = status.get_or_insert_with(|| self.backend.memory_status());
+                    let resp = match status {
+                        None => Some(no_hotplug()),
+                        Some(s) if settled(s) => Some(long_poll_answer(s, true)),
+                        Some(s) if now >= deadline => Some(long_poll_answer(s, false)),
+                        Some(_) => None,
+                    };
+                    if let Some(resp) = resp {
+                        // Back to a normal registration before writing.
+                        self.respond(id, resp, ops);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Arms the timer at the period the open connections need, or disarms it.
+    fn update_timer(&mut self) {
+        let want = if self
+            .conns
+            .values()
+            .any(|c| matches!(c.state, State::Waiting { .. }))
+        {
+            Some(POLL_TICK)
+        } else if self.conns.is_empty() {
+            None
+        } else {
+            Some(IDLE_TICK)
+        };
+        if want == self.tick {
+            return;
+        }
+        let res = match want {
+            Some(d) => self.timer.reset(d, Some(d)),
+            None => self.timer.clear(),
+        };
+        match res {
+            Ok(()) => self.tick = want,
+            Err(e) => log::error!("API socket: cannot set the timer: {e}"),
+        }
+    }
+}
+
+impl MutEventSubscriber for ApiServer {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(&self.listener, LISTENER, EventSet::IN)) {
+            log::error!("API socket: cannot watch the listener: {e:?}");
+        }
+        if let Err(e) = ops.add(Events::with_data(&self.timer, TIMER, EventSet::IN)) {
+            log::error!("API socket: cannot watch the timer: {e:?}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            LISTENER => self.accept(ops),
+            TIMER => self.on_tick(ops),
+            id => self.conn_event(id, events.event_set(), ops),
+        }
+        self.update_timer();
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        // Remove the socket file only if it still is the one we bound.
+        if let Ok(md) = std::fs::symlink_metadata(&self.path) {
+            if (md.dev(), md.ino()) == self.ident {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Makes the timer's fd non-blocking, so that reading it after a reset in the same epoll round
+/// cannot block the event loop.
+fn set_nonblocking_fd(fd: &impl AsRawFd) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: F_GETFL on a file descriptor we own; no memory is involved.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL with flags on a file descriptor we own; no memory is involved.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn settled(s: &MemoryStatus) -> bool {
+    s.plugged_size == s.requested_size
+}
+
+fn no_hotplug() -> Response {
+    Response::error(404, "this VM has no hotplug memory region")
+}
+
+fn long_poll_answer(s: &MemoryStatus, is_settled: bool) -> Response {
+    match serde_json::to_value(s) {
+        Ok(serde_json::Value::Object(mut map)) => {
+            map.insert("settled".into(), serde_json::Value::Bool(is_settled));
+            Response::json(200, &map)
+        }
+        _ => Response::error(500, "cannot serialize the memory status"),
+    }
+}
+
+/// Routes and answers one request.
+fn handle(backend: &dyn ApiBackend, req: &Request) -> Outcome {
+    let m = req.method.as_str();
+    match req.path.as_str() {
+        "/hotplug/memory" => match m {
+            "GET" => get_memory(backend, req.query.as_deref()),
+            "PATCH" => Outcome::Answer(patch_memory(backend, &req.body)),
+            _ => Outcome::Answer(Response::method_not_allowed(m, "GET, PATCH")),
+        },
+        "/vm" => match m {
+            "GET" => Outcome::Answer(Response::json(200, &backend.vm_info())),
+            _ => Outcome::Answer(Response::method_not_allowed(m, "GET")),
+        },
+        "/vm/shutdown" => match m {
+            "PUT" => Outcome::AnswerThenShutdown(Response::no_content()),
+            _ => Outcome::Answer(Response::method_not_allowed(m, "PUT")),
+        },
+        p => Outcome::Answer(Response::error(404, &format!("no such endpoint: {p}"))),
+    }
+}
+
+fn get_memory(backend: &dyn ApiBackend, query: Option<&str>) -> Outcome {
+    let mut wait = false;
+    let mut timeout_ms = DEFAULT_WAIT_MS;
+    for (k, v) in query_pairs(query.unwrap_or("")) {
+        match k {
+            "wait_for" if v == "plugged_size" => wait = true,
+            "wait_for" => {
+                return Outcome::Answer(Response::error(
+                    400,
+                    &format!("wait_for={v}: only wait_for=plugged_size is supported"),
+                ))
+            }
+            "timeout_ms" => match v.parse::<u64>() {
+                Ok(n) => timeout_ms = n.min(MAX_WAIT_MS),
+                Err(_) => {
+                    return Outcome::Answer(Response::error(
+                        400,
+                        &format!("timeout_ms={v}: not a number of milliseconds"),
+                    ))
+                }
+            },
+            _ => {} // unknown parameters are ignored
+        }
+    }
+    let Some(status) = backend.memory_status() else {
+        return Outcome::Answer(no_hotplug());
+    };
+    if !wait {
+        return Outcome::Answer(Response::json(200, &status));
+    }
+    if settled(&status) || timeout_ms == 0 {
+        return Outcome::Answer(long_poll_answer(&status, settled(&status)));
+    }
+    Outcome::Wait(Instant::now() + Duration::from_millis(timeout_ms))
+}
+
+fn patch_memory(backend: &dyn ApiBackend, body: &[u8]) -> Response {
+    if body.is_empty() {
+        return Response::error(400, "missing body: expected {\"requested_size\": BYTES}");
+    }
+    // Through a Value: serde would also take `[1]` for the struct.
+    let req = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v @ serde_json::Value::Object(_)) => serde_json::from_value::<ResizeRequest>(v),
+        Ok(_) => return Response::error(400, "invalid body: expected {\"requested_size\": BYTES}"),
+        Err(e) => Err(e),
+    };
+    let req = match req {
+        Ok(r) => r,
+        Err(e) => return Response::error(400, &format!("invalid body: {e}")),
+    };
+    if backend.memory_status().is_none() {
+        return no_hotplug();
+    }
+    match backend.resize(req.requested_size) {
+        Ok(()) => Response::no_content(),
+        Err(msg) => Response::error(400, &msg),
+    }
+}

@@ -1,0 +1,318 @@
+//! Builds a [`Vmm`] from a [`VmmConfig`] step by step: KVM VM, memory and slots, kernel and boot
+//! structures, devices, vCPUs. Then [`Vmm::run`] runs it to the end.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use devices::bus::Bus;
+use devices::legacy::{self, EventFdTrigger, SerialDevice, I8042};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VmFd};
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+use crate::config::VmmConfig;
+use crate::vcpu::{HotplugWindow, RunState, Vcpu};
+use crate::virtio_mem::MemDevice;
+use crate::{Error, Result};
+
+/// Base of the MMIO window for virtio-mmio devices (inside the 32-bit MMIO gap).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio device window.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// IOAPIC pin of the first virtio-mmio device.
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+
+/// A built VM, ready to run.
+pub struct Vmm {
+    pub(crate) config: VmmConfig,
+    pub(crate) vm: VmFd,
+    pub(crate) boot_mem: GuestMemoryMmap,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) i8042: Arc<Mutex<I8042>>,
+    pub(crate) mem_device: Option<MemDevice>,
+    pub(crate) state: Arc<RunState>,
+}
+
+impl Vmm {
+    /// Builds the VM described by `config`.
+    pub fn new(config: VmmConfig) -> Result<Self> {
+        build(config)
+    }
+
+    /// The boot memory (for tests and diagnostics).
+    pub fn boot_memory(&self) -> &GuestMemoryMmap {
+        &self.boot_mem
+    }
+
+    /// The KVM VM (for tests and diagnostics).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+}
+
+fn build(config: VmmConfig) -> Result<Vmm> {
+    let m = &config.machine;
+    if m.cpus == 0 || m.cpus > 254 {
+        return Err(Error::Config(format!(
+            "--cpus {} is out of range (1 to 254)",
+            m.cpus
+        )));
+    }
+    let kvm = Kvm::new().map_err(Error::Kvm)?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(Error::KvmApiVersion(version));
+    }
+    let vm = kvm.create_vm().map_err(Error::Kvm)?;
+    vm.set_tss_address(arch::KVM_TSS_ADDR as usize)
+        .map_err(|e| Error::Vm("set the TSS address", e))?;
+    vm.set_identity_map_address(arch::KVM_IDENTITY_MAP_ADDR)
+        .map_err(|e| Error::Vm("set the identity map address", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| Error::Vm("create the in-kernel irqchip", e))?;
+    let pit = kvm_pit_config {
+        flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| Error::Vm("create the PIT", e))?;
+
+    // Memory: boot RAM slots, then the one hotplug slot.
+    let h = &config.hotplug;
+    let layout = memory::MemoryLayout::new(m.memory, h.size, h.block_size)?;
+    let boot_mem = memory::create_boot_memory(&layout)?;
+    let mut slot = 0u32;
+    for region in boot_mem.iter() {
+        register_slot(
+            &vm,
+            slot,
+            region.start_addr().raw_value(),
+            region.len(),
+            region.as_ptr() as u64,
+        )?;
+        slot += 1;
+    }
+    let hotplug = match &layout.hotplug {
+        Some(hl) => {
+            let region = Arc::new(memory::HotplugRegion::new(hl, h.backend.clone())?);
+            let t = Instant::now();
+            register_slot(
+                &vm,
+                slot,
+                region.base().raw_value(),
+                region.size(),
+                region.host_addr(),
+            )?;
+            log::info!(
+                "hotplug region: {} GiB at {:#x}, one KVM slot registered in {:.1} ms",
+                region.size() >> 30,
+                region.base().raw_value(),
+                t.elapsed().as_secs_f64() * 1e3
+            );
+            Some(region)
+        }
+        None => None,
+    };
+
+    // Devices.
+    let state = Arc::new(RunState::new().map_err(|e| Error::Io("cannot create an event fd", e))?);
+    let irq = || EventFdTrigger::new().map_err(|e| Error::Io("cannot create an event fd", e));
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        irq()?,
+        Box::new(legacy::UnbufferedStdout),
+    )));
+    vm.register_irqfd(devices::bus::lock(&serial).irq_evt(), legacy::COM1_IRQ)
+        .map_err(|e| Error::Vm("register the serial irqfd", e))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(irq()?)));
+    let mut pio = Bus::new();
+    let dev_err = |e: devices::bus::BusError| Error::Device(e.to_string());
+    pio.insert(serial.clone(), legacy::COM1_PORT, legacy::COM1_LEN)
+        .map_err(dev_err)?;
+    pio.insert(i8042.clone(), legacy::I8042_PORT, legacy::I8042_LEN)
+        .map_err(dev_err)?;
+    let mut mmio = Bus::new();
+
+    let mut cmdline = Cmdline::new(arch::CMDLINE_MAX_SIZE).map_err(Error::Cmdline)?;
+    cmdline
+        .insert_str(&config.kernel.cmdline)
+        .map_err(Error::Cmdline)?;
+    let mem_device = match hotplug {
+        Some(region) => {
+            let dev = MemDevice::new(
+                &vm,
+                region,
+                h.requested,
+                boot_mem.clone(),
+                VIRTIO_MMIO_BASE,
+                VIRTIO_IRQ_BASE,
+            )?;
+            mmio.insert(dev.bus_device(), VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE)
+                .map_err(dev_err)?;
+            cmdline
+                .add_virtio_mmio_device(
+                    VIRTIO_MMIO_SIZE,
+                    GuestAddress(VIRTIO_MMIO_BASE),
+                    VIRTIO_IRQ_BASE,
+                    None,
+                )
+                .map_err(Error::Cmdline)?;
+            Some(dev)
+        }
+        None => None,
+    };
+
+    // Kernel, initramfs, command line and boot structures.
+    let (entry, setup_header, kernel_end) = load_kernel(&boot_mem, &config.kernel.path)?;
+    let initrd = match &config.kernel.initrd {
+        Some(p) => Some(load_initrd(
+            &boot_mem,
+            p,
+            kernel_end,
+            setup_header.as_ref(),
+        )?),
+        None => None,
+    };
+    linux_loader::loader::load_cmdline(&boot_mem, GuestAddress(arch::CMDLINE_ADDR), &cmdline)
+        .map_err(Error::CmdlineLoad)?;
+    let cmdline_size = cmdline
+        .as_cstring()
+        .map_err(Error::Cmdline)?
+        .as_bytes_with_nul()
+        .len() as u32;
+    let info = arch::boot::BootInfo {
+        setup_header,
+        cmdline_size,
+        initrd,
+    };
+    arch::boot::write_zero_page(&boot_mem, &info, &arch::boot::e820_map(&layout.boot_ranges))?;
+    arch::mptable::write(&boot_mem, m.cpus)?;
+    arch::cpu::write_gdt(&boot_mem)?;
+    let cr3 = arch::boot::write_page_tables(&boot_mem)?;
+
+    // vCPUs.
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::Kvm)?;
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
+    let window = layout.hotplug.as_ref().map(|l| HotplugWindow {
+        base: l.base.raw_value(),
+        size: l.size,
+    });
+    let mut vcpus = Vec::with_capacity(usize::from(m.cpus));
+    for id in 0..m.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|e| Error::Vm("create a vCPU", e))?;
+        let cpuid = arch::cpu::cpuid_for(&supported, id, m.cpus);
+        arch::cpu::configure_vcpu(&fd, id, &cpuid, entry.raw_value(), cr3)?;
+        vcpus.push(Vcpu {
+            id,
+            fd,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            hotplug: window,
+            state: state.clone(),
+        });
+    }
+
+    Ok(Vmm {
+        config,
+        vm,
+        boot_mem,
+        vcpus,
+        serial,
+        i8042,
+        mem_device,
+        state,
+    })
+}
+
+fn register_slot(vm: &VmFd, slot: u32, guest: u64, size: u64, host: u64) -> Result<()> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags: 0,
+        guest_phys_addr: guest,
+        memory_size: size,
+        userspace_addr: host,
+    };
+    // SAFETY: `host..host+size` is a live mapping owned by the boot memory or the hotplug region,
+    // both of which the Vmm keeps until the VM fd is closed.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|e| Error::Vm("register a memory slot", e))
+}
+
+/// Loads an ELF or bzImage kernel; returns the 64-bit entry point, the bzImage setup header and
+/// the end of the loaded image.
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &std::path::Path,
+) -> Result<(
+    GuestAddress,
+    Option<linux_loader::bootparam::setup_header>,
+    u64,
+)> {
+    let mut f = File::open(path).map_err(|e| Error::KernelFile(path.to_owned(), e))?;
+    let mut magic = [0u8; 4];
+    let n = f
+        .read(&mut magic)
+        .map_err(|e| Error::KernelFile(path.to_owned(), e))?;
+    f.seek(SeekFrom::Start(0))
+        .map_err(|e| Error::KernelFile(path.to_owned(), e))?;
+    let load_err = |e| Error::KernelLoad(path.to_owned(), e);
+    if n == 4 && magic == *b"\x7fELF" {
+        let r = Elf::load(mem, None, &mut f, Some(arch::HIMEM_START)).map_err(load_err)?;
+        Ok((r.kernel_load, None, r.kernel_end))
+    } else {
+        let r = BzImage::load(mem, None, &mut f, Some(arch::HIMEM_START)).map_err(load_err)?;
+        // The 64-bit entry point sits 0x200 bytes into the protected-mode kernel.
+        let entry = r.kernel_load.checked_add(0x200).ok_or_else(|| {
+            Error::KernelLoad(
+                path.to_owned(),
+                linux_loader::loader::Error::InvalidKernelStartAddress,
+            )
+        })?;
+        Ok((entry, r.setup_header, r.kernel_end))
+    }
+}
+
+/// Places the initramfs as high as the kernel allows in low boot RAM, page aligned.
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &std::path::Path,
+    kernel_end: u64,
+    hdr: Option<&linux_loader::bootparam::setup_header>,
+) -> Result<(GuestAddress, u32)> {
+    let err = |m: String| Error::Initrd(path.to_owned(), m);
+    let mut f = File::open(path).map_err(|e| err(e.to_string()))?;
+    let size = f.metadata().map_err(|e| err(e.to_string()))?.len();
+    let max = hdr
+        .map(|h| u64::from(h.initrd_addr_max))
+        .filter(|&m| m != 0)
+        .unwrap_or(0x37ff_ffff);
+    let low_end = mem
+        .iter()
+        .next()
+        .map(|r| r.start_addr().raw_value() + r.len())
+        .unwrap_or(0);
+    let top = low_end.min(max + 1);
+    let start = top
+        .checked_sub(size)
+        .map(|s| s & !0xfff)
+        .filter(|&s| s >= kernel_end && size <= u64::from(u32::MAX))
+        .ok_or_else(|| {
+            err(format!(
+                "{size} bytes do not fit between the kernel and {top:#x}"
+            ))
+        })?;
+    let mut buf = vec![0u8; size as usize];
+    f.read_exact(&mut buf).map_err(|e| err(e.to_string()))?;
+    mem.write_slice(&buf, GuestAddress(start))
+        .map_err(|e| err(e.to_string()))?;
+    Ok((GuestAddress(start), size as u32))
+}

@@ -1,0 +1,142 @@
+//! Runs a built [`Vmm`]: starts the event loop's subscribers, the virtio-mem worker and the vCPU
+//! threads, waits for the VM to stop, then stops everything in order.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::terminal::Terminal;
+
+use crate::api::{ApiBackend, MemoryStatus, VmInfo};
+use crate::event_loop::{ConsoleInput, StopWatch};
+use crate::vcpu::{self, RunState, VmExit};
+use crate::{Error, Result, Vmm};
+
+/// What the API sees of a running VM.
+struct Control {
+    state: Arc<RunState>,
+    mem: Option<(
+        Arc<devices::virtio::mem::VirtioMemShared>,
+        Arc<memory::HotplugRegion>,
+    )>,
+    vcpus: u8,
+    boot_memory: u64,
+}
+
+impl ApiBackend for Control {
+    fn memory_status(&self) -> Option<MemoryStatus> {
+        let (shared, region) = self.mem.as_ref()?;
+        Some(MemoryStatus {
+            region_size: shared.region_size(),
+            block_size: shared.block_size(),
+            requested_size: shared.requested_size(),
+            plugged_size: shared.plugged_size(),
+            usable_region_size: shared.usable_region_size(),
+            backend: region.backend().to_string(),
+            resident_bytes: region.resident_bytes().unwrap_or(0),
+        })
+    }
+
+    fn resize(&self, requested_size: u64) -> std::result::Result<(), String> {
+        match &self.mem {
+            Some((shared, _)) => shared
+                .set_requested_size(requested_size)
+                .map_err(|e| e.to_string()),
+            None => Err("this VM has no hotplug region (start it with --hotplug-size)".into()),
+        }
+    }
+
+    fn vm_info(&self) -> VmInfo {
+        let exit = self.state.exit();
+        VmInfo {
+            state: if exit.is_some() { "stopped" } else { "running" }.into(),
+            exit_code: exit.as_ref().map(|e| e.code),
+            exit_reason: exit.map(|e| e.reason),
+            vcpus: self.vcpus,
+            boot_memory: self.boot_memory,
+        }
+    }
+
+    fn shutdown(&self) {
+        self.state.request_exit(0, "shut down through the API");
+    }
+}
+
+/// Puts a terminal on stdin into raw mode for the guest's console and restores it on drop.
+struct RawStdin(bool);
+
+impl RawStdin {
+    fn new() -> Self {
+        let stdin = std::io::stdin();
+        Self(stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok())
+    }
+}
+
+impl Drop for RawStdin {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = std::io::stdin().lock().set_canon_mode();
+        }
+    }
+}
+
+impl Vmm {
+    /// Runs the VM until the guest powers off or resets, a fault stops it, or the API shuts it
+    /// down. Returns why it stopped.
+    pub fn run(mut self) -> Result<VmExit> {
+        vcpu::install_kick_handler()?;
+        let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> =
+            EventManager::new().map_err(Error::EventManager)?;
+        em.add_subscriber(Box::new(StopWatch {
+            i8042: self.i8042.clone(),
+            state: self.state.clone(),
+        }));
+        let _raw = RawStdin::new();
+        em.add_subscriber(Box::new(ConsoleInput {
+            serial: self.serial.clone(),
+        }));
+
+        let control = Arc::new(Control {
+            state: self.state.clone(),
+            mem: self
+                .mem_device
+                .as_ref()
+                .map(|d| (d.shared().clone(), d.region().clone())),
+            vcpus: self.config.machine.cpus,
+            boot_memory: self.config.machine.memory,
+        });
+        if let Some(path) = &self.config.api_socket {
+            let server = crate::api::server::ApiServer::bind(path, control.clone())
+                .map_err(|e| Error::ApiSocket(path.clone(), e.to_string()))?;
+            em.add_subscriber(Box::new(server));
+        }
+        if let Some(dev) = self.mem_device.as_mut() {
+            dev.start()?;
+        }
+
+        let mut handles = Vec::with_capacity(self.vcpus.len());
+        for v in std::mem::take(&mut self.vcpus) {
+            match v.start() {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    self.state.request_exit(1, format!("{e}"));
+                    break;
+                }
+            }
+        }
+        while !self.state.stopping() {
+            if let Err(e) = em.run_with_timeout(200) {
+                self.state
+                    .request_exit(1, format!("event loop failed: {e:?}"));
+            }
+        }
+        vcpu::stop_vcpus(handles);
+        if let Some(dev) = self.mem_device.as_mut() {
+            dev.stop();
+        }
+        Ok(self.state.exit().unwrap_or(VmExit {
+            code: 0,
+            reason: "stopped".into(),
+        }))
+    }
+}

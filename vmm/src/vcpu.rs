@@ -1,0 +1,240 @@
+//! One thread per vCPU: runs `KVM_RUN`, sends port-I/O and MMIO exits to the buses, and turns
+//! guest stops (reset, power-off, faults) into a [`VmExit`] for the event loop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devices::bus::Bus;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+
+/// `KVM_EXIT_MEMORY_FAULT` (Linux 6.8+): `KVM_RUN` failed with EFAULT on a guest physical address.
+const KVM_EXIT_MEMORY_FAULT: u32 = 39;
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmExit {
+    /// Exit status for `tide` (0: the guest powered off or reset).
+    pub code: i32,
+    /// What happened, in words.
+    pub reason: String,
+}
+
+/// The VM's run state shared by vCPUs, the event loop and the API: the first stop wins.
+pub struct RunState {
+    exit: Mutex<Option<VmExit>>,
+    stop: AtomicBool,
+    evt: EventFd,
+}
+
+impl RunState {
+    /// A running VM.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            exit: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Records why the VM stops (only the first call counts) and wakes the event loop.
+    pub fn request_exit(&self, code: i32, reason: impl Into<String>) {
+        let mut e = devices::bus::lock(&self.exit);
+        if e.is_none() {
+            *e = Some(VmExit {
+                code,
+                reason: reason.into(),
+            });
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.evt.write(1);
+    }
+
+    /// Whether a stop was requested.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The recorded exit, if any.
+    pub fn exit(&self) -> Option<VmExit> {
+        devices::bus::lock(&self.exit).clone()
+    }
+
+    /// Signalled when a stop is requested.
+    pub fn evt(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+/// A guest physical range that is guest RAM only when plugged: an MMIO exit there (this machine's
+/// emulating KVM) or an EFAULT (hardware KVM) means the guest touched unplugged memory.
+#[derive(Debug, Clone, Copy)]
+pub struct HotplugWindow {
+    /// First guest physical address.
+    pub base: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl HotplugWindow {
+    fn contains(&self, addr: u64) -> bool {
+        addr >= self.base && addr - self.base < self.size
+    }
+}
+
+/// One vCPU and what it needs to handle exits.
+pub struct Vcpu {
+    /// Index (and APIC ID).
+    pub id: u8,
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+    /// Port-I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// The hotplug region, if any.
+    pub hotplug: Option<HotplugWindow>,
+    /// Shared run state.
+    pub state: Arc<RunState>,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the (empty) handler of the kick signal; call once before starting vCPU threads.
+pub fn install_kick_handler() -> crate::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| crate::Error::Io("cannot install the vCPU kick signal handler", e.into()))
+}
+
+impl Vcpu {
+    /// Starts the vCPU on its own thread.
+    pub fn start(self) -> crate::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", self.id))
+            .spawn(move || self.run())
+            .map_err(|e| crate::Error::Io("cannot start a vCPU thread", e))
+    }
+
+    fn run(mut self) {
+        let (id, pio, mmio, state, window) = (
+            self.id,
+            self.pio.clone(),
+            self.mmio.clone(),
+            self.state.clone(),
+            self.hotplug,
+        );
+        let in_hotplug = |addr: u64| window.is_some_and(|w| w.contains(addr));
+        let unplugged_access = |addr: u64, what: &str| {
+            state.request_exit(
+                1,
+                format!(
+                    "vCPU {id} {what} unplugged hotplug memory at guest physical address {addr:#x}; \
+                     the guest was stopped and no host memory was allocated for it"
+                ),
+            )
+        };
+        while !state.stopping() {
+            match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !pio.read(u64::from(port), data) {
+                        data.fill(0xff);
+                    }
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    pio.write(u64::from(port), data);
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if in_hotplug(addr) {
+                        data.fill(0xff);
+                        unplugged_access(addr, "read");
+                    } else if !mmio.read(addr, data) {
+                        data.fill(0xff);
+                    }
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if in_hotplug(addr) {
+                        unplugged_access(addr, "wrote");
+                    } else {
+                        mmio.write(addr, data);
+                    }
+                }
+                Ok(VcpuExit::Hlt) => state.request_exit(0, "guest halted"),
+                Ok(VcpuExit::Shutdown) => {
+                    state.request_exit(0, "guest reset (triple fault or shutdown)")
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    state.request_exit(0, format!("guest system event {kind}"))
+                }
+                Ok(VcpuExit::InternalError) => {
+                    let sub = self.fd.get_kvm_run().exit_reason;
+                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+                    // union member KVM filled in.
+                    let suberror =
+                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    state.request_exit(
+                        1,
+                        format!("KVM internal error on vCPU {} (exit {sub}, suberror {suberror}): this KVM cannot run that guest code", id),
+                    )
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => state.request_exit(
+                    1,
+                    format!(
+                        "KVM could not enter vCPU {} (hardware reason {reason:#x}, cpu {cpu})",
+                        id
+                    ),
+                ),
+                Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => {}
+                Ok(other) => state.request_exit(
+                    1,
+                    format!("vCPU {} stopped on an unexpected KVM exit: {other:?}", id),
+                ),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) if e.errno() == libc::EFAULT => {
+                    let run = self.fd.get_kvm_run();
+                    if run.exit_reason == KVM_EXIT_MEMORY_FAULT {
+                        // SAFETY: KVM set the exit reason to KVM_EXIT_MEMORY_FAULT, so the
+                        // `memory_fault` union member is the one it filled in.
+                        let gpa = unsafe { run.__bindgen_anon_1.memory_fault.gpa };
+                        if in_hotplug(gpa) {
+                            unplugged_access(gpa, "touched");
+                        } else {
+                            state.request_exit(1, format!("vCPU {} faulted on guest physical address {gpa:#x} (no host memory behind it)", id));
+                        }
+                    } else {
+                        let hint = if window.is_some() {
+                            ": most likely the guest touched unplugged hotplug memory"
+                        } else {
+                            ""
+                        };
+                        state.request_exit(
+                            1,
+                            format!("KVM_RUN failed with EFAULT on vCPU {}{hint}", id),
+                        );
+                    }
+                }
+                Err(e) => state.request_exit(1, format!("KVM_RUN failed on vCPU {}: {e}", id)),
+            }
+        }
+    }
+}
+
+/// Stops vCPU threads: they see the stop flag, and the kick signal gets them out of `KVM_RUN`.
+pub fn stop_vcpus(handles: Vec<JoinHandle<()>>) {
+    use std::os::unix::thread::JoinHandleExt;
+    for h in handles {
+        while !h.is_finished() {
+            // SAFETY: the thread is alive (not finished and not joined), so its pthread_t is
+            // valid; the kick signal has a handler installed that does nothing.
+            unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = h.join();
+    }
+}
