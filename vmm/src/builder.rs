@@ -101,7 +101,12 @@ fn build(config: VmmConfig) -> Result<Vmm> {
     }
     let hotplug = match &layout.hotplug {
         Some(hl) => {
-            let region = Arc::new(memory::HotplugRegion::new(hl, h.backend.clone())?);
+            let options = memory::RegionOptions { thp: h.thp };
+            let region = Arc::new(memory::HotplugRegion::with_options(
+                hl,
+                h.backend.clone(),
+                options,
+            )?);
             let t = Instant::now();
             register_slot(
                 &vm,
@@ -111,9 +116,11 @@ fn build(config: VmmConfig) -> Result<Vmm> {
                 region.host_addr(),
             )?;
             log::info!(
-                "hotplug region: {} GiB at {:#x}, one KVM slot registered in {:.1} ms",
-                region.size() >> 30,
+                "hotplug region: {} MiB at {:#x} ({}, THP {}), one KVM slot registered in {:.1} ms",
+                region.size() >> 20,
                 region.base().raw_value(),
+                region.backend(),
+                if region.thp() { "on" } else { "off" },
                 t.elapsed().as_secs_f64() * 1e3
             );
             Some(region)

@@ -50,6 +50,8 @@ pub struct HotplugConfig {
     pub backend: memory::Backend,
     /// Initial requested size in bytes.
     pub requested: u64,
+    /// Transparent huge pages for the `anon` backend (when the block size allows).
+    pub thp: bool,
 }
 
 impl Default for HotplugConfig {
@@ -59,6 +61,7 @@ impl Default for HotplugConfig {
             block_size: 2 << 20,
             backend: memory::Backend::Anon,
             requested: 0,
+            thp: true,
         }
     }
 }

@@ -61,6 +61,9 @@ struct RunArgs {
     /// Initial requested size of the hotplug region.
     #[arg(long, default_value = "0", value_parser = size)]
     requested: u64,
+    /// Do not ask for transparent huge pages on the anon backend (4 KiB pages).
+    #[arg(long)]
+    no_thp: bool,
     /// Serve the HTTP API on this UNIX socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -122,6 +125,7 @@ fn main() -> ExitCode {
                     block_size: a.block_size,
                     backend: a.backend,
                     requested: a.requested,
+                    thp: !a.no_thp,
                 },
                 api_socket: a.api_socket,
             };
