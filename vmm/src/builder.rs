@@ -208,9 +208,15 @@ fn build(config: VmmConfig) -> Result<Vmm> {
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(Error::Kvm)?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-    let window = layout.hotplug.as_ref().map(|l| HotplugWindow {
-        base: l.base.raw_value(),
-        size: l.size,
+    let window = mem_device.as_ref().map(|d| {
+        // The vCPU fault path learns which ranges are plugged from the region's events.
+        let plugged = Arc::new(crate::plug_tracker::PlugTracker::new());
+        d.region().add_listener(plugged.clone());
+        HotplugWindow {
+            base: d.region().base().raw_value(),
+            size: d.region().size(),
+            plugged,
+        }
     });
     let mut vcpus = Vec::with_capacity(usize::from(m.cpus));
     for id in 0..m.cpus {
@@ -224,7 +230,7 @@ fn build(config: VmmConfig) -> Result<Vmm> {
             fd,
             pio: pio.clone(),
             mmio: mmio.clone(),
-            hotplug: window,
+            hotplug: window.clone(),
             state: state.clone(),
         });
     }

@@ -70,12 +70,14 @@ impl RunState {
 
 /// A guest physical range that is guest RAM only when plugged: an MMIO exit there (this machine's
 /// emulating KVM) or an EFAULT (hardware KVM) means the guest touched unplugged memory.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HotplugWindow {
     /// First guest physical address.
     pub base: u64,
     /// Size in bytes.
     pub size: u64,
+    /// Which ranges are plugged, from the region's populate/discard events.
+    pub plugged: Arc<crate::plug_tracker::PlugTracker>,
 }
 
 impl HotplugWindow {
@@ -123,22 +125,28 @@ impl Vcpu {
     }
 
     fn run(mut self) {
-        let (id, pio, mmio, state, window) = (
+        let (id, pio, mmio, state) = (
             self.id,
             self.pio.clone(),
             self.mmio.clone(),
             self.state.clone(),
-            self.hotplug,
         );
-        let in_hotplug = |addr: u64| window.is_some_and(|w| w.contains(addr));
+        let window = self.hotplug.clone();
+        let in_hotplug = |addr: u64| window.as_ref().is_some_and(|w| w.contains(addr));
         let unplugged_access = |addr: u64, what: &str| {
-            state.request_exit(
-                1,
+            let plugged = window.as_ref().is_some_and(|w| w.plugged.is_plugged(addr));
+            let msg = if plugged {
+                format!(
+                    "vCPU {id} {what} plugged hotplug memory at guest physical address {addr:#x} \
+                     that the host could not back; the guest was stopped"
+                )
+            } else {
                 format!(
                     "vCPU {id} {what} unplugged hotplug memory at guest physical address {addr:#x}; \
                      the guest was stopped and no host memory was allocated for it"
-                ),
-            )
+                )
+            };
+            state.request_exit(1, msg)
         };
         while !state.stopping() {
             match self.fd.run() {
