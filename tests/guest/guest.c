@@ -15,6 +15,7 @@
  *   tide.accept_inaccessible=0               do not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
  *   tide.exit_at_zero=1                      mem-follow: power off once requested and plugged are 0
  *                                            after requested was non-zero
+ *   tide.irq=0                               wait by polling InterruptStatus instead of with interrupts
  * Without tide.test and without a virtio-mem device it prints the boot facts and powers off; with a
  * virtio-mem device the default scenario is mem-follow.
  */
@@ -449,10 +450,12 @@ struct vused {
 extern u8 vq_desc_page[4096], vq_avail_page[4096], vq_used_page[4096], vq_buf_page[4096];
 
 static u64 mmio;      /* base of the virtio-mem device */
+static u64 mmio_irq;  /* its interrupt (IOAPIC pin), from the command line */
 static u16 qsize;     /* negotiated queue size */
 static u16 avail_idx; /* next avail index to publish */
 static u16 used_idx;  /* next used index to consume */
-static int cfg_irq;   /* a config-change interrupt was seen and acknowledged */
+static volatile u32 isr_seen; /* InterruptStatus bits acknowledged (by the interrupt handler or a poll)
+                               * and not consumed yet: bit 1 config change, bit 0 used buffer */
 
 static inline u32 mr(u32 off)
 {
@@ -484,16 +487,253 @@ static void delay_tsc(u64 cycles)
         cpu_pause();
 }
 
-/* Reads and acknowledges the interrupt status; remembers a config change. */
-static u32 ack_interrupts(void)
+static inline void irq_off(void)
+{
+    __asm__ volatile("cli" ::: "memory");
+}
+
+static inline void irq_on(void)
+{
+    __asm__ volatile("sti" ::: "memory");
+}
+
+/* Interrupts off; returns whether they were on. */
+static inline u64 irq_save(void)
+{
+    u64 f;
+    __asm__ volatile("pushfq; popq %0; cli" : "=r"(f) : : "memory");
+    return f & 0x200;
+}
+
+static inline void irq_restore(u64 was_on)
+{
+    if (was_on)
+        irq_on();
+}
+
+/* Reads and acknowledges the interrupt status, adds it to isr_seen (with interrupts off, so the
+ * read-modify-write cannot race with the handler, which does the same). */
+static u32 ack_interrupts_locked(void)
 {
     u32 isr = mr(VM_INT_STATUS);
     if (isr) {
         mw(VM_INT_ACK, isr);
-        if (isr & 2)
-            cfg_irq = 1;
+        isr_seen |= isr;
     }
     return isr;
+}
+
+static u32 ack_interrupts(void)
+{
+    u64 f = irq_save();
+    u32 isr = ack_interrupts_locked();
+    irq_restore(f);
+    return isr;
+}
+
+/* Takes (clears and returns) the isr_seen bits in `mask`. */
+static u32 take_isr(u32 mask)
+{
+    u64 f = irq_save();
+    u32 v = isr_seen & mask;
+    isr_seen &= ~mask;
+    irq_restore(f);
+    return v;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Interrupts: IDT, LAPIC (timer, spurious vector), in-kernel IOAPIC pin of the virtio-mmio device   */
+
+#define LAPIC_BASE 0xfee00000ul
+#define LAPIC_ID 0x020
+#define LAPIC_TPR 0x080
+#define LAPIC_SVR 0x0f0
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_LVT_LINT0 0x350
+#define LAPIC_TIMER_INIT 0x380
+#define LAPIC_TIMER_DIV 0x3e0
+#define IOAPIC_BASE 0xfec00000ul
+
+#define VEC_VIRTIO 0x30
+#define VEC_TIMER 0x31
+#define VEC_SPURIOUS 0xff
+/* LAPIC timer counts with divide-by-16 (divide configuration 3) of KVM's 1 GHz APIC bus clock. */
+#define TIMER_TICK 6250000u /* the periodic safety-net tick: 100 ms */
+#define TIMER_PROBE 62500u  /* the one-shot start-up probe: 1 ms */
+
+struct idt_gate {
+    u16 off0;
+    u16 sel;
+    u8 ist;
+    u8 type; /* 0x8e: present, DPL 0, 64-bit interrupt gate */
+    u16 off1;
+    u32 off2;
+    u32 zero;
+};
+
+extern struct idt_gate idt[256];
+extern u8 isr_stubs[]; /* start.S: 16 bytes per vector */
+
+static volatile u32 ticks;       /* LAPIC timer interrupts */
+static volatile u32 virtio_irqs; /* interrupts on VEC_VIRTIO */
+static volatile u32 stray_irqs;  /* interrupts on vectors nobody programmed */
+static int irq_mode;             /* 1: waits halt until an interrupt (virtio or timer tick); 0: polling */
+
+static inline void lapic_w(u32 reg, u32 v)
+{
+    *(volatile u32 *)(LAPIC_BASE + reg) = v;
+}
+
+static inline u32 lapic_r(u32 reg)
+{
+    return *(volatile u32 *)(LAPIC_BASE + reg);
+}
+
+static void ioapic_w(u32 reg, u32 v)
+{
+    *(volatile u32 *)IOAPIC_BASE = reg;
+    *(volatile u32 *)(IOAPIC_BASE + 0x10) = v;
+}
+
+static u32 ioapic_r(u32 reg)
+{
+    *(volatile u32 *)IOAPIC_BASE = reg;
+    return *(volatile u32 *)(IOAPIC_BASE + 0x10);
+}
+
+/* Called by isr_common (start.S) with interrupts off; returns whether to send the LAPIC EOI.
+ * frame: see start.S (frame[10] error code, frame[11] RIP). */
+__attribute__((used)) u32 isr_dispatch(u64 vec, u64 *frame)
+{
+    vec &= 0xff;
+    if (vec == VEC_VIRTIO) {
+        virtio_irqs++;
+        if (mmio)
+            ack_interrupts_locked();
+        return 1;
+    }
+    if (vec == VEC_TIMER) {
+        ticks++;
+        return 1;
+    }
+    if (vec == VEC_SPURIOUS) /* no EOI for the spurious vector */
+        return 0;
+    if (vec < 32) {
+        u64 cr2 = 0;
+        if (vec == 14)
+            __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+        say("exception ");
+        put_dec(vec);
+        puts_(" rip ");
+        put_hex(frame[11]);
+        puts_(" error ");
+        put_hex(frame[10]);
+        if (vec == 14) {
+            puts_(" cr2 ");
+            put_hex(cr2);
+        }
+        nl();
+        power_off();
+    }
+    if (!stray_irqs++) {
+        say("note: unexpected interrupt vector ");
+        put_dec(vec);
+        nl();
+    }
+    return 1;
+}
+
+/* Fills the IDT (every vector goes to its stub; CS is the code selector we run on, 0x10 under Tide)
+ * and loads it, so that any exception is reported instead of ending in a silent triple fault.  Also
+ * masks the 8259 PIC: the in-kernel irqchip routes every GSI to the PIC as well as to the IOAPIC. */
+static void idt_init(void)
+{
+    u16 cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    for (u32 i = 0; i < 256; i++) {
+        u64 a = (u64)isr_stubs + 16 * i;
+        idt[i].off0 = (u16)a;
+        idt[i].sel = cs;
+        idt[i].ist = 0;
+        idt[i].type = 0x8e;
+        idt[i].off1 = (u16)(a >> 16);
+        idt[i].off2 = (u32)(a >> 32);
+        idt[i].zero = 0;
+    }
+    struct __attribute__((packed)) {
+        u16 limit;
+        u64 base;
+    } d = { sizeof(struct idt_gate) * 256 - 1, (u64)idt };
+    __asm__ volatile("lidt %0" : : "m"(d) : "memory");
+    outb(0x21, 0xff); /* OCW1: mask every 8259 input */
+    outb(0xa1, 0xff);
+}
+
+static u64 rdmsr(u32 msr)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    return ((u64)hi << 32) | lo;
+}
+
+/* Sets up the LAPIC (spurious vector, LINT0 masked, timer) and the IOAPIC redirection entry of `pin`
+ * (edge, fixed, physical destination = our APIC ID, VEC_VIRTIO), checks that the LAPIC timer really
+ * interrupts us, and then runs with interrupts on.  Leaves irq_mode 0 (polling) when something is off. */
+static void irq_init(u64 pin)
+{
+    const char *why = 0;
+    u64 apic_base = rdmsr(0x1b);
+    u32 max_pin = 0;
+    if (param_is("tide.irq", "0"))
+        why = "tide.irq=0";
+    else if (!pin)
+        why = "no irq given for the device";
+    else if ((apic_base & 0xc00) != 0x800 || (apic_base & 0xfffff000ul) != LAPIC_BASE)
+        why = "LAPIC not enabled in xAPIC mode at 0xfee00000";
+    if (!why) {
+        max_pin = (ioapic_r(0x01) >> 16) & 0xff;
+        if (pin > max_pin)
+            why = "irq beyond the IOAPIC's pins";
+    }
+    if (!why) {
+        lapic_w(LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+        lapic_w(LAPIC_TPR, 0);
+        lapic_w(LAPIC_LVT_LINT0, 0x10700); /* ExtINT, masked: the PIC is not used */
+        lapic_w(LAPIC_TIMER_DIV, 3);       /* divide by 16 */
+        lapic_w(LAPIC_LVT_TIMER, VEC_TIMER); /* one-shot for the probe */
+        u32 dest = lapic_r(LAPIC_ID) >> 24;
+        ioapic_w(0x11 + 2 * (u32)pin, dest << 24);
+        ioapic_w(0x10 + 2 * (u32)pin, VEC_VIRTIO); /* fixed, physical, active high, edge, unmasked */
+        /* Probe: a 1 ms one-shot, waited for by polling (a halt could wait forever). */
+        lapic_w(LAPIC_TIMER_INIT, TIMER_PROBE);
+        irq_on();
+        u64 t0 = rdtsc();
+        while (!ticks && rdtsc() - t0 < (1ul << 28))
+            cpu_pause();
+        irq_off();
+        if (!ticks)
+            why = "no LAPIC timer interrupt within ~100 ms";
+    }
+    if (why) {
+        lapic_w(LAPIC_TIMER_INIT, 0);
+        say("interrupts: off, waiting by polling (");
+        puts_(why);
+        puts_(")");
+        nl();
+        return;
+    }
+    lapic_w(LAPIC_LVT_TIMER, 0x20000 | VEC_TIMER); /* periodic */
+    lapic_w(LAPIC_TIMER_INIT, TIMER_TICK);
+    irq_mode = 1;
+    say("interrupts: on, IOAPIC pin ");
+    put_dec(pin);
+    puts_(" vector ");
+    put_hex(VEC_VIRTIO);
+    puts_(", LAPIC timer tick 100 ms vector ");
+    put_hex(VEC_TIMER);
+    nl();
+    irq_on();
+    ack_interrupts(); /* an edge that came before the IOAPIC was set up is lost: catch up */
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -658,10 +898,29 @@ static struct vmem_result vmem_request_raw(u16 type, u64 addr, u16 nb, u32 req_l
     barrier();
     mw(VM_QUEUE_NOTIFY, 0);
 
+    /* Completion: the used ring is polled; with interrupts the guest halts in between and wakes on
+     * the used-buffer interrupt (or the timer tick, which also drives the time-outs). */
     u64 t0 = rdtsc();
+    u32 tk = ticks;
     int warned = 0;
-    while (us->idx == used_idx) {
-        cpu_pause();
+    for (;;) {
+        if (irq_mode) {
+            irq_off();
+            if (us->idx != used_idx) {
+                irq_on();
+                break;
+            }
+            if (ticks == tk) {
+                __asm__ volatile("sti; hlt" ::: "memory"); /* no wake-up lost between the check and hlt */
+                continue;
+            }
+            tk = ticks;
+            irq_on();
+        } else {
+            if (us->idx != used_idx)
+                break;
+            cpu_pause();
+        }
         u64 dt = rdtsc() - t0;
         if (hostile && dt > (1ul << 34)) { /* ~5 s */
             r.type = RESP_TIMEOUT;
@@ -675,7 +934,8 @@ static struct vmem_result vmem_request_raw(u16 type, u64 addr, u16 nb, u32 req_l
     barrier();
     r.used_len = us->ring[used_idx % qsize].len;
     used_idx++;
-    ack_interrupts();
+    if (!irq_mode)
+        ack_interrupts();
     r.type = *(volatile u16 *)resp;
     r.state = *(volatile u16 *)(resp + 8);
     return r;
@@ -861,6 +1121,7 @@ static int find_device(void)
         if (magic != 0x74726976u || ver != 2 || id != 24)
             continue;
         mmio = b;
+        mmio_irq = irq;
         return 1;
     }
     return 0;
@@ -956,22 +1217,55 @@ static void device_init(void)
     map_limit = cfg.addr + cap;
 }
 
-/* Waits for a config-change interrupt (InterruptStatus bit 1), polling every ~2-4 ms.  A generation
- * change without the interrupt is reported and followed too, so that a missing interrupt shows up as
- * a warning line instead of a hang. */
+static void warn_no_config_irq(void)
+{
+    say_line("virtio-mem: WARN config generation changed without a config interrupt");
+}
+
+/* Waits for a config change (InterruptStatus bit 1; one seen since the last wait counts).
+ * With interrupts (irq_mode): `cli; check; sti; hlt` until the handler has seen bit 1; every timer
+ * tick (100 ms) reads the config generation, and a generation that has changed for two ticks with no
+ * config interrupt is reported and followed, so that a lost interrupt shows up as a warning line
+ * instead of a hang.  Polling (no interrupts): reads InterruptStatus every ~2-4 ms (2^23 TSC cycles),
+ * with the same generation check every 16 polls. */
 static void wait_config_change(void)
 {
-    for (u32 i = 1;; i++) {
-        if (cfg_irq) {
-            cfg_irq = 0;
+    if (irq_mode) {
+        u32 tk = ticks, changed_ticks = 0;
+        for (;;) {
+            irq_off();
+            if (isr_seen & 2) {
+                isr_seen &= ~2u;
+                irq_on();
+                return;
+            }
+            if (ticks == tk) {
+                __asm__ volatile("sti; hlt" ::: "memory"); /* no wake-up lost between the check and hlt */
+                continue;
+            }
+            tk = ticks;
+            irq_on();
+            if (mr(VM_CONFIG_GEN) == cfg.gen) {
+                changed_ticks = 0;
+                continue;
+            }
+            if (++changed_ticks < 2) /* an interrupt may be on its way: give it one more tick */
+                continue;
+            ack_interrupts();
+            take_isr(2);
+            warn_no_config_irq();
             return;
         }
+    }
+    for (u32 i = 1;; i++) {
+        if (take_isr(2))
+            return;
         delay_tsc(1ul << 23);
         ack_interrupts();
-        if (cfg_irq)
+        if (isr_seen & 2)
             continue;
         if ((i & 15) == 0 && mr(VM_CONFIG_GEN) != cfg.gen) {
-            say_line("virtio-mem: WARN config generation changed without a config interrupt");
+            warn_no_config_irq();
             return;
         }
     }
@@ -1180,6 +1474,7 @@ static void virtio_mem_main(void)
             fail("no virtio-mem device (virtio_mmio.device=) on the command line");
         return;
     }
+    irq_init(mmio_irq);
     device_init();
     if (param_is("tide.test", "mem-hostile"))
         scenario_hostile();
@@ -1195,6 +1490,7 @@ static void virtio_mem_main(void)
 void guest_main(u64 boot_params)
 {
     say_line("hello");
+    idt_init();
 
     u32 cmd = rd32(boot_params + 0x228);
     if (cmd)
