@@ -1290,12 +1290,14 @@ static void unplug_all_if_needed(void)
 __attribute__((noreturn)) static void scenario_follow(void)
 {
     int exit_at_zero = param_is("tide.exit_at_zero", "1"), seen_nonzero = 0, retries = 0;
-    u64 nplugged = 0, usable_blocks = cfg.usable / cfg.block_size;
+    u64 nplugged = 0;
     u64 last_plugged = ~0ul, last_requested = ~0ul;
 
     unplug_all_if_needed();
     for (;;) {
         read_config();
+        /* usable_region_size follows requested_size: read it again with every config read. */
+        u64 usable_blocks = cfg.usable / cfg.block_size;
         if (cfg.requested)
             seen_nonzero = 1;
         u64 target = cfg.requested / cfg.block_size;

@@ -245,3 +245,38 @@ fn plug_the_host_cannot_back_gets_busy_and_the_guest_goes_on() {
     );
     assert!(status.success(), "{}", tide.stderr());
 }
+
+#[test]
+fn usable_region_grows_with_requested_size_and_the_guest_follows() {
+    if !require_kvm("usable_region_grows_with_requested_size_and_the_guest_follows") {
+        return;
+    }
+    // Started with nothing requested, the usable region is 1 GiB of headroom; a 3 GiB request
+    // widens it and the guest, reading the config again, plugs past the old limit.
+    let tmp = TempDir::new("usable");
+    let sock = tmp.0.join("api.sock");
+    let mut tide = Tide::run_guest(
+        "console=ttyS0 tide.test=mem-follow",
+        &[
+            "--hotplug-size",
+            "8G",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    wait_for_path(&sock, T);
+    tide.wait_for("tide-guest: plugged 0 requested 0", T);
+    assert_eq!(field(&status(&sock), "usable_region_size"), GIB);
+    let (code, body) = http(
+        &sock,
+        "PATCH",
+        "/hotplug/memory",
+        Some(r#"{"requested_size": 3221225472}"#),
+    );
+    assert_eq!(code, 204, "{body}");
+    let s = wait_plugged(&sock, 3 * GIB);
+    assert!(field(&s, "usable_region_size") >= 3 * GIB, "{s}");
+    let (code, _) = http(&sock, "PUT", "/vm/shutdown", None);
+    assert_eq!(code, 204);
+    assert!(tide.wait_exit(T).success(), "{}", tide.stderr());
+}
