@@ -106,8 +106,11 @@ impl Vmm {
             boot_memory: self.config.machine.memory,
         });
         if let Some(path) = &self.config.api_socket {
-            let server = crate::api::server::ApiServer::bind(path, control.clone())
+            let mut server = crate::api::server::ApiServer::bind(path, control.clone())
                 .map_err(|e| Error::ApiSocket(path.clone(), e.to_string()))?;
+            if let Some(dev) = &self.mem_device {
+                server = server.with_wakeup(dev.changed_evt()?);
+            }
             em.add_subscriber(Box::new(server));
         }
         if let Some(dev) = self.mem_device.as_mut() {

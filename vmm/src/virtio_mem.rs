@@ -30,6 +30,7 @@ pub struct MemDevice {
     shared: Arc<VirtioMemShared>,
     region: Arc<HotplugRegion>,
     stop: Arc<EventFd>,
+    changed: Arc<EventFd>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -56,11 +57,14 @@ impl MemDevice {
             .map_err(|e| Error::Vm("register the virtio-mem irqfd", e))?;
         let stop = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| Error::Io("cannot create an event fd", e))?;
+        let changed = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| Error::Io("cannot create an event fd", e))?;
         Ok(Self {
             transport: Arc::new(Mutex::new(transport)),
             shared,
             region,
             stop: Arc::new(stop),
+            changed: Arc::new(changed),
             worker: None,
         })
     }
@@ -80,6 +84,14 @@ impl MemDevice {
         &self.region
     }
 
+    /// A new handle on the event fd signalled after every batch of requests the worker handled
+    /// (the memory state may have changed): the API wakes its long polls with it.
+    pub fn changed_evt(&self) -> Result<EventFd> {
+        self.changed
+            .try_clone()
+            .map_err(|e| Error::Io("cannot duplicate an event fd", e))
+    }
+
     /// Starts the queue worker thread.
     pub fn start(&mut self) -> Result<()> {
         let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> =
@@ -88,6 +100,7 @@ impl MemDevice {
         em.add_subscriber(Box::new(QueueWorker {
             transport: self.transport.clone(),
             stop: self.stop.clone(),
+            changed: self.changed.clone(),
             done: done.clone(),
         }));
         let handle = std::thread::Builder::new()
@@ -120,6 +133,7 @@ impl MemDevice {
 struct QueueWorker {
     transport: Arc<Mutex<Transport>>,
     stop: Arc<EventFd>,
+    changed: Arc<EventFd>,
     done: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -149,7 +163,10 @@ impl MutEventSubscriber for QueueWorker {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
             STOP => self.done.store(true, std::sync::atomic::Ordering::SeqCst),
-            i => lock(&self.transport).handle_queue_event(i as usize),
+            i => {
+                lock(&self.transport).handle_queue_event(i as usize);
+                let _ = self.changed.write(1);
+            }
         }
     }
 }

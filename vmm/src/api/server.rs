@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::Deserialize;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::http::{parse_request, query_pairs, Parse, Request, Response};
@@ -29,8 +30,10 @@ use super::{ApiBackend, MemoryStatus};
 const LISTENER: u32 = 0;
 /// Epoll data of the timer.
 const TIMER: u32 = 1;
+/// Epoll data of the optional wake-up event fd.
+const WAKE: u32 = 2;
 /// First connection id (connections use the epoll data values from here on).
-const FIRST_CONN: u32 = 2;
+const FIRST_CONN: u32 = 3;
 
 /// Most connections open at once; more are answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -125,6 +128,7 @@ pub struct ApiServer {
     next_id: u32,
     timer: TimerFd,
     tick: Option<Duration>,
+    wake: Option<EventFd>,
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -181,10 +185,18 @@ impl ApiServer {
             next_id: FIRST_CONN,
             timer: TimerFd::new().map_err(|e| ApiError::Timer(e.into()))?,
             tick: None,
+            wake: None,
         };
         // Dropping `server` on error removes the socket file.
         set_nonblocking_fd(&server.timer).map_err(ApiError::Timer)?;
         Ok(server)
+    }
+
+    /// Re-checks pending long polls whenever `evt` is signalled (the VMM signals it when the
+    /// memory state may have changed), so they answer at once instead of at the next tick.
+    pub fn with_wakeup(mut self, evt: EventFd) -> Self {
+        self.wake = Some(evt);
+        self
     }
 
     /// The socket's path.
@@ -453,6 +465,11 @@ impl MutEventSubscriber for ApiServer {
         if let Err(e) = ops.add(Events::with_data(&self.listener, LISTENER, EventSet::IN)) {
             log::error!("API socket: cannot watch the listener: {e:?}");
         }
+        if let Some(w) = &self.wake {
+            if let Err(e) = ops.add(Events::with_data(w, WAKE, EventSet::IN)) {
+                log::warn!("API socket: cannot watch the wake-up fd: {e:?}");
+            }
+        }
         if let Err(e) = ops.add(Events::with_data(&self.timer, TIMER, EventSet::IN)) {
             log::error!("API socket: cannot watch the timer: {e:?}");
         }
@@ -462,6 +479,12 @@ impl MutEventSubscriber for ApiServer {
         match events.data() {
             LISTENER => self.accept(ops),
             TIMER => self.on_tick(ops),
+            WAKE => {
+                if let Some(w) = &self.wake {
+                    let _ = w.read();
+                }
+                self.on_tick(ops)
+            }
             id => self.conn_event(id, events.event_set(), ops),
         }
         self.update_timer();
