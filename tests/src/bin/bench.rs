@@ -32,7 +32,7 @@ const TWO_MIB: usize = 2 << 20;
 /// `MADV_POPULATE_WRITE` (Linux 5.14).
 const MADV_POPULATE_WRITE: i32 = 23;
 /// The command line of the test guest following `requested_size`.
-const FOLLOW: &str = "console=ttyS0 tide.test=mem-follow";
+const FOLLOW: &str = "console=ttyS0 tide.test=mem-follow tide.verify=0";
 /// The command line of the test guest halting at once (the virtio-mem device stays untouched).
 const HANG: &str = "console=ttyS0 tide.test=hang";
 /// `--requested` at start for the mem-follow guest. The test guest reads `usable_region_size`
