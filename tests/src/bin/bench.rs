@@ -1217,12 +1217,13 @@ fn main() {
     let mut md = format!(
         "Tide benchmark on {}, {date}; command: `{command}`; took {elapsed:.0} s.\n\n\
          Best of {reps} repetition(s) each (shared, noisy host: compare ratios within one run). \
-         Tide times run from the PATCH to the long poll's answer (the server re-checks every \
-         20 ms). `raw` rows: this process on a fresh mapping of the same kind, after one \
-         untimed warm-up cycle. Tide: 512 MiB boot RAM, one 8 GiB region of 2 MiB blocks, \
-         started at requested 4 GiB and brought back to 0 before measuring (the test guest \
-         reads usable_region_size only when its driver starts). hugetlb needs 2048 free \
-         2 MiB pages.\n\n{t}",
+         Tide times run from the PATCH to the long poll's answer (woken when the device has \
+         handled the guest's requests), and include the guest's side: the config interrupt, \
+         its config reads and its request, all emulated on this host's KVM. `raw` rows: this \
+         process on a fresh mapping of the same kind, after one untimed warm-up cycle. Tide: \
+         512 MiB boot RAM, one 8 GiB region of 2 MiB blocks, test guest with `tide.verify=0`, \
+         started at requested 4 GiB and brought back to 0 before measuring (warm-up). \
+         hugetlb needs 2048 free 2 MiB pages.\n\n{t}",
         machine()
     );
     if !skipped.is_empty() {
