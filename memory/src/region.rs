@@ -270,6 +270,49 @@ fn read_u64_file(path: &str) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
+/// Bytes the memory cgroups of this process (and their ancestors), v1 or v2, can still charge
+/// before one reaches its limit; `None` when no limit can be read.
+fn cgroup_headroom() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mut room: Option<u64> = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(ctls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let (mount, limit_file, usage_file) = if ctls.is_empty() {
+            let unified = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+                .into_iter()
+                .find(|m| std::path::Path::new(m).join("cgroup.controllers").exists());
+            match unified {
+                Some(m) => (m, "memory.max", "memory.current"),
+                None => continue,
+            }
+        } else if ctls.split(',').any(|c| c == "memory") {
+            (
+                "/sys/fs/cgroup/memory",
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            )
+        } else {
+            continue;
+        };
+        let mut dir = PathBuf::from(mount).join(path.trim_start_matches('/'));
+        loop {
+            let file = |f: &str| read_u64_file(&dir.join(f).to_string_lossy());
+            // v2's "max" does not parse: no limit at that level.
+            if let (Some(limit), Some(usage)) = (file(limit_file), file(usage_file)) {
+                let r = limit.saturating_sub(usage);
+                room = Some(room.map_or(r, |old| old.min(r)));
+            }
+            if dir.as_os_str().len() <= mount.len() || !dir.pop() {
+                break;
+            }
+        }
+    }
+    room
+}
+
 /// `mmap(NULL, len, PROT_NONE, flags, fd, 0)`.
 fn map_none(len: usize, flags: libc::c_int, fd: libc::c_int) -> io::Result<usize> {
     // SAFETY: a fresh mapping at a kernel-chosen address (no MAP_FIXED) cannot alias any
@@ -686,6 +729,20 @@ impl HotplugRegion {
             return Err(Error::NotUnplugged { addr: addr.0, len });
         }
         let transitions = self.check_budget(&st, a, b, true)?;
+        // Past a memory cgroup's limit the kernel does not fail MADV_POPULATE_WRITE: its OOM
+        // killer kills this process. Refuse what cannot fit (hugetlb pages are not charged there).
+        if *self.backend() != Backend::Hugetlb {
+            if let Some(room) = cgroup_headroom() {
+                // len / 256: the page tables of the range, with room to spare.
+                if len.saturating_add(len / 256) > room {
+                    return Err(Error::Populate {
+                        addr: addr.0,
+                        len,
+                        source: io::Error::from_raw_os_error(libc::ENOMEM),
+                    });
+                }
+            }
+        }
         if let Err(source) = self.protect(a, b, libc::PROT_READ | libc::PROT_WRITE) {
             self.roll_back(a, b, st.access);
             return Err(Error::Protect {
