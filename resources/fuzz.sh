@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs Tide's fuzz targets (fuzz/: cargo fuzz + libFuzzer) for SECONDS each (default 60) and
+# Runs Tide's fuzz targets (tests/fuzz/: cargo fuzz + libFuzzer) for SECONDS each (default 60) and
 # prints each one's number of executions. Exits non-zero if a target crashed (the input that
-# did it is left in fuzz/artifacts/<target>/).
+# did it is left in tests/fuzz/artifacts/<target>/).
 #
 #   resources/fuzz.sh [SECONDS] [TARGET...]      (targets: all of `cargo fuzz list` by default)
 #
@@ -11,7 +11,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
-cd "$root/fuzz"
+cd "$root/tests/fuzz"
 
 secs=${1:-60}
 shift || true
@@ -58,7 +58,7 @@ for t in "${targets[@]}"; do
   if [ "$rc" -eq 0 ]; then
     echo "$t: ok, ${execs:-?} executions in ${secs}s, coverage ${cov:-?}, corpus $corpus_n"
   else
-    echo "$t: CRASH (exit $rc) after ${execs:-?} executions; log follows, input in fuzz/artifacts/$t/"
+    echo "$t: CRASH (exit $rc) after ${execs:-?} executions; log follows, input in tests/fuzz/artifacts/$t/"
     grep -E 'panicked|ERROR: libFuzzer|ERROR: AddressSanitizer|SUMMARY|Test unit written|^thread' "$log" | head -n 20
     failed+=("$t")
   fi
