@@ -28,4 +28,5 @@ if [ "${TIDE_SKIP_LINUX:-0}" != 1 ]; then
 fi
 
 cargo build --workspace --all-targets
-cargo test --workspace -- --test-threads="${TIDE_TEST_THREADS:-2}"
+# --show-output: SKIP lines and measured figures of passing tests stay visible.
+cargo test --workspace -- --test-threads="${TIDE_TEST_THREADS:-2}" --show-output
