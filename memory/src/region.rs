@@ -313,6 +313,11 @@ fn cgroup_headroom() -> Option<u64> {
     room
 }
 
+/// Most threads one populate uses.
+pub const POPULATE_THREADS: usize = 4;
+/// Each populate thread gets at least this much of the range.
+pub const PARALLEL_POPULATE_MIN: u64 = 128 << 20;
+
 /// `mmap(NULL, len, PROT_NONE, flags, fd, 0)`.
 fn map_none(len: usize, flags: libc::c_int, fd: libc::c_int) -> io::Result<usize> {
     // SAFETY: a fresh mapping at a kernel-chosen address (no MAP_FIXED) cannot alias any
@@ -658,6 +663,40 @@ impl HotplugRegion {
         }
     }
 
+    /// `MADV_POPULATE_WRITE` over blocks `[a, b)`. A large range is split into chunks populated
+    /// by up to [`POPULATE_THREADS`] threads at once (the kernel zeroes pages on the faulting CPU,
+    /// so this scales with cores); the first error wins and the caller rolls the whole range back.
+    fn populate_blocks(&self, a: usize, b: usize) -> io::Result<()> {
+        let bytes = self.byte_len(a, b) as u64;
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(POPULATE_THREADS)
+            .min((bytes / PARALLEL_POPULATE_MIN).max(1) as usize);
+        if threads <= 1 {
+            return self.advise(a, b, libc::MADV_POPULATE_WRITE);
+        }
+        let per = (b - a).div_ceil(threads);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (a..b)
+                .step_by(per)
+                .map(|s| {
+                    let e = (s + per).min(b);
+                    scope.spawn(move || self.advise(s, e, libc::MADV_POPULATE_WRITE))
+                })
+                .collect();
+            let mut result = Ok(());
+            for w in workers {
+                let r = w
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("populate thread panicked")));
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            result
+        })
+    }
+
     /// Gives the host memory of blocks `[a, b)` back.
     fn release(&self, a: usize, b: usize) -> io::Result<()> {
         match &self.fd {
@@ -751,7 +790,7 @@ impl HotplugRegion {
                 source,
             });
         }
-        if let Err(source) = self.advise(a, b, libc::MADV_POPULATE_WRITE) {
+        if let Err(source) = self.populate_blocks(a, b) {
             self.roll_back(a, b, st.access);
             return Err(Error::Populate {
                 addr: addr.0,

@@ -282,6 +282,15 @@ fn file_on_full_tmpfs_fails_cleanly() {
         assert!(r.resident_bytes().unwrap() < MIB);
         assert_eq!(r.state(ga(0), GIB).unwrap(), RangeState::Unplugged);
         assert_eq!(vmas(&r).len(), 1);
+        // Large enough to be populated by several threads at once: one of them fails, the
+        // whole range is rolled back.
+        assert!(matches!(
+            r.populate(ga(0), 512 * MIB),
+            Err(Error::Populate { .. })
+        ));
+        assert_eq!(r.plugged_bytes(), 0);
+        assert!(r.resident_bytes().unwrap() < MIB);
+        assert_eq!(vmas(&r).len(), 1);
         r.populate(ga(0), 32 * MIB).unwrap();
         assert_eq!(r.plugged_bytes(), 32 * MIB);
         let res = r.resident_bytes().unwrap();
