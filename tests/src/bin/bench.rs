@@ -262,27 +262,26 @@ fn raw_limit(kind: Kind, bytes: u64, reps: usize) -> Res<(f64, f64)> {
 // ------------------------------------------------------------------------------------------------
 // Running tide
 
-/// `target/release/tide` beside this program, built if missing.
+/// `target/release/tide` beside this program, (re)built first so that the figures are those of
+/// the current source (a no-op when it is up to date).
 fn tide_path() -> PathBuf {
     let exe = std::env::current_exe().expect("own executable path");
     let dir = exe.parent().expect("target dir").to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    println!("building tide: cargo build --release -p vmm --bin tide");
+    let st = Command::new(cargo)
+        .current_dir(root)
+        .args(["build", "--release", "-p", "vmm", "--bin", "tide"])
+        .status()
+        .expect("run cargo build for tide");
+    assert!(st.success(), "cannot build tide");
     let bin = dir.join("tide");
-    if !bin.exists() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace root");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        println!("building tide: cargo build --release -p vmm --bin tide");
-        let st = Command::new(cargo)
-            .current_dir(root)
-            .args(["build", "--release", "-p", "vmm", "--bin", "tide"])
-            .status()
-            .expect("run cargo build for tide");
-        assert!(st.success(), "cannot build tide");
-        let built = root.join("target/release/tide");
-        if !bin.exists() && built.exists() {
-            return built;
-        }
+    let built = root.join("target/release/tide");
+    if !bin.exists() && built.exists() {
+        return built;
     }
     bin
 }
