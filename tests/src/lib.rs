@@ -276,3 +276,42 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// `GET /hotplug/memory` as JSON; panics unless it answers 200.
+pub fn status(sock: &Path) -> serde_json::Value {
+    let (code, body) = http(sock, "GET", "/hotplug/memory", None);
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).expect("status JSON")
+}
+
+/// An integer field of a status; panics when it is missing.
+pub fn field(v: &serde_json::Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
+}
+
+/// `PATCH /hotplug/memory` with a new requested size; panics unless it answers 204.
+pub fn patch(sock: &Path, bytes: u64) {
+    let body = format!(r#"{{"requested_size": {bytes}}}"#);
+    let (code, resp) = http(sock, "PATCH", "/hotplug/memory", Some(&body));
+    assert_eq!(code, 204, "PATCH {bytes}: {resp}");
+}
+
+/// Long-polls until `plugged_size == requested_size` and returns the status; panics if that
+/// does not happen within `timeout`.
+pub fn wait_settled(sock: &Path, timeout: Duration) -> serde_json::Value {
+    let end = Instant::now() + timeout;
+    loop {
+        let (code, body) = http(
+            sock,
+            "GET",
+            "/hotplug/memory?wait_for=plugged_size&timeout_ms=30000",
+            None,
+        );
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+        if v["settled"] == true {
+            return v;
+        }
+        assert!(Instant::now() < end, "never settled: {v}");
+    }
+}

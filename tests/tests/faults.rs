@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tests::{http, require_kvm, wait_for_path, TempDir, Tide};
+use tests::{field, http, patch, require_kvm, status, wait_for_path, wait_settled, TempDir, Tide};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -16,41 +16,6 @@ const T: Duration = Duration::from_secs(120);
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
-}
-
-fn status(sock: &Path) -> serde_json::Value {
-    let (code, body) = http(sock, "GET", "/hotplug/memory", None);
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).expect("status JSON")
-}
-
-fn field(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
-}
-
-fn patch(sock: &Path, bytes: u64) {
-    let body = format!(r#"{{"requested_size": {bytes}}}"#);
-    let (code, resp) = http(sock, "PATCH", "/hotplug/memory", Some(&body));
-    assert_eq!(code, 204, "PATCH {bytes}: {resp}");
-}
-
-/// Long-polls until `plugged_size == requested_size`; panics if it does not settle within `T`.
-fn wait_settled(sock: &Path) -> serde_json::Value {
-    let end = Instant::now() + T;
-    loop {
-        let (code, body) = http(
-            sock,
-            "GET",
-            "/hotplug/memory?wait_for=plugged_size&timeout_ms=30000",
-            None,
-        );
-        assert_eq!(code, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
-        if v["settled"] == true {
-            return v;
-        }
-        assert!(Instant::now() < end, "never settled: {v}");
-    }
 }
 
 fn vm_running(sock: &Path) -> bool {
@@ -218,7 +183,7 @@ fn plug_past_a_memory_cgroup_limit_gets_busy_and_a_fitting_one_works() {
     cg.add(tide.pid());
     wait_for_path(&sock, T);
     tide.wait_for("tide-guest: virtio-mem: usable", T);
-    let before = wait_settled(&sock);
+    let before = wait_settled(&sock, T);
     let resident0 = field(&before, "resident_bytes");
 
     patch(&sock, GIB);
@@ -246,7 +211,7 @@ fn plug_past_a_memory_cgroup_limit_gets_busy_and_a_fitting_one_works() {
     // A size that fits: the PATCH raises a config change and the guest plugs it.
     patch(&sock, 64 * MIB);
     tide.wait_for("tide-guest: plugged 67108864 requested 67108864", T);
-    let s = wait_settled(&sock);
+    let s = wait_settled(&sock, T);
     let resident = field(&s, "resident_bytes");
     assert!(
         (64 * MIB..=64 * MIB + resident0 + 4 * MIB).contains(&resident),
@@ -405,14 +370,14 @@ fn tiny_hugetlb_pool_busy_for_a_big_plug_and_a_small_one_works() {
     assert!(16 * MIB <= pool_bytes);
     patch(&sock, 16 * MIB);
     tide.wait_for("tide-guest: plugged 16777216 requested 16777216", T);
-    let s = wait_settled(&sock);
+    let s = wait_settled(&sock, T);
     assert_eq!(field(&s, "resident_bytes"), 16 * MIB, "{s}");
     assert_eq!(read_num(FREE_HUGEPAGES), pages - 8);
 
     // Unplugging gives the pages back to the pool.
     patch(&sock, 0);
     tide.wait_for("tide-guest: plugged 0 requested 0", T);
-    wait_settled(&sock);
+    wait_settled(&sock, T);
     assert_eq!(read_num(FREE_HUGEPAGES), pages);
     assert!(!tide.stdout().contains("FAIL"), "{}", tide.stdout());
 
@@ -460,7 +425,7 @@ fn resize_and_shutdown_in_the_middle_of_a_4g_plug() {
     tide.wait_for("tide-guest: plugged 2147483648 requested 2147483648", T);
     patch(&sock, 0);
     tide.wait_for("tide-guest: plugged 0 requested 0", T);
-    wait_settled(&sock);
+    wait_settled(&sock, T);
 
     // A PATCH while 4 GiB of 4 KiB pages are being populated is answered at once.
     let t0 = Instant::now();
@@ -475,7 +440,7 @@ fn resize_and_shutdown_in_the_middle_of_a_4g_plug() {
     );
     // The guest gets its 4 GiB, then follows the new size down to 2 GiB.
     tide.wait_for("tide-guest: plugged 2147483648 requested 2147483648", T);
-    let s = wait_settled(&sock);
+    let s = wait_settled(&sock, T);
     assert_eq!(field(&s, "plugged_size"), 2 * GIB, "{s}");
     let settle = t0.elapsed();
 
@@ -513,7 +478,7 @@ fn half_requests_and_hang_ups_during_a_plug_leak_nothing() {
         &tmp,
         &["--hotplug-size", "2G", "--requested", "0", "--no-thp"],
     );
-    wait_settled(&sock);
+    wait_settled(&sock, T);
     let baseline = tide.threads_and_fds();
 
     patch(&sock, GIB);
@@ -540,7 +505,7 @@ fn half_requests_and_hang_ups_during_a_plug_leak_nothing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     tide.wait_for("tide-guest: plugged 1073741824 requested 1073741824", T);
-    let s = wait_settled(&sock);
+    let s = wait_settled(&sock, T);
     assert_eq!(field(&s, "plugged_size"), GIB);
     assert!(vm_running(&sock));
 

@@ -5,37 +5,13 @@
 //! `TIDE_SOAK_CYCLES` sets the number of cycles (default 1000; one cycle is one PATCH and one
 //! long poll until settled).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tests::{http, require_kvm, wait_for_path, TempDir, Tide};
+use tests::{field, http, require_kvm, wait_for_path, wait_settled, TempDir, Tide};
 
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(120);
 const HIGH: u64 = 64 * MIB;
-
-fn field(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
-}
-
-/// Long-polls until `plugged_size == requested_size`; returns the status.
-fn wait_settled(sock: &Path) -> serde_json::Value {
-    let end = Instant::now() + T;
-    loop {
-        let (code, body) = http(
-            sock,
-            "GET",
-            "/hotplug/memory?wait_for=plugged_size&timeout_ms=30000",
-            None,
-        );
-        assert_eq!(code, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
-        if v["settled"] == true {
-            return v;
-        }
-        assert!(Instant::now() < end, "never settled: {v}");
-    }
-}
 
 fn cycles() -> u32 {
     match std::env::var("TIDE_SOAK_CYCLES") {
@@ -68,7 +44,7 @@ fn soak_resize_cycles_leave_no_memory_threads_or_fds_behind() {
     );
     wait_for_path(&sock, T);
     tide.wait_for("tide-guest: virtio-mem: usable", T);
-    let s = wait_settled(&sock);
+    let s = wait_settled(&sock, T);
     let resident0 = field(&s, "resident_bytes");
     let (threads0, fds0) = tide.threads_and_fds();
 
@@ -80,7 +56,7 @@ fn soak_resize_cycles_leave_no_memory_threads_or_fds_behind() {
         let body = format!(r#"{{"requested_size": {want}}}"#);
         let (code, resp) = http(&sock, "PATCH", "/hotplug/memory", Some(&body));
         assert_eq!(code, 204, "cycle {i}: {resp}");
-        let s = wait_settled(&sock);
+        let s = wait_settled(&sock, T);
         assert_eq!(field(&s, "plugged_size"), want, "cycle {i}: {s}");
         slowest = slowest.max(c0.elapsed());
     }
@@ -90,7 +66,7 @@ fn soak_resize_cycles_leave_no_memory_threads_or_fds_behind() {
     let body = r#"{"requested_size": 0}"#;
     let (code, resp) = http(&sock, "PATCH", "/hotplug/memory", Some(body));
     assert_eq!(code, 204, "{resp}");
-    let s = wait_settled(&sock);
+    let s = wait_settled(&sock, T);
     assert_eq!(field(&s, "plugged_size"), 0, "{s}");
     let resident = field(&s, "resident_bytes");
     assert!(

@@ -6,21 +6,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::{http, require_kvm, wait_for_path, TempDir, Tide};
+use tests::{field, http, require_kvm, status, wait_for_path, TempDir, Tide};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(120);
-
-fn status(sock: &Path) -> serde_json::Value {
-    let (code, body) = http(sock, "GET", "/hotplug/memory", None);
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).expect("status JSON")
-}
-
-fn field(v: &serde_json::Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
-}
 
 fn wait_plugged(sock: &Path, want: u64) -> serde_json::Value {
     let end = Instant::now() + T;
