@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # Builds Tide's minimal Linux guest: bzImage + vmlinux (PVH) from `make tinyconfig` plus
-# resources/guest-kernel.config, and a busybox initramfs whose /init is resources/init.
+# resources/guest-kernel.config and resources/guest-kernel.patch, and a busybox initramfs whose
+# /init is resources/init, with /bin/memtest (resources/memtest.c).
 #
 #   resources/build-guest.sh            # prints the artifact directory as its last line
 #   nice -n 19 resources/build-guest.sh # on a shared machine
 #
 # Artifacts go to ${TIDE_CACHE:-$HOME/.cache/tide}/guest-<hash>/ where <hash> covers the fragment,
-# this script and init: bzImage, vmlinux, initramfs.cpio.gz, config (the final .config), build.log.
-# A directory that is complete (has .complete) is reused as is; nothing is rebuilt until one of those
-# three files changes. Needs Debian's linux-source-6.12 and build tools: missing packages are installed
+# the patch, this script, init, memtest.c and emulated-kvm.cmdline: bzImage, vmlinux,
+# initramfs.cpio.gz and initramfs.cpio (the same, uncompressed: no emulated inflation), config (the
+# final .config), cmdline (one line: the kernel parameters this guest needs on an emulating KVM,
+# the one place every script and test takes them from), build.log. A directory that is complete
+# (has .complete) is reused as is; nothing is rebuilt until one of those files changes.
+#
+# The patch adds three workarounds for a software nested KVM whose instruction emulator cannot run
+# some kernel instructions (shared/README.md section 7), each behind a boot parameter that is off by
+# default, so the same kernel runs unchanged on hardware-assisted KVM. Needs Debian's linux-source-6.12 and build tools: missing packages are installed
 # with apt-get (as root, or through sudo).
 #
 # Environment: TIDE_CACHE (cache root), JOBS (make -j, default: nproc), KEEP_BUILD=1 (keep the kernel
@@ -17,7 +24,10 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 fragment=$here/guest-kernel.config
+patch_file=$here/guest-kernel.patch
 init=$here/init
+memtest=$here/memtest.c
+emulated_cmdline=$here/emulated-kvm.cmdline
 self=$here/$(basename "${BASH_SOURCE[0]}")
 cache=${TIDE_CACHE:-$HOME/.cache/tide}
 jobs=${JOBS:-$(nproc)}
@@ -26,9 +36,12 @@ kernel_source=${KERNEL_SOURCE:-/usr/src/linux-source-6.12.tar.xz}
 die() { echo "build-guest.sh: error: $*" >&2; exit 1; }
 log() { echo "build-guest.sh: $*" >&2; }
 
-for f in "$fragment" "$init"; do [ -f "$f" ] || die "missing $f"; done
+for f in "$fragment" "$patch_file" "$init" "$memtest" "$emulated_cmdline"; do
+    [ -f "$f" ] || die "missing $f"
+done
 
-hash=$(cat "$fragment" "$self" "$init" | sha256sum | cut -c1-16)
+hash=$(cat "$fragment" "$patch_file" "$self" "$init" "$memtest" "$emulated_cmdline" |
+    sha256sum | cut -c1-16)
 out=$cache/guest-$hash
 if [ -f "$out/.complete" ]; then
     log "up to date: $out"
@@ -39,7 +52,7 @@ fi
 # --- build dependencies --------------------------------------------------------------------------
 need_pkgs=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-pkgs=(bc bison flex libelf-dev libssl-dev busybox-static cpio gzip lz4 make gcc)
+pkgs=(bc bison flex libelf-dev libssl-dev busybox-static cpio gzip lz4 make gcc libc6-dev patch)
 [ -n "${KERNEL_SOURCE:-}" ] || pkgs+=(linux-source-6.12)
 for p in "${pkgs[@]}"; do have_pkg "$p" || need_pkgs+=("$p"); done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -72,12 +85,18 @@ t0=$(date +%s)
 if [ -d "$kernel_source" ]; then
     ksrc=$kernel_source
     log "using kernel tree $ksrc (built out of tree in $work/obj)"
+    # A tree that is not ours is never modified: it must carry the patch already.
+    patch -d "$ksrc" -p1 -R --dry-run -s <"$patch_file" >/dev/null 2>&1 ||
+        die "$ksrc does not carry $patch_file: apply it there (patch -p1 < $patch_file) or unset KERNEL_SOURCE"
 else
     [ -f "$kernel_source" ] || die "no kernel source at $kernel_source"
     log "unpacking $kernel_source"
     tar -xf "$kernel_source" -C "$work"
     ksrc=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'linux*' | head -n1)
     [ -n "$ksrc" ] || die "no linux-* directory in $kernel_source"
+    log "applying $(basename "$patch_file")"
+    patch -d "$ksrc" -p1 -s --no-backup-if-mismatch <"$patch_file" >>"$buildlog" 2>&1 ||
+        { tail -n 20 "$buildlog" >&2; die "$patch_file does not apply to $kernel_source"; }
 fi
 obj=$work/obj
 mkdir -p "$obj"
@@ -125,6 +144,13 @@ t1=$(date +%s)
 log "kernel built in $((t1 - t0)) s"
 
 # --- initramfs -----------------------------------------------------------------------------------
+# Only /bin/sh links to busybox: its shell runs every applet by name without a link (Debian's
+# busybox-static is built with FEATURE_SH_STANDALONE), and each of the ~270 links would cost the
+# emulated kernel time to unpack at every boot.
+gcc -static -O2 -Wall -o "$work/memtest" "$memtest" >>"$buildlog" 2>&1 ||
+    { tail -n 20 "$buildlog" >&2; die "cannot build $memtest (gcc -static needs libc6-dev)"; }
+env -i PATH=/nonexistent "$busybox" sh -c 'mount --help' >/dev/null 2>&1 ||
+    die "$busybox cannot run applets without links (no FEATURE_SH_STANDALONE)"
 list=$work/initramfs.list
 {
     echo "dir /dev 0755 0 0"
@@ -136,13 +162,12 @@ list=$work/initramfs.list
     done
     echo "file /bin/busybox $busybox 0755 0 0"
     echo "file /init $init 0755 0 0"
+    echo "file /bin/memtest $work/memtest 0755 0 0"
     echo "slink /bin/sh busybox 0777 0 0"
-    for a in $("$busybox" --list); do
-        [ "$a" = busybox ] || [ "$a" = sh ] || echo "slink /bin/$a busybox 0777 0 0"
-    done
     echo "slink /sbin/init /init 0777 0 0"
 } >"$list"
-"$obj/usr/gen_init_cpio" "$list" | gzip -9n >"$work/initramfs.cpio.gz"
+"$obj/usr/gen_init_cpio" "$list" >"$work/initramfs.cpio"
+gzip -9n <"$work/initramfs.cpio" >"$work/initramfs.cpio.gz"
 
 # --- publish -------------------------------------------------------------------------------------
 stage=$work/out
@@ -150,7 +175,9 @@ mkdir -p "$stage"
 cp "$obj/arch/x86/boot/bzImage" "$stage/bzImage"
 cp "$obj/vmlinux" "$stage/vmlinux"
 cp "$obj/.config" "$stage/config"
-mv "$work/initramfs.cpio.gz" "$stage/initramfs.cpio.gz"
+mv "$work/initramfs.cpio.gz" "$work/initramfs.cpio" "$stage/"
+grep -v '^#' "$emulated_cmdline" | tr -s ' \n' ' ' | sed 's/^ //; s/ $//' >"$stage/cmdline"
+echo >>"$stage/cmdline"
 cp "$buildlog" "$stage/build.log"
 {
     echo "kernel: $(make -s -C "$ksrc" O="$obj" kernelversion 2>/dev/null || echo unknown)"
