@@ -137,7 +137,9 @@ fn build(config: VmmConfig) -> Result<Vmm> {
     )));
     vm.register_irqfd(devices::bus::lock(&serial).irq_evt(), legacy::COM1_IRQ)
         .map_err(|e| Error::Vm("register the serial irqfd", e))?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(irq()?)));
+    let i8042 = Arc::new(Mutex::new(I8042::new(irq()?, irq()?)));
+    vm.register_irqfd(devices::bus::lock(&i8042).kbd_irq_evt(), legacy::KBD_IRQ)
+        .map_err(|e| Error::Vm("register the keyboard irqfd", e))?;
     let mut pio = Bus::new();
     let dev_err = |e: devices::bus::BusError| Error::Device(e.to_string());
     pio.insert(serial.clone(), legacy::COM1_PORT, legacy::COM1_LEN)
