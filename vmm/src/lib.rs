@@ -6,6 +6,7 @@ pub mod api;
 pub mod builder;
 pub mod config;
 pub mod event_loop;
+pub mod guest_report;
 pub mod plug_tracker;
 pub mod runner;
 pub mod vcpu;

@@ -135,6 +135,9 @@ fn main() -> ExitCode {
                     if exit.code != 0 {
                         eprintln!("tide: {}", exit.reason);
                     }
+                    if let Some(report) = &exit.report {
+                        eprintln!("{report}");
+                    }
                     ExitCode::from(exit.code.clamp(0, 255) as u8)
                 }
                 Err(e) => {

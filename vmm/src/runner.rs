@@ -140,6 +140,7 @@ impl Vmm {
         Ok(self.state.exit().unwrap_or(VmExit {
             code: 0,
             reason: "stopped".into(),
+            report: None,
         }))
     }
 }

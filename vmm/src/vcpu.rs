@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::guest_report;
 use devices::bus::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -20,6 +21,9 @@ pub struct VmExit {
     pub code: i32,
     /// What happened, in words.
     pub reason: String,
+    /// Where the guest was, when KVM gave up on it ([`crate::guest_report`]): printed after the
+    /// reason whatever the log level.
+    pub report: Option<String>,
 }
 
 /// The VM's run state shared by vCPUs, the event loop and the API: the first stop wins.
@@ -41,11 +45,22 @@ impl RunState {
 
     /// Records why the VM stops (only the first call counts) and wakes the event loop.
     pub fn request_exit(&self, code: i32, reason: impl Into<String>) {
+        self.request_exit_with_report(code, reason, None)
+    }
+
+    /// Like [`Self::request_exit`], with a report of the guest's state.
+    pub fn request_exit_with_report(
+        &self,
+        code: i32,
+        reason: impl Into<String>,
+        report: Option<String>,
+    ) {
         let mut e = devices::bus::lock(&self.exit);
         if e.is_none() {
             *e = Some(VmExit {
                 code,
                 reason: reason.into(),
+                report,
             });
         }
         self.stop.store(true, Ordering::SeqCst);
@@ -174,29 +189,33 @@ impl Vcpu {
                     }
                 }
                 Ok(VcpuExit::Hlt) => state.request_exit(0, "guest halted"),
-                Ok(VcpuExit::Shutdown) => {
-                    state.request_exit(0, "guest reset (triple fault or shutdown)")
-                }
+                Ok(VcpuExit::Shutdown) => state.request_exit_with_report(
+                    0,
+                    "guest reset (triple fault or shutdown)",
+                    Some(guest_report::report(id, &self.fd, None)),
+                ),
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     state.request_exit(0, format!("guest system event {kind}"))
                 }
                 Ok(VcpuExit::InternalError) => {
-                    let sub = self.fd.get_kvm_run().exit_reason;
-                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the
-                    // union member KVM filled in.
-                    let suberror =
-                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                    state.request_exit(
+                    let (suberror, insn) = guest_report::internal_error_instruction(&mut self.fd);
+                    let what = if suberror == 1 {
+                        "an instruction its emulator cannot run"
+                    } else {
+                        "a guest state it cannot handle"
+                    };
+                    state.request_exit_with_report(
                         1,
-                        format!("KVM internal error on vCPU {} (exit {sub}, suberror {suberror}): this KVM cannot run that guest code", id),
+                        format!("KVM internal error on vCPU {id} (suberror {suberror}): the guest reached {what}"),
+                        Some(guest_report::report(id, &self.fd, insn.as_deref())),
                     )
                 }
-                Ok(VcpuExit::FailEntry(reason, cpu)) => state.request_exit(
+                Ok(VcpuExit::FailEntry(reason, cpu)) => state.request_exit_with_report(
                     1,
                     format!(
-                        "KVM could not enter vCPU {} (hardware reason {reason:#x}, cpu {cpu})",
-                        id
+                        "KVM could not enter vCPU {id} (hardware reason {reason:#x}, cpu {cpu})"
                     ),
+                    Some(guest_report::report(id, &self.fd, None)),
                 ),
                 Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => {}
                 Ok(other) => state.request_exit(
