@@ -132,10 +132,17 @@ impl Default for RegionOptions {
     }
 }
 
-/// One bit per block: set = plugged.
+/// One bit per block: set = plugged. Range operations work a 64-bit word at a time, so that
+/// their cost follows the length of the range, not the size of the region.
 struct Bitmap {
     words: Vec<u64>,
     len: usize,
+}
+
+/// The bits `[a, b)` of one word (`a < b <= 64`).
+fn word_mask(a: usize, b: usize) -> u64 {
+    let high = if b == 64 { u64::MAX } else { (1u64 << b) - 1 };
+    high & !((1u64 << a) - 1)
 }
 
 impl Bitmap {
@@ -158,14 +165,32 @@ impl Bitmap {
         }
     }
 
-    fn set_range(&mut self, a: usize, b: usize, v: bool) {
-        for i in a..b {
-            self.set(i, v);
+    /// Calls `f(word index, mask)` for the words covering bits `[a, b)`.
+    fn for_words(a: usize, b: usize, mut f: impl FnMut(usize, u64)) {
+        let mut i = a;
+        while i < b {
+            let w = i / 64;
+            let end = b.min((w + 1) * 64);
+            f(w, word_mask(i % 64, end - w * 64));
+            i = end;
         }
     }
 
+    fn set_range(&mut self, a: usize, b: usize, v: bool) {
+        let words = &mut self.words;
+        Self::for_words(a, b, |w, m| {
+            if v {
+                words[w] |= m;
+            } else {
+                words[w] &= !m;
+            }
+        });
+    }
+
     fn count(&self, a: usize, b: usize) -> usize {
-        (a..b).filter(|&i| self.get(i)).count()
+        let mut n = 0;
+        Self::for_words(a, b, |w, m| n += (self.words[w] & m).count_ones() as usize);
+        n
     }
 
     /// Number of adjacent pairs `(i, i + 1)` with different bits, for `i` in `[a - 1, b)`.
@@ -722,15 +747,16 @@ impl HotplugRegion {
         }
     }
 
-    /// Discards and re-protects blocks `[a, b)` after a failed populate.
+    /// Re-protects and discards blocks `[a, b)` after a failed populate, in that order (the
+    /// guest can no longer write what is being freed; see [`HotplugRegion::discard`]).
     fn roll_back(&self, a: usize, b: usize, access: UnpluggedAccess) {
         let addr = self.guest_addr(a);
         let len = self.byte_len(a, b);
-        if let Err(e) = self.release(a, b) {
-            error!("roll back of [{addr:#x}, +{len:#x}): discard failed: {e}");
-        }
         if let Err(e) = self.protect(a, b, access.prot()) {
             error!("roll back of [{addr:#x}, +{len:#x}): re-protect failed: {e}");
+        }
+        if let Err(e) = self.release(a, b) {
+            error!("roll back of [{addr:#x}, +{len:#x}): discard failed: {e}");
         }
     }
 
@@ -800,6 +826,9 @@ impl HotplugRegion {
         }
         for (i, (_, l)) in st.listeners.iter().enumerate() {
             if let Err(reason) = l.on_populate(addr, len) {
+                if let Err(e) = self.protect(a, b, st.access.prot()) {
+                    error!("roll back of [{:#x}, +{len:#x}): re-protect failed: {e}", addr.0);
+                }
                 for (_, accepted) in st.listeners[..i].iter().rev() {
                     accepted.on_discard(addr, len);
                 }
@@ -834,11 +863,13 @@ impl HotplugRegion {
     fn discard_locked(&self, st: &mut State, a: usize, b: usize, transitions: u64) -> Result<()> {
         let addr = self.guest_addr(a);
         let len = self.byte_len(a, b) as u64;
+        // Inaccessible first, then discarded: a guest still writing to the blocks (a vCPU of a
+        // driver that unplugs while using them) faults instead of allocating behind the discard.
+        let protected = self.protect(a, b, st.access.prot());
         for (_, l) in &st.listeners {
             l.on_discard(GuestAddress(addr), len);
         }
         let released = self.release(a, b);
-        let protected = self.protect(a, b, st.access.prot());
         st.bitmap.set_range(a, b, false);
         st.transitions = transitions;
         Self::mark_split(st, a, b);
@@ -847,8 +878,8 @@ impl HotplugRegion {
         protected.map_err(|source| Error::Protect { addr, len, source })
     }
 
-    /// Unplugs `[addr, addr + len)`: tells the listeners, gives the host memory back
-    /// (`MADV_DONTNEED` or a punched hole) and re-protects it per [`UnpluggedAccess`].
+    /// Unplugs `[addr, addr + len)`: re-protects it per [`UnpluggedAccess`], tells the
+    /// listeners, then gives the host memory back (`MADV_DONTNEED` or a punched hole).
     ///
     /// The range must be non-empty, block aligned, inside the region and wholly plugged.
     pub fn discard(&self, addr: GuestAddress, len: u64) -> Result<()> {
@@ -914,6 +945,14 @@ impl HotplugRegion {
             }
         }
         Ok(kib * 1024)
+    }
+
+    /// Whether a read of an unplugged block would allocate host memory were unplugged blocks
+    /// [`UnpluggedAccess::Readable`]: true for the shared backends (memfd, hugetlb, file), where
+    /// a read fault of a hole allocates a page-cache (or huge) page; false for private anonymous
+    /// memory, which maps the shared zero page.
+    pub fn unplugged_reads_allocate(&self) -> bool {
+        self.fd.is_some()
     }
 
     /// How unplugged blocks are currently protected.

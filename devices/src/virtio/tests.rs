@@ -2,8 +2,8 @@
 //! would: descriptors and rings in guest memory (through virtio-queue's mock), registers through
 //! the `BusDevice` interface.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
@@ -47,6 +47,12 @@ struct FakeRegion {
     blocks: Mutex<Vec<bool>>,
     fail_populate: AtomicBool,
     access: Mutex<Option<UnpluggedAccess>>,
+    /// What `unplugged_reads_allocate` answers (false: like anonymous memory).
+    reads_allocate: AtomicBool,
+    /// Blocks looked at by `state` calls: the device's bookkeeping work.
+    state_blocks: AtomicU64,
+    /// When set, `populate` says it started and waits to be released.
+    populate_gate: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +67,9 @@ impl FakeRegion {
             blocks: Mutex::new(vec![false; (size / BS) as usize]),
             fail_populate: AtomicBool::new(false),
             access: Mutex::new(None),
+            reads_allocate: AtomicBool::new(false),
+            state_blocks: AtomicU64::new(0),
+            populate_gate: Mutex::new(None),
         })
     }
 
@@ -92,6 +101,10 @@ impl HotplugMemory for FakeRegion {
     }
     fn populate(&self, addr: GuestAddress, len: u64) -> Result<(), FakeError> {
         let r = self.blocks(addr, len)?;
+        if let Some((started, release)) = &*self.populate_gate.lock().unwrap() {
+            started.send(()).unwrap();
+            release.recv().unwrap();
+        }
         if self.fail_populate.load(Ordering::SeqCst) {
             return Err(FakeError("out of memory"));
         }
@@ -117,6 +130,8 @@ impl HotplugMemory for FakeRegion {
     }
     fn state(&self, addr: GuestAddress, len: u64) -> Result<RangeState, FakeError> {
         let r = self.blocks(addr, len)?;
+        self.state_blocks
+            .fetch_add(r.len() as u64, Ordering::SeqCst);
         let b = self.blocks.lock().unwrap();
         let n = b[r.clone()].iter().filter(|&&p| p).count();
         Ok(if n == 0 {
@@ -133,6 +148,9 @@ impl HotplugMemory for FakeRegion {
     fn set_unplugged_access(&self, access: UnpluggedAccess) -> Result<(), FakeError> {
         *self.access.lock().unwrap() = Some(access);
         Ok(())
+    }
+    fn unplugged_reads_allocate(&self) -> bool {
+        self.reads_allocate.load(Ordering::SeqCst)
     }
 }
 
@@ -339,7 +357,9 @@ fn invalid_requests_get_error() {
         assert_eq!(req!(drv, dev, kind, HP_BASE + 64 * MIB, 1), ERROR);
         // Overflowing the address space.
         assert_eq!(req!(drv, dev, kind, u64::MAX - BS + 1, 2), ERROR);
-        assert_eq!(req!(drv, dev, kind, HP_BASE, u16::MAX), ERROR);
+        // More than requested: a PLUG gets NACK whatever its range.
+        let big = if kind == PLUG { NACK } else { ERROR };
+        assert_eq!(req!(drv, dev, kind, HP_BASE, u16::MAX), big);
     }
     // The last block of the region is fine.
     assert_eq!(req!(drv, dev, PLUG, HP_BASE + 62 * MIB, 1), ACK);
@@ -361,11 +381,15 @@ fn nack_comes_before_state_checks() {
     let mem = guest_mem();
     let mut drv = Driver::new(&mem);
     let (mut dev, _) = active_device(real_region(64 * MIB), 0, &mem, &drv);
-    // Requested size 0: any plug is NACKed, even of a valid range.
+    // Requested size 0: any plug is NACKed, of a valid range or not (checked first, as Cloud
+    // Hypervisor does: a plug racing with a shrink must never get ERROR).
     assert_eq!(req!(drv, dev, PLUG, HP_BASE, 1), NACK);
-    // A malformed range is still ERROR.
-    assert_eq!(req!(drv, dev, PLUG, HP_BASE + 1, 1), ERROR);
+    assert_eq!(req!(drv, dev, PLUG, HP_BASE + 1, 1), NACK);
+    assert_eq!(req!(drv, dev, PLUG, HP_BASE + 64 * MIB, 1), NACK);
     dev.shared().set_requested_size(2 * MIB).unwrap();
+    // Within the requested size, a malformed range is ERROR.
+    assert_eq!(req!(drv, dev, PLUG, HP_BASE + 1, 1), ERROR);
+    assert_eq!(req!(drv, dev, PLUG, HP_BASE, 0), ERROR);
     assert_eq!(req!(drv, dev, PLUG, HP_BASE, 1), ACK);
     assert_eq!(req!(drv, dev, PLUG, HP_BASE + BS, 1), NACK);
     // Lowering the requested size does not stop unplug.
@@ -560,18 +584,82 @@ fn usable_region_size_follows_requested_and_plugged() {
     ));
     assert_eq!(shared.requested_size(), 5 * GIB);
 
-    // With a block plugged high up, shrinking keeps the usable region over it.
+    // The usable region never shrinks with the requested size: only UNPLUG_ALL shrinks it.
+    shared.set_requested_size(0).unwrap();
+    assert_eq!(shared.usable_region_size(), 8 * GIB);
     let mem = guest_mem();
     let mut drv = Driver::new(&mem);
     let (mut dev, _) = active_device(region, 5 * GIB, &mem, &drv);
     let shared = dev.shared();
+    assert_eq!(shared.usable_region_size(), 8 * GIB);
     assert_eq!(req!(drv, dev, PLUG, HP_BASE + 4 * GIB, 1), ACK);
     shared.set_requested_size(0).unwrap();
-    assert_eq!(shared.usable_region_size(), 4 * GIB + BS);
+    assert_eq!(shared.usable_region_size(), 8 * GIB);
     assert_eq!(req!(drv, dev, UNPLUG, HP_BASE + 4 * GIB, 1), ACK);
+    assert_eq!(shared.usable_region_size(), 8 * GIB);
+    assert_eq!(req!(drv, dev, STATE, HP_BASE + 4 * GIB, 1), UNPLUGGED);
+    assert_eq!(req!(drv, dev, UNPLUG_ALL, 0, 0), ACK);
     assert_eq!(shared.usable_region_size(), GIB);
     // Requests past the usable region are now errors.
     assert_eq!(req!(drv, dev, STATE, HP_BASE + 4 * GIB, 1), ERROR);
+}
+
+/// The probe of issue 10: requested 6 GiB, 3 GiB plugged, then requested 1 GiB while the
+/// driver plugs. Its next plug must be NACK (Linux retries), never ERROR (Linux marks the
+/// device broken until reboot); every growth of the usable region raises a config interrupt.
+#[test]
+fn resize_reversed_during_a_plug_gets_nack_never_error() {
+    let mem = guest_mem();
+    let mut drv = Driver::new(&mem);
+    let region = FakeRegion::new(16 * GIB);
+    let (mut dev, interrupt) = active_device(region, 6 * GIB, &mem, &drv);
+    let shared = dev.shared();
+    let usable = shared.usable_region_size();
+    assert_eq!(usable, 12 * GIB);
+    let block = 128 * MIB;
+    let nb = (block / BS) as u16;
+    for i in 0..24 {
+        assert_eq!(req!(drv, dev, PLUG, HP_BASE + i * block, nb), ACK);
+    }
+    assert_eq!(shared.plugged_size(), 3 * GIB);
+    interrupt.ack(INT_CONFIG | INT_USED_RING);
+    shared.set_requested_size(GIB).unwrap();
+    assert_eq!(interrupt.status() & INT_CONFIG, INT_CONFIG);
+    assert_eq!(shared.usable_region_size(), usable);
+    assert_eq!(req!(drv, dev, PLUG, HP_BASE + 24 * block, nb), NACK);
+    assert_eq!(req!(drv, dev, PLUG, HP_BASE + 11 * GIB, nb), NACK);
+    // The driver turns around and unplugs 2 MiB sub-blocks from the top.
+    for i in 0..4 {
+        let top = HP_BASE + 3 * GIB - (i + 1) * BS;
+        assert_eq!(req!(drv, dev, UNPLUG, top, 1), ACK);
+    }
+    assert_eq!(shared.usable_region_size(), usable);
+    // Growing past the old usable region raises the usable size and a config interrupt.
+    interrupt.ack(INT_CONFIG | INT_USED_RING);
+    let generation = shared.config_generation();
+    shared.set_requested_size(7 * GIB).unwrap();
+    assert_eq!(shared.usable_region_size(), 14 * GIB);
+    assert_ne!(shared.config_generation(), generation);
+    assert_eq!(interrupt.status() & INT_CONFIG, INT_CONFIG);
+}
+
+/// Bookkeeping follows the request, not the region: an UNPLUG, PLUG or STATE of one block in a
+/// 1 TiB region looks at that block only (it used to search the whole region for the highest
+/// plugged block after every unplug).
+#[test]
+fn one_block_requests_look_at_one_block() {
+    let mem = guest_mem();
+    let mut drv = Driver::new(&mem);
+    let region = FakeRegion::new(1 << 40);
+    let (mut dev, _) = active_device(region.clone(), 1 << 39, &mem, &drv);
+    assert_eq!(req!(drv, dev, PLUG, HP_BASE + (1 << 38), 1), ACK);
+    assert_eq!(req!(drv, dev, PLUG, HP_BASE + (1 << 38) + BS, 1), ACK);
+    region.state_blocks.store(0, Ordering::SeqCst);
+    assert_eq!(req!(drv, dev, UNPLUG, HP_BASE + (1 << 38) + BS, 1), ACK);
+    assert_eq!(req!(drv, dev, STATE, HP_BASE + (1 << 38), 1), PLUGGED);
+    assert_eq!(req!(drv, dev, PLUG, HP_BASE + (1 << 38) + BS, 1), ACK);
+    // Per request: one state check of the range, plus the buffer checks (outside the region).
+    assert!(region.state_blocks.load(Ordering::SeqCst) <= 3);
 }
 
 #[test]
@@ -584,13 +672,9 @@ fn new_rejects_bad_geometry_and_sizes() {
         VirtioMem::new(FakeRegion::new(64 * MIB), 66 * MIB),
         Err(Error::RequestedSizeTooLarge { .. })
     ));
-    let bad = Arc::new(FakeRegion {
-        base: HP_BASE + MIB,
-        size: 64 * MIB,
-        blocks: Mutex::new(vec![false; 32]),
-        fail_populate: AtomicBool::new(false),
-        access: Mutex::new(None),
-    });
+    let mut bad = Arc::into_inner(FakeRegion::new(64 * MIB)).unwrap();
+    bad.base = HP_BASE + MIB;
+    let bad = Arc::new(bad);
     assert!(matches!(
         VirtioMem::new(bad, 0),
         Err(Error::BadRegion { .. })
@@ -798,7 +882,7 @@ fn status_machine_rejects_out_of_order_writes() {
 }
 
 #[test]
-fn full_driver_sequence_and_reset_unplugs_all() {
+fn full_driver_sequence_and_reset_keeps_the_plug_state() {
     let mem = guest_mem();
     let mut drv = Driver::new(&mem);
     let region = FakeRegion::new(64 * MIB);
@@ -873,23 +957,32 @@ fn full_driver_sequence_and_reset_unplugs_all() {
     assert_eq!(cfg64(&mut t, 0x30), 16 * MIB);
     assert!(interrupt.evt().read().unwrap() > 0);
 
-    // Reset: everything unplugged, queues back to their defaults, no interrupt pending.
+    // Reset: the plug state stays (virtio 1.2 5.15.5: the device MUST NOT change the state of
+    // memory blocks during device reset), queues back to their defaults, no interrupt pending.
     wr(&mut t, 0x70, 0);
     assert_eq!(rd(&mut t, 0x70), 0);
     assert_eq!(rd(&mut t, 0x60), 0);
     assert_eq!(rd(&mut t, 0x44), 0);
     assert!(!t.is_activated());
-    assert_eq!(region.plugged_bytes(), 0);
-    assert_eq!(shared.plugged_size(), 0);
-    assert_eq!(cfg64(&mut t, 0x28), 0);
+    assert_eq!(region.plugged_bytes(), 4 * MIB);
+    assert_eq!(shared.plugged_size(), 4 * MIB);
+    assert_eq!(cfg64(&mut t, 0x28), 4 * MIB);
     // A resize while the driver is not running raises no interrupt.
     shared.set_requested_size(8 * MIB).unwrap();
     assert_eq!(rd(&mut t, 0x60), 0);
 
-    // And the device comes back up with a fresh driver queue.
+    // The next driver (kexec, a rebind) finds plugged_size != 0 and sends UNPLUG_ALL first,
+    // as Linux's driver does at probe.
     let mut drv = Driver::new(&mem);
     init(&mut t, &drv);
     assert_eq!(rd(&mut t, 0x70), RUNNING);
+    assert_eq!(cfg64(&mut t, 0x28), 4 * MIB);
+    let r = drv.request(STATE, HP_BASE, 2, &mut || wr(&mut t, 0x50, 0));
+    assert_eq!(r, PLUGGED);
+    let r = drv.request(UNPLUG_ALL, 0, 0, &mut || wr(&mut t, 0x50, 0));
+    assert_eq!(r, ACK);
+    assert_eq!(cfg64(&mut t, 0x28), 0);
+    assert_eq!(region.plugged_bytes(), 0);
     let r = drv.request(PLUG, HP_BASE, 1, &mut || wr(&mut t, 0x50, 0));
     assert_eq!(r, ACK);
 }
