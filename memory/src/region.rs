@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
 use vm_memory::mmap::MmapRegionBuilder;
@@ -253,7 +254,14 @@ struct State {
     access: UnpluggedAccess,
     listeners: Vec<(ListenerId, Arc<dyn RamDiscardListener>)>,
     next_listener: u64,
+    /// The last cgroup headroom read: (headroom, when, plugged bytes then).
+    headroom: Option<(Option<u64>, Instant, u64)>,
 }
+
+/// How long a cgroup headroom read is reused (less what was plugged since) before the cgroup
+/// files are read again: reading them costs tens of microseconds, more than a small plug's
+/// bookkeeping may.
+const HEADROOM_REUSE: Duration = Duration::from_millis(50);
 
 /// The hot-pluggable memory of a guest: one `MAP_NORESERVE` reservation of the whole hotplug
 /// window, with blocks populated (plugged) and discarded (unplugged) on request.
@@ -579,6 +587,7 @@ impl HotplugRegion {
                 access: UnpluggedAccess::default(),
                 listeners: Vec::new(),
                 next_listener: 0,
+                headroom: None,
             }),
         })
     }
@@ -693,6 +702,10 @@ impl HotplugRegion {
     /// so this scales with cores); the first error wins and the caller rolls the whole range back.
     fn populate_blocks(&self, a: usize, b: usize) -> io::Result<()> {
         let bytes = self.byte_len(a, b) as u64;
+        if bytes < 2 * PARALLEL_POPULATE_MIN {
+            // One thread: no need to ask how many CPUs there are (a cgroup file read).
+            return self.advise(a, b, libc::MADV_POPULATE_WRITE);
+        }
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(POPULATE_THREADS)
@@ -797,7 +810,7 @@ impl HotplugRegion {
         // Past a memory cgroup's limit the kernel does not fail MADV_POPULATE_WRITE: its OOM
         // killer kills this process. Refuse what cannot fit (hugetlb pages are not charged there).
         if *self.backend() != Backend::Hugetlb {
-            if let Some(room) = cgroup_headroom() {
+            if let Some(room) = self.cgroup_room(&mut st, len) {
                 // len / 256: the page tables of the range, with room to spare.
                 if len.saturating_add(len / 256) > room {
                     return Err(Error::Populate {
@@ -827,7 +840,10 @@ impl HotplugRegion {
         for (i, (_, l)) in st.listeners.iter().enumerate() {
             if let Err(reason) = l.on_populate(addr, len) {
                 if let Err(e) = self.protect(a, b, st.access.prot()) {
-                    error!("roll back of [{:#x}, +{len:#x}): re-protect failed: {e}", addr.0);
+                    error!(
+                        "roll back of [{:#x}, +{len:#x}): re-protect failed: {e}",
+                        addr.0
+                    );
                 }
                 for (_, accepted) in st.listeners[..i].iter().rev() {
                     accepted.on_discard(addr, len);
@@ -845,6 +861,24 @@ impl HotplugRegion {
         Self::mark_split(&mut st, a, b);
         self.plugged.fetch_add(len, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// The memory cgroup headroom for a populate of `len` bytes: a recent read less what was
+    /// plugged since, or a fresh read when that is old or too close to `len` to decide on.
+    fn cgroup_room(&self, st: &mut State, len: u64) -> Option<u64> {
+        let plugged = self.plugged_bytes();
+        let now = Instant::now();
+        if let Some((room, at, then)) = st.headroom {
+            if now.duration_since(at) < HEADROOM_REUSE {
+                let room = room.map(|r| r.saturating_sub(plugged.saturating_sub(then)));
+                if room.is_none_or(|r| r / 2 > len) {
+                    return room;
+                }
+            }
+        }
+        let room = cgroup_headroom();
+        st.headroom = Some((room, now, plugged));
+        room
     }
 
     /// Records the boundaries of blocks `[a, b)` as split.
@@ -1097,5 +1131,31 @@ mod tests {
         assert_eq!(b.window_transitions_if(0, 3, true), 0);
         assert_eq!(b.window_transitions(0, 130), 3);
         assert_eq!(b.count(0, 130), 68);
+    }
+
+    /// The word-wise range operations agree with bit-by-bit ones on every range edge case.
+    #[test]
+    fn bitmap_word_ops_match_bit_by_bit() {
+        let n = 200;
+        let mut b = Bitmap::new(n);
+        let mut naive = vec![false; n];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let a = (seed % n as u64) as usize;
+            let e = a + ((seed >> 20) % (n - a) as u64) as usize + 1;
+            let v = seed >> 40 & 1 == 1;
+            b.set_range(a, e, v);
+            naive[a..e].fill(v);
+            let (x, y) = ((seed >> 8) as usize % n, (seed >> 30) as usize % n);
+            let (x, y) = (x.min(y), x.max(y) + 1);
+            assert_eq!(b.count(x, y), naive[x..y].iter().filter(|&&p| p).count());
+        }
+        assert!((0..n).all(|i| b.get(i) == naive[i]));
+        assert_eq!(word_mask(0, 64), u64::MAX);
+        assert_eq!(word_mask(63, 64), 1 << 63);
+        assert_eq!(word_mask(3, 5), 0b11000);
     }
 }

@@ -828,13 +828,12 @@ impl<R: HotplugMemory> Core<R> {
 
     /// Pops and carries out the next available chain; `None` when the queue is empty.
     fn next_chain(&self, active: &mut Active) -> Result<Option<(u16, Reply)>> {
-        let mut iter = active.queue.iter(&active.mem).map_err(Error::Queue)?;
-        let Some(chain) = iter.next() else {
+        let chain = active.queue.iter(&active.mem).map_err(Error::Queue)?.next();
+        let Some(chain) = chain else {
             return Ok(None);
         };
         let head = chain.head_index();
         let descs: Vec<Descriptor> = chain.take(MAX_CHAIN_DESCRIPTORS).collect();
-        drop(iter);
         Ok(Some((head, self.handle_chain(&active.mem, &descs))))
     }
 

@@ -10,8 +10,7 @@ pub mod mmio;
 
 pub use mem::{
     HotplugMemory, RangeState, UnpluggedAccess, VirtioMem, VirtioMemQueue, VirtioMemShared,
-    VIRTIO_ID_MEM,
-    VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    VIRTIO_ID_MEM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
 };
 pub use mmio::{Interrupt, MmioTransport, VirtioDevice};
 
