@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
 use vm_memory::mmap::MmapRegionBuilder;
@@ -132,10 +133,17 @@ impl Default for RegionOptions {
     }
 }
 
-/// One bit per block: set = plugged.
+/// One bit per block: set = plugged. Range operations work a 64-bit word at a time, so that
+/// their cost follows the length of the range, not the size of the region.
 struct Bitmap {
     words: Vec<u64>,
     len: usize,
+}
+
+/// The bits `[a, b)` of one word (`a < b <= 64`).
+fn word_mask(a: usize, b: usize) -> u64 {
+    let high = if b == 64 { u64::MAX } else { (1u64 << b) - 1 };
+    high & !((1u64 << a) - 1)
 }
 
 impl Bitmap {
@@ -158,14 +166,32 @@ impl Bitmap {
         }
     }
 
-    fn set_range(&mut self, a: usize, b: usize, v: bool) {
-        for i in a..b {
-            self.set(i, v);
+    /// Calls `f(word index, mask)` for the words covering bits `[a, b)`.
+    fn for_words(a: usize, b: usize, mut f: impl FnMut(usize, u64)) {
+        let mut i = a;
+        while i < b {
+            let w = i / 64;
+            let end = b.min((w + 1) * 64);
+            f(w, word_mask(i % 64, end - w * 64));
+            i = end;
         }
     }
 
+    fn set_range(&mut self, a: usize, b: usize, v: bool) {
+        let words = &mut self.words;
+        Self::for_words(a, b, |w, m| {
+            if v {
+                words[w] |= m;
+            } else {
+                words[w] &= !m;
+            }
+        });
+    }
+
     fn count(&self, a: usize, b: usize) -> usize {
-        (a..b).filter(|&i| self.get(i)).count()
+        let mut n = 0;
+        Self::for_words(a, b, |w, m| n += (self.words[w] & m).count_ones() as usize);
+        n
     }
 
     /// Number of adjacent pairs `(i, i + 1)` with different bits, for `i` in `[a - 1, b)`.
@@ -228,7 +254,14 @@ struct State {
     access: UnpluggedAccess,
     listeners: Vec<(ListenerId, Arc<dyn RamDiscardListener>)>,
     next_listener: u64,
+    /// The last cgroup headroom read: (headroom, when, plugged bytes then).
+    headroom: Option<(Option<u64>, Instant, u64)>,
 }
+
+/// How long a cgroup headroom read is reused (less what was plugged since) before the cgroup
+/// files are read again: reading them costs tens of microseconds, more than a small plug's
+/// bookkeeping may.
+const HEADROOM_REUSE: Duration = Duration::from_millis(50);
 
 /// The hot-pluggable memory of a guest: one `MAP_NORESERVE` reservation of the whole hotplug
 /// window, with blocks populated (plugged) and discarded (unplugged) on request.
@@ -554,6 +587,7 @@ impl HotplugRegion {
                 access: UnpluggedAccess::default(),
                 listeners: Vec::new(),
                 next_listener: 0,
+                headroom: None,
             }),
         })
     }
@@ -668,6 +702,10 @@ impl HotplugRegion {
     /// so this scales with cores); the first error wins and the caller rolls the whole range back.
     fn populate_blocks(&self, a: usize, b: usize) -> io::Result<()> {
         let bytes = self.byte_len(a, b) as u64;
+        if bytes < 2 * PARALLEL_POPULATE_MIN {
+            // One thread: no need to ask how many CPUs there are (a cgroup file read).
+            return self.advise(a, b, libc::MADV_POPULATE_WRITE);
+        }
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(POPULATE_THREADS)
@@ -722,15 +760,16 @@ impl HotplugRegion {
         }
     }
 
-    /// Discards and re-protects blocks `[a, b)` after a failed populate.
+    /// Re-protects and discards blocks `[a, b)` after a failed populate, in that order (the
+    /// guest can no longer write what is being freed; see [`HotplugRegion::discard`]).
     fn roll_back(&self, a: usize, b: usize, access: UnpluggedAccess) {
         let addr = self.guest_addr(a);
         let len = self.byte_len(a, b);
-        if let Err(e) = self.release(a, b) {
-            error!("roll back of [{addr:#x}, +{len:#x}): discard failed: {e}");
-        }
         if let Err(e) = self.protect(a, b, access.prot()) {
             error!("roll back of [{addr:#x}, +{len:#x}): re-protect failed: {e}");
+        }
+        if let Err(e) = self.release(a, b) {
+            error!("roll back of [{addr:#x}, +{len:#x}): discard failed: {e}");
         }
     }
 
@@ -771,7 +810,7 @@ impl HotplugRegion {
         // Past a memory cgroup's limit the kernel does not fail MADV_POPULATE_WRITE: its OOM
         // killer kills this process. Refuse what cannot fit (hugetlb pages are not charged there).
         if *self.backend() != Backend::Hugetlb {
-            if let Some(room) = cgroup_headroom() {
+            if let Some(room) = self.cgroup_room(&mut st, len) {
                 // len / 256: the page tables of the range, with room to spare.
                 if len.saturating_add(len / 256) > room {
                     return Err(Error::Populate {
@@ -800,6 +839,12 @@ impl HotplugRegion {
         }
         for (i, (_, l)) in st.listeners.iter().enumerate() {
             if let Err(reason) = l.on_populate(addr, len) {
+                if let Err(e) = self.protect(a, b, st.access.prot()) {
+                    error!(
+                        "roll back of [{:#x}, +{len:#x}): re-protect failed: {e}",
+                        addr.0
+                    );
+                }
                 for (_, accepted) in st.listeners[..i].iter().rev() {
                     accepted.on_discard(addr, len);
                 }
@@ -818,6 +863,24 @@ impl HotplugRegion {
         Ok(())
     }
 
+    /// The memory cgroup headroom for a populate of `len` bytes: a recent read less what was
+    /// plugged since, or a fresh read when that is old or too close to `len` to decide on.
+    fn cgroup_room(&self, st: &mut State, len: u64) -> Option<u64> {
+        let plugged = self.plugged_bytes();
+        let now = Instant::now();
+        if let Some((room, at, then)) = st.headroom {
+            if now.duration_since(at) < HEADROOM_REUSE {
+                let room = room.map(|r| r.saturating_sub(plugged.saturating_sub(then)));
+                if room.is_none_or(|r| r / 2 > len) {
+                    return room;
+                }
+            }
+        }
+        let room = cgroup_headroom();
+        st.headroom = Some((room, now, plugged));
+        room
+    }
+
     /// Records the boundaries of blocks `[a, b)` as split.
     fn mark_split(st: &mut State, a: usize, b: usize) {
         if let Some((splits, n)) = &mut st.splits {
@@ -834,11 +897,13 @@ impl HotplugRegion {
     fn discard_locked(&self, st: &mut State, a: usize, b: usize, transitions: u64) -> Result<()> {
         let addr = self.guest_addr(a);
         let len = self.byte_len(a, b) as u64;
+        // Inaccessible first, then discarded: a guest still writing to the blocks (a vCPU of a
+        // driver that unplugs while using them) faults instead of allocating behind the discard.
+        let protected = self.protect(a, b, st.access.prot());
         for (_, l) in &st.listeners {
             l.on_discard(GuestAddress(addr), len);
         }
         let released = self.release(a, b);
-        let protected = self.protect(a, b, st.access.prot());
         st.bitmap.set_range(a, b, false);
         st.transitions = transitions;
         Self::mark_split(st, a, b);
@@ -847,8 +912,8 @@ impl HotplugRegion {
         protected.map_err(|source| Error::Protect { addr, len, source })
     }
 
-    /// Unplugs `[addr, addr + len)`: tells the listeners, gives the host memory back
-    /// (`MADV_DONTNEED` or a punched hole) and re-protects it per [`UnpluggedAccess`].
+    /// Unplugs `[addr, addr + len)`: re-protects it per [`UnpluggedAccess`], tells the
+    /// listeners, then gives the host memory back (`MADV_DONTNEED` or a punched hole).
     ///
     /// The range must be non-empty, block aligned, inside the region and wholly plugged.
     pub fn discard(&self, addr: GuestAddress, len: u64) -> Result<()> {
@@ -914,6 +979,14 @@ impl HotplugRegion {
             }
         }
         Ok(kib * 1024)
+    }
+
+    /// Whether a read of an unplugged block would allocate host memory were unplugged blocks
+    /// [`UnpluggedAccess::Readable`]: true for the shared backends (memfd, hugetlb, file), where
+    /// a read fault of a hole allocates a page-cache (or huge) page; false for private anonymous
+    /// memory, which maps the shared zero page.
+    pub fn unplugged_reads_allocate(&self) -> bool {
+        self.fd.is_some()
     }
 
     /// How unplugged blocks are currently protected.
@@ -1058,5 +1131,31 @@ mod tests {
         assert_eq!(b.window_transitions_if(0, 3, true), 0);
         assert_eq!(b.window_transitions(0, 130), 3);
         assert_eq!(b.count(0, 130), 68);
+    }
+
+    /// The word-wise range operations agree with bit-by-bit ones on every range edge case.
+    #[test]
+    fn bitmap_word_ops_match_bit_by_bit() {
+        let n = 200;
+        let mut b = Bitmap::new(n);
+        let mut naive = vec![false; n];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let a = (seed % n as u64) as usize;
+            let e = a + ((seed >> 20) % (n - a) as u64) as usize + 1;
+            let v = seed >> 40 & 1 == 1;
+            b.set_range(a, e, v);
+            naive[a..e].fill(v);
+            let (x, y) = ((seed >> 8) as usize % n, (seed >> 30) as usize % n);
+            let (x, y) = (x.min(y), x.max(y) + 1);
+            assert_eq!(b.count(x, y), naive[x..y].iter().filter(|&&p| p).count());
+        }
+        assert!((0..n).all(|i| b.get(i) == naive[i]));
+        assert_eq!(word_mask(0, 64), u64::MAX);
+        assert_eq!(word_mask(63, 64), 1 << 63);
+        assert_eq!(word_mask(3, 5), 0b11000);
     }
 }

@@ -10,7 +10,8 @@
  * code keeps its instruction count small and uses no SSE/AVX, xsave or int3 (see shared/README.md).
  *
  * Command line (Linux's boot_params.hdr.cmd_line_ptr):
- *   tide.test=hang | triple | mem-follow | mem-hostile | mem-touch-unplugged | mem-busy
+ *   tide.test=hang | triple | mem-follow | mem-hostile | mem-touch-unplugged | mem-busy | mem-reset
+ *             | mem-read-unplugged
  *   virtio_mmio.device=<size>@<addr>:<irq>   (Linux syntax; may appear several times)
  *   tide.accept_inaccessible=0               do not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
  *   tide.exit_at_zero=1                      mem-follow: power off once requested and plugged are 0
@@ -1409,7 +1410,8 @@ __attribute__((noreturn)) static void scenario_hostile(void)
     hostile_req("misaligned", REQ_PLUG, a + (bs > 4096 ? 4096 : bs / 2), 1, 24, 1);
     hostile_req("beyond-region", REQ_PLUG, a + u, 1, 24, 1);
     hostile_req("zero-blocks", REQ_PLUG, a, 0, 24, 1);
-    hostile_req("past-end", REQ_PLUG, a + u - bs, 0xffff, 24, 1);
+    hostile_req("past-end", REQ_PLUG, a + u - bs, 2, 24, 1);
+    hostile_req("past-requested", REQ_PLUG, a + u - bs, 0xffff, 24, 1); /* NACK first, whatever the range */
     hostile_req("plug", REQ_PLUG, a, 1, 24, 1);
     hostile_req("double-plug", REQ_PLUG, a, 1, 24, 1);
     hostile_req("unplug-unplugged", REQ_UNPLUG, a + bs, 1, 24, 1);
@@ -1467,7 +1469,11 @@ __attribute__((noreturn)) static void scenario_busy(void)
         n = 0xffff;
     if (!n)
         fail("mem-busy needs requested >= 1 block");
-    do_plug(cfg.addr, (u16)n);
+    if (do_plug(cfg.addr, (u16)n) == RESP_BUSY) {
+        /* No resize comes: the device's retry timer must tell us when to try again. */
+        wait_config_change();
+        say_line("config change after BUSY");
+    }
     do_plug(cfg.addr, 1);
     read_config();
     say("plugged ");
@@ -1478,10 +1484,54 @@ __attribute__((noreturn)) static void scenario_busy(void)
     power_off();
 }
 
+/* A device reset with memory plugged (Linux: driver unbind, kexec): the plug state survives it,
+ * and the re-initialised driver finds plugged_size != 0 and sends UNPLUG_ALL, as Linux's does. */
+__attribute__((noreturn)) static void scenario_reset(void)
+{
+    unplug_all_if_needed();
+    u64 n = cfg.requested / cfg.block_size;
+    if (!n || n > 0xffff)
+        fail("mem-reset needs 1..65535 requested blocks");
+    if (do_plug(cfg.addr, (u16)n) != RESP_ACK)
+        fail("plug before reset");
+    device_init();
+    say("after reset plugged ");
+    put_dec(cfg.plugged);
+    nl();
+    struct vmem_result r = vmem_request(REQ_STATE, cfg.addr, (u16)n);
+    print_req("state after reset", cfg.addr, (u32)n, r, 1);
+    unplug_all_if_needed();
+    say("after UNPLUG_ALL plugged ");
+    put_dec(cfg.plugged);
+    nl();
+    power_off();
+}
+
+/* Reads every 4 KiB page of the first unplugged block (a driver without
+ * VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE may), then follows requested_size so that the host can
+ * look at its resident memory. */
+__attribute__((noreturn)) static void scenario_read_unplugged(void)
+{
+    unplug_all_if_needed();
+    u64 a = cfg.addr, sum = 0;
+    if (map_2m(a))
+        fail("cannot map the region");
+    __asm__ volatile("mov %0, %%cr3" : : "r"(read_cr3()) : "memory");
+    for (u64 off = 0; off < (2ul << 20); off += 4096)
+        sum += *(volatile u64 *)(a + off);
+    say("read unplugged block ");
+    put_hex(a);
+    puts_(" sum ");
+    put_hex(sum);
+    nl();
+    scenario_follow();
+}
+
 static void virtio_mem_main(void)
 {
     int want = param_is("tide.test", "mem-follow") || param_is("tide.test", "mem-hostile") ||
-               param_is("tide.test", "mem-touch-unplugged") || param_is("tide.test", "mem-busy");
+               param_is("tide.test", "mem-touch-unplugged") || param_is("tide.test", "mem-busy") ||
+               param_is("tide.test", "mem-reset") || param_is("tide.test", "mem-read-unplugged");
     if (!find_device()) {
         if (want)
             fail("no virtio-mem device (virtio_mmio.device=) on the command line");
@@ -1495,6 +1545,10 @@ static void virtio_mem_main(void)
         scenario_touch_unplugged();
     if (param_is("tide.test", "mem-busy"))
         scenario_busy();
+    if (param_is("tide.test", "mem-reset"))
+        scenario_reset();
+    if (param_is("tide.test", "mem-read-unplugged"))
+        scenario_read_unplugged();
     scenario_follow();
 }
 

@@ -1,14 +1,16 @@
 //! Wires the virtio-mem device to KVM and to threads: its virtio-mmio window on the MMIO bus, an
 //! ioeventfd on its queue-notify register, an irqfd for its interrupt, and a worker thread that
-//! runs its queue so that a long populate never stalls the event loop, the API or the vCPUs'
-//! other devices.
+//! owns the activated queue and runs it without the transport's lock, so that a long populate
+//! never stalls the event loop, the API or a vCPU (guest MMIO accesses to the device, the
+//! interrupt status read of the guest's interrupt handler included, take only the transport's
+//! lock, which no populate holds). The worker also runs the device's retry timer after BUSY.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use devices::bus::{lock, SharedDevice};
-use devices::virtio::mem::{VirtioMem, VirtioMemShared};
+use devices::virtio::mem::{VirtioMem, VirtioMemQueue, VirtioMemShared};
 use devices::virtio::mmio::MmioTransport;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -97,20 +99,39 @@ impl MemDevice {
         let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> =
             EventManager::new().map_err(Error::EventManager)?;
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (runner, queue_evts) = {
+            let t = lock(&self.transport);
+            let evts = t
+                .queue_evts()
+                .iter()
+                .map(EventFd::try_clone)
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|e| Error::Io("cannot duplicate an event fd", e))?;
+            (t.device().queue_runner(), evts)
+        };
         em.add_subscriber(Box::new(QueueWorker {
-            transport: self.transport.clone(),
+            runner,
+            queue_evts,
             stop: self.stop.clone(),
             changed: self.changed.clone(),
             done: done.clone(),
         }));
+        let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name("virtio-mem".into())
             .spawn(move || {
+                let mut timeout_ms = 1000;
                 while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                    if let Err(e) = em.run_with_timeout(1000) {
+                    if let Err(e) = em.run_with_timeout(timeout_ms) {
                         log::error!("virtio-mem worker: {e:?}");
                         break;
                     }
+                    // After a BUSY, tell the driver when to try again (Linux's own back-off
+                    // would wait 50 s or more).
+                    timeout_ms = match shared.poll_busy_retry(std::time::Instant::now()) {
+                        Some(due) => (due.as_millis() as i32).clamp(1, 1000),
+                        None => 1000,
+                    };
                 }
             })
             .map_err(|e| Error::Io("cannot start the virtio-mem worker", e))?;
@@ -131,7 +152,8 @@ impl MemDevice {
 }
 
 struct QueueWorker {
-    transport: Arc<Mutex<Transport>>,
+    runner: VirtioMemQueue<HotplugRegion>,
+    queue_evts: Vec<EventFd>,
     stop: Arc<EventFd>,
     changed: Arc<EventFd>,
     done: Arc<std::sync::atomic::AtomicBool>,
@@ -141,8 +163,7 @@ const STOP: u32 = u32::MAX;
 
 impl MutEventSubscriber for QueueWorker {
     fn init(&mut self, ops: &mut EventOps) {
-        let t = lock(&self.transport);
-        for (i, evt) in t.queue_evts().iter().enumerate() {
+        for (i, evt) in self.queue_evts.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data_raw(
                 evt.as_raw_fd(),
                 i as u32,
@@ -164,7 +185,18 @@ impl MutEventSubscriber for QueueWorker {
         match events.data() {
             STOP => self.done.store(true, std::sync::atomic::Ordering::SeqCst),
             i => {
-                lock(&self.transport).handle_queue_event(i as usize);
+                if let Some(evt) = self.queue_evts.get(i as usize) {
+                    if let Err(e) = evt.read() {
+                        if e.kind() != std::io::ErrorKind::WouldBlock {
+                            log::warn!("virtio-mem worker: cannot read queue {i} event fd: {e}");
+                        }
+                    }
+                }
+                // Without the transport's lock; a failure marks the device DEVICE_NEEDS_RESET
+                // through its interrupt.
+                if let Err(e) = self.runner.process() {
+                    log::error!("virtio-mem: the queue failed, the device needs reset: {e}");
+                }
                 let _ = self.changed.write(1);
             }
         }

@@ -10,6 +10,7 @@
 //! the requested size without taking the device's lock.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -67,6 +68,12 @@ pub const CONFIG_SIZE: usize = 0x38;
 
 /// The least headroom the usable region keeps above the requested size (as QEMU does).
 const MIN_USABLE_HEADROOM: u64 = 1 << 30;
+/// After a BUSY, the driver gets a configuration-change interrupt (its cue to try again) after
+/// this long; the delay doubles while plugs keep failing, up to [`BUSY_RETRY_MAX`]. Linux's own
+/// back-off after BUSY starts at 50 s and grows to 300 s.
+pub const BUSY_RETRY_MIN: Duration = Duration::from_secs(1);
+/// The longest delay between a BUSY and the configuration interrupt that follows it.
+pub const BUSY_RETRY_MAX: Duration = Duration::from_secs(32);
 /// The most chains one `process_queue` call handles, so that a driver that keeps the queue full
 /// cannot hold the event loop for ever. The rest waits for the next notification.
 const MAX_CHAINS_PER_CALL: usize = 4 * QUEUE_SIZE as usize;
@@ -97,6 +104,13 @@ pub trait HotplugMemory: Send + Sync {
     /// Sets what guest accesses to unplugged blocks do.
     fn set_unplugged_access(&self, access: UnpluggedAccess)
         -> std::result::Result<(), Self::Error>;
+    /// Whether a guest read of an unplugged block would make the host allocate memory when
+    /// unplugged blocks are [`UnpluggedAccess::Readable`] (true for shared file-backed memory:
+    /// a read fault of a hole allocates a page-cache page; false for private anonymous memory,
+    /// which maps the shared zero page).
+    fn unplugged_reads_allocate(&self) -> bool {
+        true
+    }
 }
 
 /// The sizes that change at run time, kept together under one lock so that a configuration read
@@ -104,13 +118,17 @@ pub trait HotplugMemory: Send + Sync {
 #[derive(Debug)]
 struct SizeState {
     requested: u64,
+    /// The plugged size the configuration space shows: the region's count, published after
+    /// every request together with a generation bump (the region owns the number).
     plugged: u64,
-    /// End (offset from the region base) of the highest plugged block.
-    plugged_end: u64,
     usable: u64,
     generation: u32,
     /// A plug was answered BUSY since the last configuration interrupt.
     busy_pending: bool,
+    /// When the first BUSY since the last configuration interrupt was answered.
+    busy_since: Option<Instant>,
+    /// How long after a BUSY the driver is told to try again (doubles while BUSY goes on).
+    busy_retry: Duration,
     /// Present while the driver has the device running (DRIVER_OK).
     interrupt: Option<Arc<Interrupt>>,
 }
@@ -166,8 +184,8 @@ impl VirtioMemShared {
     }
 
     /// Asks the guest to plug `bytes` in all. `bytes` must be a multiple of the block size and
-    /// no larger than the region. The usable region follows; a running driver gets a
-    /// configuration-change interrupt.
+    /// no larger than the region. The usable region grows with it (it never shrinks here); a
+    /// running driver gets a configuration-change interrupt.
     pub fn set_requested_size(&self, bytes: u64) -> Result<()> {
         if bytes & (self.block_size - 1) != 0 {
             return Err(Error::RequestedSizeUnaligned {
@@ -184,9 +202,9 @@ impl VirtioMemShared {
         let interrupt = {
             let mut state = self.lock();
             state.requested = bytes;
-            self.update_usable(&mut state);
+            self.grow_usable(&mut state);
             state.generation = state.generation.wrapping_add(1);
-            state.busy_pending = false;
+            Self::clear_busy(&mut state);
             state.interrupt.clone()
         };
         if let Some(interrupt) = interrupt {
@@ -210,6 +228,7 @@ impl VirtioMemShared {
                 return false;
             };
             state.busy_pending = false;
+            state.busy_since = None;
             state.generation = state.generation.wrapping_add(1);
             interrupt
         };
@@ -219,29 +238,64 @@ impl VirtioMemShared {
         true
     }
 
-    /// usable = min(region, requested + max(requested, 1 GiB)) rounded up to a block, never
-    /// below the end of the highest plugged block.
-    fn update_usable(&self, state: &mut SizeState) {
-        let headroom = state.requested.max(MIN_USABLE_HEADROOM);
-        let wanted = state
-            .requested
-            .saturating_add(headroom)
-            .min(self.region_size);
-        // region_size is a multiple of block_size, so rounding up cannot pass it.
-        let rounded = wanted.div_ceil(self.block_size) * self.block_size;
-        state.usable = rounded.max(state.plugged_end).min(self.region_size);
+    /// The retry timer after BUSY: at `now`, if a BUSY has waited its delay, raises the
+    /// configuration interrupt that tells the driver to try again ([`Self::retry_after_busy`])
+    /// and returns `None`; otherwise returns how long until it is due (`None` when no BUSY is
+    /// pending). The vmm calls it from the device's worker loop.
+    pub fn poll_busy_retry(&self, now: Instant) -> Option<Duration> {
+        {
+            let state = self.lock();
+            let since = state.busy_since.filter(|_| state.busy_pending)?;
+            let due = since + state.busy_retry;
+            if now < due {
+                return Some(due - now);
+            }
+        }
+        if self.retry_after_busy() {
+            // If the retry fails again, the next one waits twice as long.
+            let mut state = self.lock();
+            state.busy_retry = (state.busy_retry * 2).min(BUSY_RETRY_MAX);
+        }
+        None
     }
 
-    fn set_plug_state(&self, plugged: u64, plugged_end: u64) {
+    fn clear_busy(state: &mut SizeState) {
+        state.busy_pending = false;
+        state.busy_since = None;
+        state.busy_retry = BUSY_RETRY_MIN;
+    }
+
+    /// The usable region wanted for the requested size: min(region, requested + max(requested,
+    /// 1 GiB)) rounded up to a block.
+    fn usable_for(&self, requested: u64) -> u64 {
+        let headroom = requested.max(MIN_USABLE_HEADROOM);
+        let wanted = requested.saturating_add(headroom).min(self.region_size);
+        // region_size is a multiple of block_size, so rounding up cannot pass it.
+        wanted.div_ceil(self.block_size) * self.block_size
+    }
+
+    /// Grows the usable region to what the requested size wants; it never shrinks here (virtio
+    /// 1.2 section 5.15: the driver may plug anywhere in it, and a shrink under a plug in
+    /// flight would turn the driver's next request into an ERROR).
+    fn grow_usable(&self, state: &mut SizeState) {
+        state.usable = state.usable.max(self.usable_for(state.requested));
+    }
+
+    /// Publishes the plugged size after a request; `all_unplugged` after UNPLUG_ALL, the only
+    /// request that may shrink the usable region (nothing is plugged any more).
+    fn set_plug_state(&self, plugged: u64, all_unplugged: bool) {
         let mut state = self.lock();
-        if state.plugged != plugged || state.plugged_end != plugged_end {
+        let usable = if all_unplugged && plugged == 0 {
+            self.usable_for(state.requested)
+        } else {
+            state.usable.max(self.usable_for(state.requested))
+        };
+        if state.plugged != plugged || state.usable != usable {
             state.plugged = plugged;
-            state.plugged_end = plugged_end;
-            self.update_usable(&mut state);
+            state.usable = usable;
             state.generation = state.generation.wrapping_add(1);
         }
     }
-
     fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
         let state = self.lock();
         let mut bytes = [0u8; CONFIG_SIZE];
@@ -314,13 +368,60 @@ struct Active {
     interrupt: Arc<Interrupt>,
 }
 
-/// The virtio-mem device over the hotplug memory `R`.
-pub struct VirtioMem<R: HotplugMemory> {
+/// Where the activated queue lives. The queue's runner takes it out for the length of one
+/// request (a populate can take seconds) and puts it back, so that the transport's side
+/// (activation, reset) only ever waits for this lock's short critical sections.
+enum Slot {
+    /// Not activated (or reset).
+    Idle,
+    /// Activated; nobody is processing the queue.
+    Ready(Active),
+    /// A runner has the queue out.
+    Taken,
+}
+
+struct QueueSlot {
+    slot: Slot,
+    /// Bumped by every activation and reset: a runner that finds another epoch when it comes
+    /// back from a request drops its queue without touching the rings.
+    epoch: u64,
+    /// A notification came while the queue was out: the runner looks at the queue again.
+    pending: bool,
+}
+
+/// The part of the device its queue runner needs: shared between [`VirtioMem`] (on the
+/// transport's side) and [`VirtioMemQueue`] (on the worker's side).
+struct Core<R: HotplugMemory> {
     region: Arc<R>,
     shared: Arc<VirtioMemShared>,
+    queue: Mutex<QueueSlot>,
+}
+
+/// The virtio-mem device over the hotplug memory `R`.
+pub struct VirtioMem<R: HotplugMemory> {
+    core: Arc<Core<R>>,
     acked_features: u64,
     queue_sizes: [u16; 1],
-    active: Option<Active>,
+}
+
+/// A handle that runs the device's request queue from any thread (the vmm's worker), without
+/// the transport's lock: guest MMIO accesses to the transport never wait for a populate.
+pub struct VirtioMemQueue<R: HotplugMemory>(Arc<Core<R>>);
+
+impl<R: HotplugMemory> Clone for VirtioMemQueue<R> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<R: HotplugMemory> VirtioMemQueue<R> {
+    /// Processes what the driver made available, one request at a time. Returns at once when
+    /// the device is not activated, or when another thread has the queue out (that thread then
+    /// looks at the queue again). An error means the device cannot go on: the transport shows
+    /// `DEVICE_NEEDS_RESET` and the driver gets a configuration interrupt.
+    pub fn process(&self) -> Result<()> {
+        self.0.process()
+    }
 }
 
 impl<R: HotplugMemory> VirtioMem<R> {
@@ -353,52 +454,69 @@ impl<R: HotplugMemory> VirtioMem<R> {
             state: Mutex::new(SizeState {
                 requested: 0,
                 plugged: 0,
-                plugged_end: 0,
                 usable: 0,
                 generation: 0,
                 busy_pending: false,
+                busy_since: None,
+                busy_retry: BUSY_RETRY_MIN,
                 interrupt: None,
             }),
         });
-        let device = Self {
+        let core = Core {
             region,
             shared,
+            queue: Mutex::new(QueueSlot {
+                slot: Slot::Idle,
+                epoch: 0,
+                pending: false,
+            }),
+        };
+        // Blocks plugged before: the usable region must cover them (it never shrinks below).
+        let plugged = core.region.plugged_bytes();
+        if plugged != 0 {
+            let mut state = core.shared.lock();
+            state.usable = core.highest_plugged_end();
+        }
+        core.shared.set_plug_state(plugged, false);
+        core.shared.set_requested_size(requested_size)?;
+        Ok(Self {
+            core: Arc::new(core),
             acked_features: 0,
             queue_sizes: [QUEUE_SIZE],
-            active: None,
-        };
-        device.refresh_plug_state(None);
-        device.shared.set_requested_size(requested_size)?;
-        Ok(device)
+        })
     }
 
     /// The state the vmm's API thread uses.
     pub fn shared(&self) -> Arc<VirtioMemShared> {
-        self.shared.clone()
+        self.core.shared.clone()
     }
 
     /// The hotplug memory behind the device.
     pub fn region(&self) -> &Arc<R> {
-        &self.region
+        &self.core.region
     }
 
-    /// Re-reads the plugged size from the region. `grown_to` is the end (offset) of a range
-    /// just plugged; `None` after unplugs, when the highest plugged block is searched again.
-    fn refresh_plug_state(&self, grown_to: Option<u64>) {
-        let plugged = self.region.plugged_bytes();
-        let plugged_end = match grown_to {
-            Some(end) => end.max(self.shared.lock().plugged_end),
-            None => self.highest_plugged_end(plugged),
-        };
-        self.shared.set_plug_state(plugged, plugged_end);
+    /// The handle that runs the request queue off the transport's lock.
+    pub fn queue_runner(&self) -> VirtioMemQueue<R> {
+        VirtioMemQueue(self.core.clone())
+    }
+}
+
+impl<R: HotplugMemory> Core<R> {
+    fn slot(&self) -> MutexGuard<'_, QueueSlot> {
+        // Every update of the slot is a plain store: it stays consistent after a panic.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The end (offset from the base) of the highest plugged block: a binary search for the
-    /// lowest block from which the rest of the region is wholly unplugged.
-    fn highest_plugged_end(&self, plugged: u64) -> u64 {
-        if plugged == 0 {
-            return 0;
-        }
+    /// Publishes the region's plugged size to the configuration space.
+    fn publish(&self, all_unplugged: bool) {
+        self.shared
+            .set_plug_state(self.region.plugged_bytes(), all_unplugged);
+    }
+
+    /// The end (offset from the base) of the highest plugged block, searched once when the
+    /// device is created over a region that already has plugged blocks.
+    fn highest_plugged_end(&self) -> u64 {
         let bs = self.shared.block_size;
         let blocks = self.shared.region_size / bs;
         let base = self.shared.addr;
@@ -419,14 +537,19 @@ impl<R: HotplugMemory> VirtioMem<R> {
         lo * bs
     }
 
+    /// The length of `nb_blocks` blocks; `None` for 0 blocks.
+    fn range_len(&self, nb_blocks: u16) -> Option<u64> {
+        (nb_blocks != 0).then(|| u64::from(nb_blocks) * self.shared.block_size)
+    }
+
     /// Checks that `[addr, addr + nb_blocks * block_size)` is a block-aligned, non-empty range
     /// inside the usable region; returns its length.
     fn check_range(&self, addr: u64, nb_blocks: u16) -> Option<u64> {
         let bs = self.shared.block_size;
-        if nb_blocks == 0 || addr & (bs - 1) != 0 || addr < self.shared.addr {
+        let len = self.range_len(nb_blocks)?;
+        if addr & (bs - 1) != 0 || addr < self.shared.addr {
             return None;
         }
-        let len = u64::from(nb_blocks).checked_mul(bs)?;
         let end = addr.checked_add(len)?;
         let usable_end = self.shared.addr + self.shared.usable_region_size();
         (end <= usable_end).then_some(len)
@@ -446,21 +569,25 @@ impl<R: HotplugMemory> VirtioMem<R> {
     }
 
     fn plug(&self, addr: u64, nb_blocks: u16) -> Response {
+        // NACK first, whatever the range (as Cloud Hypervisor does): a driver whose plug raced
+        // with a smaller requested size must get NACK, never an ERROR that breaks it for good.
+        if let Some(len) = self.range_len(nb_blocks) {
+            let (plugged, requested) = {
+                let state = self.shared.lock();
+                (state.plugged, state.requested)
+            };
+            if plugged
+                .checked_add(len)
+                .is_none_or(|total| total > requested)
+            {
+                debug!("virtio-mem: PLUG of {len:#x} at {addr:#x} would exceed the requested size");
+                return NACK;
+            }
+        }
         let Some(len) = self.check_range(addr, nb_blocks) else {
             warn!("virtio-mem: PLUG of {nb_blocks} blocks at {addr:#x}: invalid range");
             return ERROR;
         };
-        let (plugged, requested) = {
-            let state = self.shared.lock();
-            (state.plugged, state.requested)
-        };
-        if plugged
-            .checked_add(len)
-            .is_none_or(|total| total > requested)
-        {
-            debug!("virtio-mem: PLUG of {len:#x} at {addr:#x} would exceed the requested size");
-            return NACK;
-        }
         let gaddr = GuestAddress(addr);
         match self.region.state(gaddr, len) {
             Ok(RangeState::Unplugged) => {}
@@ -475,7 +602,8 @@ impl<R: HotplugMemory> VirtioMem<R> {
         }
         match self.region.populate(gaddr, len) {
             Ok(()) => {
-                self.refresh_plug_state(Some(addr - self.shared.addr + len));
+                self.publish(false);
+                self.shared.lock().busy_retry = BUSY_RETRY_MIN;
                 ACK
             }
             Err(e) => {
@@ -486,7 +614,7 @@ impl<R: HotplugMemory> VirtioMem<R> {
                         error!("virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}");
                     }
                 }
-                self.refresh_plug_state(None);
+                self.publish(false);
                 self.busy()
             }
         }
@@ -510,7 +638,7 @@ impl<R: HotplugMemory> VirtioMem<R> {
             }
         }
         let result = self.region.discard(gaddr, len);
-        self.refresh_plug_state(None);
+        self.publish(false);
         match result {
             Ok(()) => ACK,
             Err(e) => {
@@ -522,7 +650,7 @@ impl<R: HotplugMemory> VirtioMem<R> {
 
     fn unplug_all(&self) -> Response {
         let result = self.region.discard_all();
-        self.refresh_plug_state(None);
+        self.publish(true);
         match result {
             Ok(()) => ACK,
             Err(e) => {
@@ -552,8 +680,14 @@ impl<R: HotplugMemory> VirtioMem<R> {
         }
     }
 
+    /// Answers BUSY and arms the retry timer ([`VirtioMemShared::poll_busy_retry`]) if it is
+    /// not armed yet.
     fn busy(&self) -> Response {
-        self.shared.lock().busy_pending = true;
+        let mut state = self.shared.lock();
+        if !state.busy_pending {
+            state.busy_pending = true;
+            state.busy_since = Some(Instant::now());
+        }
         BUSY
     }
 
@@ -579,26 +713,32 @@ impl<R: HotplugMemory> VirtioMem<R> {
         )
     }
 
-    /// Handles one chain; returns the number of bytes written for the used ring.
-    fn handle_chain<I: Iterator<Item = Descriptor>>(&self, mem: &GuestMemoryMmap, chain: I) -> u32 {
-        let descs: Vec<Descriptor> = chain.take(MAX_CHAIN_DESCRIPTORS).collect();
-        let response = match self.read_request(mem, &descs) {
+    /// Carries out the request of one chain; returns the response to write and where.
+    fn handle_chain(&self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Reply {
+        let response = match self.read_request(mem, descs) {
             Some(req) => self.execute(req),
             None => {
                 warn!("virtio-mem: malformed request chain");
                 ERROR
             }
         };
-        let Some(out) = descs.iter().find(|d| d.is_write_only()) else {
+        let out = descs
+            .iter()
+            .find(|d| d.is_write_only())
+            .map(|d| (d.addr(), RESPONSE_SIZE.min(d.len() as usize)));
+        Reply { response, out }
+    }
+
+    /// Writes a reply into guest memory; returns the number of bytes written for the used ring.
+    fn write_reply(&self, mem: &GuestMemoryMmap, reply: Reply) -> u32 {
+        let Some((addr, len)) = reply.out else {
             return 0;
         };
-        let bytes = response.bytes();
-        let len = RESPONSE_SIZE.min(out.len() as usize);
-        if !self.buffer_ok(out.addr(), len as u64) {
+        if !self.buffer_ok(addr, len as u64) {
             warn!("virtio-mem: response buffer in unplugged hotplug memory");
             return 0;
         }
-        match mem.write_slice(&bytes[..len], out.addr()) {
+        match mem.write_slice(&reply.response.bytes()[..len], addr) {
             Ok(()) => len as u32,
             Err(e) => {
                 warn!("virtio-mem: cannot write the response: {e}");
@@ -626,6 +766,93 @@ impl<R: HotplugMemory> VirtioMem<R> {
         mem.read_slice(&mut bytes, input.addr()).ok()?;
         Some(Request::parse(&bytes))
     }
+
+    /// See [`VirtioMemQueue::process`].
+    fn process(&self) -> Result<()> {
+        let (mut active, epoch) = {
+            let mut q = self.slot();
+            match std::mem::replace(&mut q.slot, Slot::Taken) {
+                Slot::Ready(active) => {
+                    q.pending = false;
+                    (active, q.epoch)
+                }
+                other => {
+                    if matches!(other, Slot::Taken) {
+                        q.pending = true;
+                    }
+                    q.slot = other;
+                    return Ok(());
+                }
+            }
+        };
+        let mut used = 0usize;
+        loop {
+            let step = if active.queue.ready() && used < MAX_CHAINS_PER_CALL {
+                self.next_chain(&mut active)
+            } else {
+                Ok(None)
+            };
+            // Back under the slot's lock: a reset may have come while the request ran.
+            let mut q = self.slot();
+            if q.epoch != epoch {
+                return Ok(());
+            }
+            let result = match step {
+                Ok(Some((head, reply))) => {
+                    used += 1;
+                    let len = self.write_reply(&active.mem, reply);
+                    Self::add_used(&mut active, head, len).map(|()| true)
+                }
+                Ok(None) => Ok(false),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(true) => {}
+                Ok(false) if q.pending && used < MAX_CHAINS_PER_CALL => q.pending = false,
+                Ok(false) => {
+                    q.pending = false;
+                    q.slot = Slot::Ready(active);
+                    return Ok(());
+                }
+                Err(e) => {
+                    // The queue is broken: the transport shows DEVICE_NEEDS_RESET and stops
+                    // forwarding notifications until the driver resets the device.
+                    active.interrupt.device_failed();
+                    q.pending = false;
+                    q.slot = Slot::Ready(active);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Pops and carries out the next available chain; `None` when the queue is empty.
+    fn next_chain(&self, active: &mut Active) -> Result<Option<(u16, Reply)>> {
+        let chain = active.queue.iter(&active.mem).map_err(Error::Queue)?.next();
+        let Some(chain) = chain else {
+            return Ok(None);
+        };
+        let head = chain.head_index();
+        let descs: Vec<Descriptor> = chain.take(MAX_CHAIN_DESCRIPTORS).collect();
+        Ok(Some((head, self.handle_chain(&active.mem, &descs))))
+    }
+
+    fn add_used(active: &mut Active, head: u16, len: u32) -> Result<()> {
+        active
+            .queue
+            .add_used(&active.mem, head, len)
+            .map_err(Error::Queue)?;
+        if active.queue.needs_notification(&active.mem).unwrap_or(true) {
+            active.interrupt.trigger_used()?;
+        }
+        Ok(())
+    }
+}
+
+/// A response and the buffer it goes to (address and length).
+struct Reply {
+    response: Response,
+    out: Option<(GuestAddress, usize)>,
 }
 
 impl<R: HotplugMemory> VirtioDevice for VirtioMem<R> {
@@ -641,14 +868,21 @@ impl<R: HotplugMemory> VirtioDevice for VirtioMem<R> {
         (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE)
     }
 
+    /// A driver that does not accept `VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE` may read unplugged
+    /// memory. That costs nothing on private anonymous memory (the zero page), but a read of a
+    /// hole in shared file-backed memory (memfd, hugetlb, files) allocates: there the features
+    /// are refused (so is `FEATURES_OK`), as Firecracker does.
     fn set_acked_features(&mut self, features: u64) -> Result<()> {
         let features = features & self.avail_features();
+        let region = &self.core.region;
         let access = if features & (1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE) != 0 {
             UnpluggedAccess::Inaccessible
+        } else if region.unplugged_reads_allocate() {
+            return Err(Error::UnpluggedInaccessibleRequired);
         } else {
             UnpluggedAccess::Readable
         };
-        self.region
+        region
             .set_unplugged_access(access)
             .map_err(|e| Error::Hotplug(Box::new(e)))?;
         self.acked_features = features;
@@ -657,7 +891,7 @@ impl<R: HotplugMemory> VirtioDevice for VirtioMem<R> {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let config = self.shared.config_bytes();
+        let config = self.core.shared.config_bytes();
         let Ok(start) = usize::try_from(offset) else {
             return;
         };
@@ -673,7 +907,7 @@ impl<R: HotplugMemory> VirtioDevice for VirtioMem<R> {
     }
 
     fn config_generation(&self) -> u32 {
-        self.shared.config_generation()
+        self.core.shared.config_generation()
     }
 
     fn activate(
@@ -686,8 +920,11 @@ impl<R: HotplugMemory> VirtioDevice for VirtioMem<R> {
         let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
             return Err(Error::QueueCount { expected: 1, got });
         };
-        self.shared.lock().interrupt = Some(interrupt.clone());
-        self.active = Some(Active {
+        self.core.shared.lock().interrupt = Some(interrupt.clone());
+        let mut q = self.core.slot();
+        q.epoch = q.epoch.wrapping_add(1);
+        q.pending = false;
+        q.slot = Slot::Ready(Active {
             mem,
             queue,
             interrupt,
@@ -699,26 +936,28 @@ impl<R: HotplugMemory> VirtioDevice for VirtioMem<R> {
         if index != 0 {
             return Err(Error::BadQueueIndex(index));
         }
-        let Some(mut active) = self.active.take() else {
+        if matches!(self.core.slot().slot, Slot::Idle) {
             return Err(Error::NotActivated);
-        };
-        let result = self.drain_queue(&mut active);
-        self.active = Some(active);
-        result
+        }
+        self.core.process()
     }
 
+    /// A device reset keeps the plug state (virtio 1.2 section 5.15.5: the device MUST NOT
+    /// change the state of memory blocks during device reset): Linux resets the device with
+    /// memory online (driver unbind, kexec), and the next driver finds `plugged_size` and sends
+    /// UNPLUG_ALL itself. It never waits for a request in flight: that request completes in
+    /// the region, but its answer is dropped.
     fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
-        if let Err(e) = self.region.discard_all() {
-            error!("virtio-mem: cannot unplug all at reset: {e}");
-        }
         {
-            let mut state = self.shared.lock();
-            state.interrupt = None;
-            state.busy_pending = false;
+            let mut q = self.core.slot();
+            q.epoch = q.epoch.wrapping_add(1);
+            q.pending = false;
+            q.slot = Slot::Idle;
         }
-        self.refresh_plug_state(None);
+        self.acked_features = 0;
+        let mut state = self.core.shared.lock();
+        state.interrupt = None;
+        VirtioMemShared::clear_busy(&mut state);
     }
 }
 
@@ -760,30 +999,8 @@ impl HotplugMemory for memory::HotplugRegion {
     fn set_unplugged_access(&self, access: UnpluggedAccess) -> memory::Result<()> {
         memory::HotplugRegion::set_unplugged_access(self, access)
     }
-}
 
-impl<R: HotplugMemory> VirtioMem<R> {
-    fn drain_queue(&self, active: &mut Active) -> Result<()> {
-        if !active.queue.ready() {
-            return Ok(());
-        }
-        let mut used = 0usize;
-        while used < MAX_CHAINS_PER_CALL {
-            let chain = active.queue.iter(&active.mem).map_err(Error::Queue)?.next();
-            let Some(chain) = chain else {
-                break;
-            };
-            let head = chain.head_index();
-            let len = self.handle_chain(&active.mem, chain);
-            active
-                .queue
-                .add_used(&active.mem, head, len)
-                .map_err(Error::Queue)?;
-            used += 1;
-        }
-        if used > 0 && active.queue.needs_notification(&active.mem).unwrap_or(true) {
-            active.interrupt.trigger_used()?;
-        }
-        Ok(())
+    fn unplugged_reads_allocate(&self) -> bool {
+        memory::HotplugRegion::unplugged_reads_allocate(self)
     }
 }

@@ -6,7 +6,7 @@
 //! notifications to [`VirtioDevice::process_queue`]. Every register access is guest controlled:
 //! all of them get a defined answer and none can make the transport panic.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use log::{debug, error, warn};
@@ -87,6 +87,8 @@ const REG_CONFIG_GENERATION: u64 = 0x0fc;
 pub struct Interrupt {
     status: AtomicU32,
     evt: EventFd,
+    /// Set by a device that failed on its own thread; the transport shows DEVICE_NEEDS_RESET.
+    failed: AtomicBool,
 }
 
 impl Interrupt {
@@ -95,6 +97,7 @@ impl Interrupt {
         Ok(Self {
             status: AtomicU32::new(0),
             evt: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
+            failed: AtomicBool::new(false),
         })
     }
 
@@ -123,8 +126,25 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
 
+    /// The device cannot go on (called from whatever thread runs its queue): the transport
+    /// shows `DEVICE_NEEDS_RESET` until the driver resets it, and the driver gets a
+    /// configuration interrupt.
+    pub fn device_failed(&self) {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            if let Err(e) = self.trigger_config() {
+                error!("virtio-mmio: {e}");
+            }
+        }
+    }
+
+    /// Whether [`Self::device_failed`] was called since the last reset.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
     fn clear(&self) {
         self.status.store(0, Ordering::Release);
+        self.failed.store(false, Ordering::Release);
     }
 
     fn trigger(&self, bit: u32) -> Result<()> {
@@ -242,7 +262,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// The device status register as the driver reads it.
     pub fn status(&self) -> u32 {
         self.status
-            | if self.needs_reset {
+            | if self.needs_reset || self.interrupt.has_failed() {
                 STATUS_DEVICE_NEEDS_RESET
             } else {
                 0
@@ -270,7 +290,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn process(&mut self, index: usize) {
-        if !self.activated || self.needs_reset || index >= self.queues.len() {
+        if !self.activated
+            || self.needs_reset
+            || self.interrupt.has_failed()
+            || index >= self.queues.len()
+        {
             return;
         }
         if let Err(e) = self.device.process_queue(index) {

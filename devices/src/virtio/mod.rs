@@ -9,8 +9,8 @@ pub mod mem;
 pub mod mmio;
 
 pub use mem::{
-    HotplugMemory, RangeState, UnpluggedAccess, VirtioMem, VirtioMemShared, VIRTIO_ID_MEM,
-    VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
+    HotplugMemory, RangeState, UnpluggedAccess, VirtioMem, VirtioMemQueue, VirtioMemShared,
+    VIRTIO_ID_MEM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
 };
 pub use mmio::{Interrupt, MmioTransport, VirtioDevice};
 
@@ -70,6 +70,13 @@ pub enum Error {
         /// The size of the region.
         region_size: u64,
     },
+    /// The driver did not accept `VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE`, and on this backend a
+    /// read of unplugged memory would make the host allocate memory.
+    #[error(
+        "the driver must accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE: on this memory backend a \
+         read of unplugged memory allocates host memory"
+    )]
+    UnpluggedInaccessibleRequired,
     /// An operation on the hotplug memory failed.
     #[error("hotplug memory: {0}")]
     Hotplug(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),

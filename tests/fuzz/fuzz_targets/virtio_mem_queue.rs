@@ -3,8 +3,10 @@
 //! over a real 32 MiB HotplugRegion (2 MiB blocks) through the MmioTransport.
 //!
 //! Checked: no panic; the device and the region agree on the plugged size, nothing is plugged
-//! past the usable region; a used element never claims more than the 10-byte response; a reset
-//! unplugs everything.
+//! past the usable region; the usable region never shrinks unless nothing is plugged any more
+//! (only UNPLUG_ALL shrinks it); a used element never claims more than the 10-byte response;
+//! after a notification that left the device running, every available chain got a used-ring
+//! entry; a reset keeps the plug state.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -25,6 +27,8 @@ struct Driver<'a> {
     /// A descriptor pointed into the used ring: the device may have written a response there,
     /// so the used ring no longer says only what the device put in it.
     used_ring_exposed: bool,
+    /// Likewise for the avail ring: the device's responses may have moved its index.
+    avail_ring_exposed: bool,
 }
 
 /// An address for a descriptor. `rings_end`: the end of the descriptor table and avail ring
@@ -101,6 +105,7 @@ fuzz_target!(|data: &[u8]| {
         q: Rings::new(&mem, qsize),
         used_seen: 0,
         used_ring_exposed: false,
+        avail_ring_exposed: false,
     };
     let rings_end = USED_ADDR;
     let used_ring = USED_ADDR..USED_END;
@@ -116,9 +121,11 @@ fuzz_target!(|data: &[u8]| {
     );
 
     let mut ops = 0;
+    let mut prev_usable = shared.usable_region_size();
     while !inp.is_empty() && ops < MAX_OPS {
         ops += 1;
         let op = inp.u8() % 12;
+        let mut notified_queue_0 = false;
         match op {
             // One descriptor, any shape.
             0 => {
@@ -135,6 +142,9 @@ fuzz_target!(|data: &[u8]| {
                 };
                 if addr < used_ring.end && addr.saturating_add(10) > used_ring.start {
                     drv.used_ring_exposed = true;
+                }
+                if addr < USED_ADDR && addr.saturating_add(10) > AVAIL_ADDR {
+                    drv.avail_ring_exposed = true;
                 }
                 drv.q.set_desc(idx, addr, len, f, next);
             }
@@ -178,9 +188,12 @@ fuzz_target!(|data: &[u8]| {
             4 => {
                 let v = if inp.u8() < 0xf0 { 0 } else { inp.u32() };
                 wr(&mut t, 0x50, v);
+                notified_queue_0 = v == 0;
             }
             5 => {
-                t.handle_queue_event(usize::from(inp.u8() % 2));
+                let q = usize::from(inp.u8() % 2);
+                t.handle_queue_event(q);
+                notified_queue_0 = q == 0;
             }
             // The host changes the requested size.
             6 => {
@@ -224,6 +237,26 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         check_sizes(&t);
+        let usable = shared.usable_region_size();
+        assert!(
+            usable >= prev_usable || shared.plugged_size() == 0,
+            "usable shrank {prev_usable:#x} -> {usable:#x} with memory plugged (op {op})"
+        );
+        prev_usable = usable;
+        if notified_queue_0
+            && t.is_activated()
+            && t.status() & 64 == 0
+            && !drv.used_ring_exposed
+            && !drv.avail_ring_exposed
+        {
+            // Every chain made available got a used-ring entry.
+            let avail: u16 = mem.read_obj(GuestAddress(AVAIL_ADDR + 2)).unwrap();
+            assert_eq!(
+                drv.q.used_idx(),
+                avail,
+                "a chain was left without a used-ring entry (op {op})"
+            );
+        }
         drv.check_used(op);
     }
     reset_and_check(&mut t);

@@ -179,15 +179,25 @@ pub fn check_sizes(t: &Transport) {
     }
 }
 
-/// Resets the device through its status register and checks that it unplugged everything.
+/// Resets the device through its status register and checks that the reset kept the plug
+/// state (virtio 1.2 5.15.5: the device MUST NOT change the state of memory blocks during device
+/// reset) and the usable region.
 pub fn reset_and_check(t: &mut Transport) {
+    let shared = t.device().shared();
+    let (plugged, ranges, usable) = (
+        shared.plugged_size(),
+        t.device().region().plugged_ranges(),
+        shared.usable_region_size(),
+    );
     wr(t, 0x70, 0);
     check_sizes(t);
+    assert_eq!(shared.plugged_size(), plugged, "reset changed plugged_size");
     assert_eq!(
-        t.device().region().plugged_bytes(),
-        0,
-        "reset left blocks plugged"
+        t.device().region().plugged_ranges(),
+        ranges,
+        "reset changed the plugged blocks"
     );
+    assert_eq!(shared.usable_region_size(), usable, "reset changed usable");
     assert!(!t.is_activated());
 }
 
