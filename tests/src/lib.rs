@@ -11,6 +11,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod linux;
+
 /// The freestanding test guest built by this crate's build script.
 pub fn test_guest() -> PathBuf {
     PathBuf::from(env!("TIDE_TEST_GUEST"))
@@ -62,6 +64,8 @@ pub fn kvm_is_emulating() -> Option<&'static str> {
 /// A running `tide` with its console captured.
 pub struct Tide {
     child: Child,
+    /// The guest console's input, when started with [`Tide::spawn_console`].
+    stdin: Option<std::process::ChildStdin>,
     out: Arc<Mutex<Vec<u8>>>,
     err: Arc<Mutex<Vec<u8>>>,
     /// When the process was started.
@@ -88,10 +92,32 @@ impl Tide {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        Self::start(args, false)
+    }
+
+    /// Starts `tide` with `args` and a pipe on its stdin, the guest console's input
+    /// ([`Tide::send`]).
+    pub fn spawn_console<I, S>(args: I) -> Tide
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        Self::start(args, true)
+    }
+
+    fn start<I, S>(args: I, console: bool) -> Tide
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
         let started = Instant::now();
         let mut child = Command::new(tide_bin())
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(if console {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -101,6 +127,7 @@ impl Tide {
         pump(child.stdout.take().unwrap(), out.clone());
         pump(child.stderr.take().unwrap(), err.clone());
         Tide {
+            stdin: child.stdin.take(),
             child,
             out,
             err,
@@ -118,6 +145,18 @@ impl Tide {
         args.push(cmdline.into());
         args.extend(extra.iter().map(|s| s.to_string()));
         Tide::spawn(args)
+    }
+
+    /// Types `text` on the guest console; panics unless started with [`Tide::spawn_console`].
+    pub fn send(&mut self, text: &str) {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .expect("tide was started without a console pipe");
+        stdin
+            .write_all(text.as_bytes())
+            .and_then(|_| stdin.flush())
+            .expect("write to the guest console");
     }
 
     /// The process id.
@@ -162,6 +201,31 @@ impl Tide {
                 panic!("timed out after {timeout:?} waiting for {needle:?}\nstdout:\n{out}\nstderr:\n{}", self.stderr());
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Like [`Tide::wait_for`], for `needle` after the first `after` in `out` (output returned by
+    /// an earlier wait).
+    pub fn wait_for_after(
+        &mut self,
+        after: &str,
+        needle: &str,
+        mut out: String,
+        timeout: Duration,
+    ) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(i) = out.find(after) {
+                if out[i + after.len()..].contains(needle) {
+                    return out;
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out after {timeout:?} waiting for {needle:?} after {after:?}\nstdout:\n{out}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+            out = self.stdout();
         }
     }
 

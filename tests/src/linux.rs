@@ -1,0 +1,250 @@
+//! The Linux guest of tier 3 (built by `resources/build-guest.sh`) as a test would use it: boot it
+//! under `tide` with an interactive shell on the console, type commands and read their output,
+//! and read the guest's own view of its memory.
+//!
+//! On an emulating KVM (this project's build machines, see `kvm_is_emulating`) the guest needs the
+//! workaround parameters in the artifact directory's `cmdline` file; on a hardware-assisted KVM it
+//! boots without them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::{kvm_is_emulating, wait_for_path, TempDir, Tide};
+
+/// Guest physical address where Tide places the hotplug region of a guest with less than 3 GiB of
+/// boot RAM (the first 1 GiB boundary above 4 GiB: `memory::MemoryLayout`).
+pub const HOTPLUG_BASE: u64 = 0x1_0000_0000;
+/// Linux's memory block size on x86_64 with less than 64 GiB of boot RAM.
+pub const LINUX_MEMORY_BLOCK: u64 = 128 << 20;
+
+/// How long a boot may take before a test gives up: generous, since an emulating KVM on a loaded
+/// machine has been seen to take 3 minutes. A bound for failures, not a timing assertion.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// Bound on one command or one resize in the guest.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+/// The guest artifact directory from `TIDE_GUEST_DIR` (what `resources/build-guest.sh` printed),
+/// or why it cannot be used.
+pub fn guest_dir() -> Result<PathBuf, String> {
+    let dir = PathBuf::from(std::env::var_os("TIDE_GUEST_DIR").ok_or(
+        "no Linux guest: set TIDE_GUEST_DIR to the output of resources/build-guest.sh (resources/test.sh does)",
+    )?);
+    for f in ["vmlinux", "initramfs.cpio", "cmdline"] {
+        if !dir.join(f).exists() {
+            return Err(format!(
+                "{} has no {f}: rebuild it with resources/build-guest.sh",
+                dir.display()
+            ));
+        }
+    }
+    Ok(dir)
+}
+
+/// The kernel command line for the guest: console, reboot through the i8042, no PCI, hot-added
+/// memory onlined movable, plus the workaround parameters when this host's KVM emulates.
+pub fn kernel_cmdline(dir: &Path) -> String {
+    let mut c =
+        String::from("console=ttyS0 reboot=k panic=1 pci=off memhp_default_state=online_movable");
+    if kvm_is_emulating().is_some() {
+        let extra = std::fs::read_to_string(dir.join("cmdline")).expect("read the guest's cmdline");
+        c.push(' ');
+        c.push_str(extra.trim());
+    }
+    c
+}
+
+/// A booted Linux guest with a shell on its console and an API socket.
+pub struct LinuxGuest {
+    /// The running `tide`.
+    pub tide: Tide,
+    /// Its API socket.
+    pub sock: PathBuf,
+    /// `MemTotal` (kB) right after boot, before any plug.
+    pub boot_mem_total_kib: u64,
+    seq: u32,
+    _tmp: TempDir,
+}
+
+impl LinuxGuest {
+    /// Boots the guest of `dir` with 128 MiB of boot RAM, an API socket and `extra` arguments to
+    /// `tide run` (hotplug region, vCPUs, backend), and waits for its shell.
+    pub fn boot(dir: &Path, tag: &str, extra: &[&str]) -> LinuxGuest {
+        let tmp = TempDir::new(tag);
+        let sock = tmp.0.join("api.sock");
+        let mut args: Vec<String> = [
+            "run",
+            "--kernel",
+            &dir.join("vmlinux").display().to_string(),
+            "--initrd",
+            &dir.join("initramfs.cpio").display().to_string(),
+            "--memory",
+            "128M",
+            "--api-socket",
+            &sock.display().to_string(),
+            "--cmdline",
+            &kernel_cmdline(dir),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut tide = Tide::spawn_console(args);
+        tide.wait_for("starting a shell on the console", BOOT_TIMEOUT);
+        wait_for_path(&sock, Duration::from_secs(10));
+        let mut g = LinuxGuest {
+            tide,
+            sock,
+            boot_mem_total_kib: 0,
+            seq: 0,
+            _tmp: tmp,
+        };
+        // Helpers made of shell builtins: every exec costs seconds of emulated kernel work here.
+        g.sh("mt() { while read k v u; do [ \"$k\" = MemTotal: ] && { echo $v; return; }; done </proc/meminfo; }");
+        g.boot_mem_total_kib = g.mem_total_kib();
+        g
+    }
+
+    /// Runs `cmd` in the guest's shell and returns its output; panics unless it exits 0.
+    pub fn sh(&mut self, cmd: &str) -> String {
+        let (rc, out) = self.sh_rc(cmd);
+        assert_eq!(rc, 0, "`{cmd}` failed in the guest:\n{out}");
+        out
+    }
+
+    /// Runs `cmd` in the guest's shell; returns its exit status and output.
+    pub fn sh_rc(&mut self, cmd: &str) -> (i32, String) {
+        self.seq += 1;
+        let n = self.seq;
+        // The markers are quoted so that the console's echo of the typed line never matches them.
+        self.tide.send(&format!(
+            "echo '<<'{n}'>>'; {cmd}\necho '<<'{n}' rc='$?'>>'\n"
+        ));
+        let (begin, end) = (format!("<<{n}>>"), format!("<<{n} rc="));
+        let out = self.tide.wait_for(&end, COMMAND_TIMEOUT);
+        let out = self.tide.wait_for_after(&end, ">>", out, COMMAND_TIMEOUT);
+        let out = out.replace('\r', "");
+        let start = out
+            .find(&format!("{begin}\n"))
+            .map(|i| i + begin.len() + 1)
+            .unwrap_or_else(|| panic!("no output of `{cmd}`:\n{out}"));
+        let stop = out.find(&end).unwrap();
+        let rc = out[stop + end.len()..]
+            .split(">>")
+            .next()
+            .and_then(|r| r.trim().parse().ok())
+            .unwrap_or(-1);
+        (rc, out[start..stop].to_string())
+    }
+
+    /// The guest's `MemTotal` in kB.
+    pub fn mem_total_kib(&mut self) -> u64 {
+        let out = self.sh("mt");
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("MemTotal: {out:?}"))
+    }
+
+    /// Waits (in the guest, once a second) until `MemTotal` is `kib`; panics after `COMMAND_TIMEOUT`.
+    pub fn wait_mem_total(&mut self, kib: u64) {
+        let tries = COMMAND_TIMEOUT.as_secs();
+        let out = self.sh_rc(&format!(
+            "i=0; while [ \"$(mt)\" != {kib} ] && [ $i -lt {tries} ]; do i=$((i+1)); sleep 1; done; mt"
+        ));
+        assert_eq!(
+            out.1.trim(),
+            kib.to_string(),
+            "MemTotal never reached {kib} kB"
+        );
+    }
+
+    /// States of the Linux memory blocks in `[base, base + size)`: "online", "offline", or
+    /// "absent" for a block Linux has not added.
+    pub fn memory_block_states(&mut self, base: u64, size: u64) -> Vec<String> {
+        let first = base / LINUX_MEMORY_BLOCK;
+        let count = size / LINUX_MEMORY_BLOCK;
+        let out = self.sh(&format!(
+            "i={first}; while [ $i -lt {} ]; do f=/sys/devices/system/memory/memory$i/state; \
+             if [ -f $f ]; then read s <$f; echo $s; else echo absent; fi; i=$((i+1)); done",
+            first + count
+        ));
+        out.lines().map(|l| l.trim().to_string()).collect()
+    }
+
+    /// Kernel log lines that show a problem: warnings, bugs, oopses, errors of virtio-mem, and
+    /// errors of Tide's own devices (i8042, serial). Empty when the log is clean.
+    pub fn kernel_log_problems(&mut self) -> Vec<String> {
+        let out = self.sh_rc(
+            "dmesg | grep -i -E 'warning|bug|oops|call trace|virtio|i8042|serio|serial|8250|error|fail|broken|unable|can.t'",
+        );
+        out.1
+            .lines()
+            .filter(|l| is_problem(l))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Types `exit` in the shell: init syncs and resets through the i8042; returns tide's status.
+    pub fn power_off(mut self) -> std::process::ExitStatus {
+        self.tide.send("exit\n");
+        self.tide.wait_for("TIDE-POWEROFF", COMMAND_TIMEOUT);
+        self.tide.wait_exit(COMMAND_TIMEOUT)
+    }
+}
+
+/// Whether a kernel log line reports a problem (see [`LinuxGuest::kernel_log_problems`]).
+pub fn is_problem(line: &str) -> bool {
+    let l = line.to_ascii_lowercase();
+    // Facts of this host's CPU that the kernel reports as such, not faults of the guest or Tide.
+    const BENIGN: [&str; 3] = [
+        "[firmware bug]: tsc doesn't count with p0 frequency",
+        "rdseed32 is broken. disabling the corresponding cpuid bit",
+        "pmu not available due to virtualization",
+    ];
+    if BENIGN.iter().any(|b| l.contains(b)) {
+        return false;
+    }
+    l.contains("warning")
+        || l.contains("bug")
+        || l.contains("oops")
+        || l.contains("call trace")
+        || ((l.contains("virtio")
+            || l.contains("i8042")
+            || l.contains("serio")
+            || l.contains("8250"))
+            && (l.contains("error")
+                || l.contains("fail")
+                || l.contains("broken")
+                || l.contains("unable")
+                || l.contains("can't")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_problem;
+
+    #[test]
+    fn kernel_log_filter() {
+        assert!(is_problem(
+            "[   12.0] virtio_mem virtio0: marking device broken"
+        ));
+        assert!(is_problem(
+            "[    1.0] i8042: Can't read CTR while initializing i8042"
+        ));
+        assert!(is_problem(
+            "[    1.0] i8042 i8042: probe with driver i8042 failed with error -5"
+        ));
+        assert!(is_problem(
+            "[    2.0] WARNING: CPU: 0 PID: 1 at mm/page_alloc.c:1 foo"
+        ));
+        assert!(is_problem("[    2.0] BUG: unable to handle page fault"));
+        assert!(!is_problem(
+            "[    0.0] [Firmware Bug]: TSC doesn't count with P0 frequency!"
+        ));
+        assert!(!is_problem(
+            "[   41.8] serio: i8042 KBD port at 0x60,0x64 irq 1"
+        ));
+        assert!(!is_problem(
+            "[   12.2] virtio_mem virtio0: plugged size: 0x0"
+        ));
+    }
+}
