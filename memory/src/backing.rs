@@ -68,7 +68,10 @@ impl BackingFile {
         let (file, created) = match std::fs::symlink_metadata(path) {
             Ok(md) if md.file_type().is_dir() => (Self::unnamed_in(path).map_err(io_err)?, None),
             Ok(md) if md.file_type().is_symlink() => {
-                return Err(refuse(path, "is a symbolic link (Tide does not follow links)"))
+                return Err(refuse(
+                    path,
+                    "is a symbolic link (Tide does not follow links)",
+                ))
             }
             Ok(md) if md.file_type().is_file() => {
                 return Err(if locked_by_other(path) {

@@ -76,7 +76,10 @@ fn symlink_is_refused_and_its_target_left_intact() {
     std::os::unix::fs::symlink(&target, &link).unwrap();
     refused(open(&link), "symbolic link");
     assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
     // A dangling link is refused too: nothing is created at its target.
     let dangling = d.0.join("dangling");
     std::os::unix::fs::symlink(d.0.join("nowhere"), &dangling).unwrap();
@@ -92,10 +95,16 @@ fn fifo_and_device_nodes_are_refused_without_blocking() {
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     refused(open(&fifo), "FIFO");
-    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
     // /dev/null: refused, still there and still a character device.
     refused(open(Path::new("/dev/null")), "device node");
-    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+    assert!(std::fs::metadata("/dev/null")
+        .unwrap()
+        .file_type()
+        .is_char_device());
 }
 
 #[test]

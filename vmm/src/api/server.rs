@@ -14,6 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,11 +33,17 @@ const LISTENER: u32 = 0;
 const TIMER: u32 = 1;
 /// Epoll data of the optional wake-up event fd.
 const WAKE: u32 = 2;
+/// Epoll data of the stop event fd.
+const STOP: u32 = 3;
 /// First connection id (connections use the epoll data values from here on).
-const FIRST_CONN: u32 = 3;
+const FIRST_CONN: u32 = 4;
 
-/// Most connections open at once; more are answered 503 and closed.
+/// Most connections open at once that are not parked long polls; more are answered 503 and
+/// closed. Parked long polls have their own bound, [`MAX_WAITERS`], so they can never take the
+/// room that a PATCH, a GET or a shutdown needs.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Most long polls parked at once; one more is answered 503.
+pub const MAX_WAITERS: usize = 64;
 /// How often pending long polls are re-checked.
 pub const POLL_TICK: Duration = Duration::from_millis(20);
 /// Timer period while connections are open but no long poll is pending (for the deadlines).
@@ -129,6 +136,40 @@ pub struct ApiServer {
     timer: TimerFd,
     tick: Option<Duration>,
     wake: Option<EventFd>,
+    /// Signalled by [`StopHandle::stop`]; afterwards every request is answered 503.
+    stop: EventFd,
+    stopping: bool,
+    /// Connections open (shared with the [`StopHandle`], which waits for them to drain).
+    open: Arc<AtomicUsize>,
+    waiters: usize,
+    /// `waiters`, shared with the [`StopHandle`].
+    parked: Arc<AtomicUsize>,
+}
+
+/// Lets the VMM stop the API: waiting long polls and new requests get 503 "shutting down",
+/// answers being sent are flushed.
+#[derive(Debug)]
+pub struct StopHandle {
+    evt: EventFd,
+    open: Arc<AtomicUsize>,
+    parked: Arc<AtomicUsize>,
+}
+
+impl StopHandle {
+    /// Asks the server (on its event loop) to answer everything pending and stop serving.
+    pub fn stop(&self) {
+        let _ = self.evt.write(1);
+    }
+
+    /// Connections still open.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Long polls parked now.
+    pub fn parked_long_polls(&self) -> usize {
+        self.parked.load(Ordering::SeqCst)
+    }
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -186,6 +227,11 @@ impl ApiServer {
             timer: TimerFd::new().map_err(|e| ApiError::Timer(e.into()))?,
             tick: None,
             wake: None,
+            stop: EventFd::new(libc::EFD_NONBLOCK).map_err(ApiError::Timer)?,
+            stopping: false,
+            open: Arc::new(AtomicUsize::new(0)),
+            waiters: 0,
+            parked: Arc::new(AtomicUsize::new(0)),
         };
         // Dropping `server` on error removes the socket file.
         set_nonblocking_fd(&server.timer).map_err(ApiError::Timer)?;
@@ -197,6 +243,15 @@ impl ApiServer {
     pub fn with_wakeup(mut self, evt: EventFd) -> Self {
         self.wake = Some(evt);
         self
+    }
+
+    /// A handle to stop this server from another owner (the VMM's run loop).
+    pub fn stop_handle(&self) -> io::Result<StopHandle> {
+        Ok(StopHandle {
+            evt: self.stop.try_clone()?,
+            open: self.open.clone(),
+            parked: self.parked.clone(),
+        })
     }
 
     /// The socket's path.
@@ -220,9 +275,13 @@ impl ApiServer {
                 log::warn!("API socket: cannot make a connection non-blocking: {e}");
                 continue;
             }
-            if self.conns.len() >= MAX_CONNECTIONS {
+            if self.conns.len() - self.waiters >= MAX_CONNECTIONS || self.stopping {
                 // Best effort: the socket buffer of a fresh connection takes this at once.
-                let r = Response::error(503, "too many API connections");
+                let r = if self.stopping {
+                    shutting_down()
+                } else {
+                    Response::error(503, "too many API connections")
+                };
                 let _ = (&stream).write(&r.to_bytes());
                 continue;
             }
@@ -256,7 +315,25 @@ impl ApiServer {
 
     fn close(&mut self, id: u32, ops: &mut EventOps) {
         if let Some(conn) = self.conns.remove(&id) {
+            if matches!(conn.state, State::Waiting { .. }) {
+                self.waiters -= 1;
+            }
             let _ = ops.remove(Events::with_data(&conn.stream, id, EventSet::empty()));
+        }
+    }
+
+    /// Stops serving: every parked long poll and every request not yet answered gets 503
+    /// "shutting down"; answers being sent are still flushed.
+    fn stop(&mut self, ops: &mut EventOps) {
+        let _ = self.stop.read();
+        self.stopping = true;
+        let ids: Vec<u32> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(c) = self.conns.get(&id) {
+                if !matches!(c.state, State::Writing { .. }) {
+                    self.respond(id, shutting_down(), ops);
+                }
+            }
         }
     }
 
@@ -308,6 +385,7 @@ impl ApiServer {
         };
         conn.rbuf = Vec::new();
         let outcome = match parsed {
+            Parse::Complete(_) if self.stopping => Outcome::Answer(shutting_down()),
             Parse::Complete(req) => handle(self.backend.as_ref(), &req),
             Parse::Error(resp) => Outcome::Answer(resp),
             Parse::Partial => return,
@@ -315,13 +393,18 @@ impl ApiServer {
         match outcome {
             Outcome::Answer(resp) => self.respond(id, resp, ops),
             Outcome::AnswerThenShutdown(resp) => {
-                self.respond(id, resp, ops);
-                // Not waiting for the answer to be flushed: a slow client must not delay the
-                // stop. The answer is tiny and normally leaves at once.
+                // The stop is requested before the answer leaves, so a client that got its
+                // 204 can rely on the stop having started. Not waiting for the answer to be
+                // flushed: a slow client must not delay the stop.
                 self.backend.shutdown();
+                self.respond(id, resp, ops);
+            }
+            Outcome::Wait(_) if self.waiters >= MAX_WAITERS => {
+                self.respond(id, Response::error(503, "too many long polls waiting"), ops)
             }
             Outcome::Wait(deadline) => {
                 conn.state = State::Waiting { deadline };
+                self.waiters += 1;
                 // Only hang-ups and errors (always reported) matter while waiting; a client
                 // that half-closes after its request keeps waiting.
                 if ops
@@ -339,6 +422,9 @@ impl ApiServer {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
+        if matches!(conn.state, State::Waiting { .. }) {
+            self.waiters -= 1;
+        }
         conn.state = State::Writing {
             buf: resp.to_bytes(),
             pos: 0,
@@ -417,7 +503,7 @@ impl ApiServer {
                     }
                 }
                 State::Waiting { deadline } => {
-                    let status = status.get_or_insert_with(|| self.backend.memory_status());
+                    let status = status.get_or_insert_with(|| self.backend.memory_sizes());
                     let resp = match status {
                         None => Some(no_hotplug()),
                         Some(s) if settled(s) => Some(long_poll_answer(s, true)),
@@ -473,6 +559,9 @@ impl MutEventSubscriber for ApiServer {
         if let Err(e) = ops.add(Events::with_data(&self.timer, TIMER, EventSet::IN)) {
             log::error!("API socket: cannot watch the timer: {e:?}");
         }
+        if let Err(e) = ops.add(Events::with_data(&self.stop, STOP, EventSet::IN)) {
+            log::error!("API socket: cannot watch the stop fd: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -485,8 +574,11 @@ impl MutEventSubscriber for ApiServer {
                 }
                 self.on_tick(ops)
             }
+            STOP => self.stop(ops),
             id => self.conn_event(id, events.event_set(), ops),
         }
+        self.open.store(self.conns.len(), Ordering::SeqCst);
+        self.parked.store(self.waiters, Ordering::SeqCst);
         self.update_timer();
     }
 }
@@ -520,6 +612,10 @@ fn set_nonblocking_fd(fd: &impl AsRawFd) -> io::Result<()> {
 
 fn settled(s: &MemoryStatus) -> bool {
     s.plugged_size == s.requested_size
+}
+
+fn shutting_down() -> Response {
+    Response::error(503, "the VM is shutting down")
 }
 
 fn no_hotplug() -> Response {
@@ -607,7 +703,7 @@ fn patch_memory(backend: &dyn ApiBackend, body: &[u8]) -> Response {
         Ok(r) => r,
         Err(e) => return Response::error(400, &format!("invalid body: {e}")),
     };
-    if backend.memory_status().is_none() {
+    if backend.memory_sizes().is_none() {
         return no_hotplug();
     }
     match backend.resize(req.requested_size) {
