@@ -942,3 +942,50 @@ fn client_helpers() {
             .unwrap();
     assert!(matches!(cli.ctl.cmd, CtlCommand::Status { json: true }));
 }
+
+/// Issue 11, failure 7: `resize --wait --timeout 18446744073709551615` panicked (Instant
+/// overflow); `resize 1P` was refused while `tide run --hotplug-size 1P` was accepted.
+#[test]
+fn client_takes_any_timeout_and_the_run_size_syntax() {
+    let h = Harness::start(Mock::new(true));
+    h.mock.step.store(usize::MAX, Ordering::SeqCst);
+    let forever = Duration::from_secs(u64::MAX);
+    assert_eq!(
+        client::resize(&h.sock, 2 * MIB, Some(forever), &mut |_| {}),
+        Ok(Waited::Done)
+    );
+    for s in ["1P", "2MiB", "3 GB", "16383P"] {
+        assert_eq!(
+            client::parse_size(s),
+            memory::parse_size(s).map_err(|e| e.to_string())
+        );
+    }
+    assert_eq!(client::parse_size("1P"), Ok(1 << 50));
+}
+
+/// Issue 11, failure 7: a 503 was reported as "Broken pipe" when the server answered before
+/// reading the request and closed.
+#[test]
+fn client_shows_a_503_as_the_servers_message() {
+    let h = Harness::start(Mock::new(true));
+    let _idle: Vec<UnixStream> = (0..MAX_CONNECTIONS).map(|_| connect(&h.sock)).collect();
+    // A body large enough that the write is still going on when the server closes.
+    let body = format!(
+        r#"{{"requested_size": 0, "pad": "{}"}}"#,
+        "x".repeat(60 << 10)
+    );
+    for _ in 0..5 {
+        let err = client::call(
+            &h.sock,
+            "PATCH",
+            "/hotplug/memory",
+            Some(&body),
+            Duration::from_secs(10),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("503") && err.contains("too many API connections"),
+            "{err}"
+        );
+    }
+}
