@@ -3,8 +3,10 @@
 //! For anon, the only per-region figure is the `Rss` of `/proc/self/smaps`, a walk of the
 //! region's page tables under the mmap lock (tens of milliseconds with gigabytes plugged in
 //! 4 KiB pages). A `resident` thread takes that reading after every plug or unplug and when a
-//! status request finds it older than [`MAX_AGE`], at most once per [`MIN_INTERVAL`]; status
-//! requests return the latest reading and never wait for one.
+//! status request finds it older than [`MAX_AGE`], pausing four times a walk's duration
+//! between walks (at least [`MIN_PAUSE`], at most [`MIN_INTERVAL`]); status
+//! requests return the latest reading and never wait for one. A long poll answers `settled`
+//! only once a reading taken after the last plug or unplug is in ([`ResidentSampler::is_current`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -13,10 +15,14 @@ use std::time::{Duration, Instant};
 
 use memory::{GuestAddress, HotplugRegion, ListenerId, RamDiscardListener};
 
-/// Shortest time between two readings.
+/// Longest pause enforced between two readings. The pause is four times the last walk's
+/// duration (so the thread spends at most a fifth of a core walking), between
+/// [`MIN_PAUSE`] and this.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
+/// Shortest pause between two readings.
+pub const MIN_PAUSE: Duration = Duration::from_millis(5);
 /// A status request asks for a new reading when the latest one is older than this.
-pub const MAX_AGE: Duration = Duration::from_secs(1);
+pub const MAX_AGE: Duration = Duration::from_millis(250);
 
 #[derive(Default)]
 struct Want {
@@ -26,6 +32,10 @@ struct Want {
 
 struct Inner {
     value: AtomicU64,
+    /// Plug and unplug events seen so far.
+    changes: AtomicU64,
+    /// The value of `changes` before the latest reading started.
+    seen: AtomicU64,
     taken: Mutex<Option<Instant>>,
     want: Mutex<Want>,
     cv: Condvar,
@@ -42,10 +52,12 @@ struct Poker(Arc<Inner>);
 
 impl RamDiscardListener for Poker {
     fn on_populate(&self, _: GuestAddress, _: u64) -> Result<(), String> {
+        self.0.changes.fetch_add(1, Ordering::SeqCst);
         self.0.poke();
         Ok(())
     }
     fn on_discard(&self, _: GuestAddress, _: u64) {
+        self.0.changes.fetch_add(1, Ordering::SeqCst);
         self.0.poke();
     }
 }
@@ -63,6 +75,9 @@ impl ResidentSampler {
     pub fn start(region: Arc<HotplugRegion>) -> std::io::Result<Self> {
         let inner = Arc::new(Inner {
             value: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
+            // Not current until the first reading.
+            seen: AtomicU64::new(u64::MAX),
             taken: Mutex::new(None),
             want: Mutex::new(Want {
                 dirty: true,
@@ -91,12 +106,18 @@ impl ResidentSampler {
                 self.inner.poke();
             }
         }
-        self.inner.value.load(Ordering::Relaxed)
+        self.inner.value.load(Ordering::SeqCst)
+    }
+
+    /// Whether the latest reading was taken after every plug and unplug so far.
+    pub fn is_current(&self) -> bool {
+        self.inner.seen.load(Ordering::SeqCst) == self.inner.changes.load(Ordering::SeqCst)
     }
 }
 
 fn sample(i: &Inner, region: &HotplugRegion) {
     let mut last: Option<Instant> = None;
+    let mut pause = MIN_PAUSE;
     loop {
         {
             let mut w = i.want.lock().unwrap_or_else(|e| e.into_inner());
@@ -104,7 +125,7 @@ fn sample(i: &Inner, region: &HotplugRegion) {
                 if w.stop {
                     return;
                 }
-                let early = last.map(|l| MIN_INTERVAL.saturating_sub(l.elapsed()));
+                let early = last.map(|l| pause.saturating_sub(l.elapsed()));
                 match early {
                     _ if !w.dirty => w = i.cv.wait(w).unwrap_or_else(|e| e.into_inner()),
                     Some(d) if !d.is_zero() => {
@@ -116,11 +137,14 @@ fn sample(i: &Inner, region: &HotplugRegion) {
             w.dirty = false;
         }
         let now = Instant::now();
+        let changes = i.changes.load(Ordering::SeqCst);
         match region.resident_bytes() {
-            Ok(v) => i.value.store(v, Ordering::Relaxed),
+            Ok(v) => i.value.store(v, Ordering::SeqCst),
             Err(e) => log::debug!("resident bytes: {e}"),
         }
-        last = Some(now);
+        i.seen.store(changes, Ordering::SeqCst);
+        pause = (now.elapsed() * 4).clamp(MIN_PAUSE, MIN_INTERVAL);
+        last = Some(Instant::now());
         *i.taken.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
     }
 }

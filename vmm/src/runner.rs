@@ -62,6 +62,12 @@ impl ApiBackend for Control {
         self.status(false)
     }
 
+    fn resident_current(&self) -> bool {
+        self.sampler
+            .as_ref()
+            .is_none_or(ResidentSampler::is_current)
+    }
+
     fn resize(&self, requested_size: u64) -> std::result::Result<(), String> {
         match &self.mem {
             Some((shared, _)) => shared

@@ -80,6 +80,11 @@ pub trait ApiBackend: Send + Sync {
     fn memory_sizes(&self) -> Option<MemoryStatus> {
         self.memory_status()
     }
+    /// Whether `resident_bytes` reflects every plug and unplug so far (it may be read off the
+    /// event loop and lag): a long poll answers settled only when it does. Cheap.
+    fn resident_current(&self) -> bool {
+        true
+    }
     /// Asks the guest to have `requested_size` bytes plugged. `Err(msg)` is answered as
     /// 400 `{"error": msg}`.
     fn resize(&self, requested_size: u64) -> Result<(), String>;

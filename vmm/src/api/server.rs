@@ -506,7 +506,13 @@ impl ApiServer {
                     let status = status.get_or_insert_with(|| self.backend.memory_sizes());
                     let resp = match status {
                         None => Some(no_hotplug()),
-                        Some(s) if settled(s) => Some(long_poll_answer(s, true)),
+                        // Settled, with a resident figure that includes the last change: read
+                        // the status again, the reading may be newer than `status`.
+                        Some(s) if settled(s) && self.backend.resident_current() => self
+                            .backend
+                            .memory_sizes()
+                            .map(|s| long_poll_answer(&s, settled(&s)))
+                            .or_else(|| Some(no_hotplug())),
                         Some(s) if now >= deadline => Some(long_poll_answer(s, false)),
                         Some(_) => None,
                     };
@@ -683,7 +689,7 @@ fn get_memory(backend: &dyn ApiBackend, query: Option<&str>) -> Outcome {
     if !wait {
         return Outcome::Answer(Response::json(200, &status));
     }
-    if settled(&status) || timeout_ms == 0 {
+    if (settled(&status) && backend.resident_current()) || timeout_ms == 0 {
         return Outcome::Answer(long_poll_answer(&status, settled(&status)));
     }
     Outcome::Wait(Instant::now() + Duration::from_millis(timeout_ms))
