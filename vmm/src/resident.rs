@@ -22,7 +22,7 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
 /// Shortest pause between two readings.
 pub const MIN_PAUSE: Duration = Duration::from_millis(5);
 /// A status request asks for a new reading when the latest one is older than this.
-pub const MAX_AGE: Duration = Duration::from_millis(250);
+pub const MAX_AGE: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
 struct Want {
@@ -36,6 +36,10 @@ struct Inner {
     changes: AtomicU64,
     /// The value of `changes` before the latest reading started.
     seen: AtomicU64,
+    /// The region's plugged bytes before the latest reading started. Listeners hear of a
+    /// discard before the memory is released and the plugged count drops after it, so a
+    /// reading is current only if the count has not moved since it started.
+    seen_plugged: AtomicU64,
     taken: Mutex<Option<Instant>>,
     want: Mutex<Want>,
     cv: Condvar,
@@ -78,6 +82,7 @@ impl ResidentSampler {
             changes: AtomicU64::new(0),
             // Not current until the first reading.
             seen: AtomicU64::new(u64::MAX),
+            seen_plugged: AtomicU64::new(u64::MAX),
             taken: Mutex::new(None),
             want: Mutex::new(Want {
                 dirty: true,
@@ -109,9 +114,16 @@ impl ResidentSampler {
         self.inner.value.load(Ordering::SeqCst)
     }
 
-    /// Whether the latest reading was taken after every plug and unplug so far.
+    /// Whether the latest reading was taken after every plug and unplug so far; when it was
+    /// not, asks for a new one.
     pub fn is_current(&self) -> bool {
-        self.inner.seen.load(Ordering::SeqCst) == self.inner.changes.load(Ordering::SeqCst)
+        let i = &self.inner;
+        let current = i.seen.load(Ordering::SeqCst) == i.changes.load(Ordering::SeqCst)
+            && i.seen_plugged.load(Ordering::SeqCst) == self.region.plugged_bytes();
+        if !current {
+            i.poke();
+        }
+        current
     }
 }
 
@@ -138,10 +150,12 @@ fn sample(i: &Inner, region: &HotplugRegion) {
         }
         let now = Instant::now();
         let changes = i.changes.load(Ordering::SeqCst);
+        let plugged = region.plugged_bytes();
         match region.resident_bytes() {
             Ok(v) => i.value.store(v, Ordering::SeqCst),
             Err(e) => log::debug!("resident bytes: {e}"),
         }
+        i.seen_plugged.store(plugged, Ordering::SeqCst);
         i.seen.store(changes, Ordering::SeqCst);
         pause = (now.elapsed() * 4).clamp(MIN_PAUSE, MIN_INTERVAL);
         last = Some(Instant::now());
