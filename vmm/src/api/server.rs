@@ -202,18 +202,25 @@ impl ApiServer {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(ApiError::Inspect(path.to_path_buf(), e)),
         }
+        // Bound under a temporary name, made 0600, then renamed into place: the socket never
+        // appears at `path` with another mode.
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp_name);
+        let _ = std::fs::remove_file(&tmp);
         let listener =
-            UnixListener::bind(path).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+            UnixListener::bind(&tmp).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
         let setup = || -> io::Result<(u64, u64)> {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
             listener.set_nonblocking(true)?;
+            rename_noreplace(&tmp, path)?;
             let md = std::fs::symlink_metadata(path)?;
             Ok((md.dev(), md.ino()))
         };
         let ident = match setup() {
             Ok(ident) => ident,
             Err(e) => {
-                let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(&tmp);
                 return Err(ApiError::Setup(path.to_path_buf(), e));
             }
         };
@@ -597,6 +604,31 @@ impl Drop for ApiServer {
                 let _ = std::fs::remove_file(&self.path);
             }
         }
+    }
+}
+
+/// Renames `from` to `to`, failing (EEXIST) rather than replacing anything at `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: both paths are valid NUL-terminated strings; no memory is written.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
