@@ -102,6 +102,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// `file:PATH` names something Tide must not use (see the backend's policy).
+    #[error("backing file {path:?} {reason}")]
+    BackingFileRefused {
+        /// The path given.
+        path: PathBuf,
+        /// Why it is refused.
+        reason: &'static str,
+    },
     /// The hugetlb backend was requested, but the 2 MiB huge page pool has no free pages.
     #[error("hugetlb backend: the 2 MiB huge page pool is empty (free_hugepages is 0 in /sys/kernel/mm/hugepages/hugepages-2048kB); raise /proc/sys/vm/nr_hugepages")]
     HugetlbPoolEmpty,
@@ -208,8 +216,8 @@ pub enum Error {
         /// What the listener said.
         reason: String,
     },
-    /// Reading `/proc/self/smaps` failed.
-    #[error("cannot read /proc/self/smaps: {0}")]
+    /// Reading the resident memory (`fstat` or `/proc/self/smaps`) failed.
+    #[error("cannot read the resident memory (fstat or /proc/self/smaps): {0}")]
     Smaps(#[source] io::Error),
 }
 

@@ -12,6 +12,7 @@
 
 #![deny(missing_docs)]
 
+mod backing;
 mod error;
 mod layout;
 mod region;

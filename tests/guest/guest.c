@@ -10,8 +10,8 @@
  * code keeps its instruction count small and uses no SSE/AVX, xsave or int3 (see shared/README.md).
  *
  * Command line (Linux's boot_params.hdr.cmd_line_ptr):
- *   tide.test=hang | triple | mem-follow | mem-hostile | mem-touch-unplugged | mem-busy | mem-reset
- *             | mem-read-unplugged
+ *   tide.test=hang | triple | flood | mem-follow | mem-hostile | mem-touch-unplugged | mem-busy
+ *             | mem-reset | mem-read-unplugged  (flood: prints lines on the console for ever)
  *   virtio_mmio.device=<size>@<addr>:<irq>   (Linux syntax; may appear several times)
  *   tide.accept_inaccessible=0               do not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
  *   tide.exit_at_zero=1                      mem-follow: power off once requested and plugged are 0
@@ -1575,6 +1575,11 @@ void guest_main(u64 boot_params)
     if (param_is("tide.test", "hang")) {
         say_line("hanging (hlt with interrupts off)");
         halt_forever();
+    }
+    if (param_is("tide.test", "flood")) {
+        say_line("flooding the console");
+        for (;;)
+            puts_("tide-guest: flood flood flood flood flood flood flood flood flood flood flood\n");
     }
     if (param_is("tide.test", "triple")) {
         say_line("triple fault");

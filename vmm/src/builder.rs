@@ -35,6 +35,7 @@ pub struct Vmm {
     pub(crate) boot_mem: GuestMemoryMmap,
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) console: crate::console::ConsoleOut,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) mem_device: Option<MemDevice>,
     pub(crate) state: Arc<RunState>,
@@ -131,9 +132,12 @@ fn build(config: VmmConfig) -> Result<Vmm> {
     // Devices.
     let state = Arc::new(RunState::new().map_err(|e| Error::Io("cannot create an event fd", e))?);
     let irq = || EventFdTrigger::new().map_err(|e| Error::Io("cannot create an event fd", e));
+    // Guest output never blocks a vCPU: bounded buffer, dropped and counted when unread.
+    let console = crate::console::ConsoleOut::stdout()
+        .map_err(|e| Error::Io("cannot start the console output thread", e))?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         irq()?,
-        Box::new(legacy::UnbufferedStdout),
+        Box::new(console.clone()),
     )));
     vm.register_irqfd(devices::bus::lock(&serial).irq_evt(), legacy::COM1_IRQ)
         .map_err(|e| Error::Vm("register the serial irqfd", e))?;
@@ -243,6 +247,7 @@ fn build(config: VmmConfig) -> Result<Vmm> {
         boot_mem,
         vcpus,
         serial,
+        console,
         i8042,
         mem_device,
         state,

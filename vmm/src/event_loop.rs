@@ -10,6 +10,7 @@ use devices::bus::lock;
 use devices::legacy::{SerialDevice, I8042};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::vcpu::RunState;
 
@@ -55,10 +56,13 @@ pub struct StopWatch {
     pub i8042: Arc<Mutex<I8042>>,
     /// The VM's run state.
     pub state: Arc<RunState>,
+    /// Set by SIGTERM, SIGINT or SIGHUP once [`crate::signals::install`] has run.
+    pub signals: Option<&'static EventFd>,
 }
 
 const RESET: u32 = 1;
 const STOP: u32 = 2;
+const SIGNAL: u32 = 3;
 
 impl MutEventSubscriber for StopWatch {
     fn init(&mut self, ops: &mut EventOps) {
@@ -66,6 +70,11 @@ impl MutEventSubscriber for StopWatch {
         for (fd, data) in [(reset, RESET), (self.state.evt().as_raw_fd(), STOP)] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
                 log::error!("cannot watch for VM stops: {e:?}");
+            }
+        }
+        if let Some(evt) = self.signals {
+            if let Err(e) = ops.add(Events::with_data(evt, SIGNAL, EventSet::IN)) {
+                log::error!("cannot watch for stop signals: {e:?}");
             }
         }
     }
@@ -76,6 +85,16 @@ impl MutEventSubscriber for StopWatch {
                 let _ = lock(&self.i8042).reset_evt().read();
                 self.state
                     .request_exit(0, "guest reset or powered off through the i8042");
+            }
+            SIGNAL => {
+                if let Some(evt) = self.signals {
+                    let _ = evt.read();
+                }
+                let sig = crate::signals::received().unwrap_or(libc::SIGTERM);
+                self.state.request_exit(
+                    crate::signals::exit_code(sig),
+                    format!("stopped by {}", crate::signals::name(sig)),
+                );
             }
             _ => {
                 let _ = self.state.evt().read();

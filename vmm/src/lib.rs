@@ -5,10 +5,13 @@
 pub mod api;
 pub mod builder;
 pub mod config;
+pub mod console;
 pub mod event_loop;
 pub mod guest_report;
 pub mod plug_tracker;
+pub mod resident;
 pub mod runner;
+pub mod signals;
 pub mod vcpu;
 pub mod virtio_mem;
 

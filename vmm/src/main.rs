@@ -52,15 +52,15 @@ struct RunArgs {
     /// Size of the virtio-mem hotplug region (0: no virtio-mem device).
     #[arg(long, default_value = "0", value_parser = size)]
     hotplug_size: u64,
-    /// virtio-mem block size (power of two, at least 2M).
-    #[arg(long, default_value = "2M", value_parser = size)]
-    block_size: u64,
-    /// Host backend of the hotplug region: anon, memfd, hugetlb or file:PATH.
-    #[arg(long, default_value = "anon")]
-    backend: memory::Backend,
-    /// Initial requested size of the hotplug region.
-    #[arg(long, default_value = "0", value_parser = size)]
-    requested: u64,
+    /// virtio-mem block size (power of two, at least 2M; default 2M).
+    #[arg(long, value_parser = size)]
+    block_size: Option<u64>,
+    /// Host backend of the hotplug region: anon (default), memfd, hugetlb or file:PATH.
+    #[arg(long)]
+    backend: Option<memory::Backend>,
+    /// Initial requested size of the hotplug region (default 0).
+    #[arg(long, value_parser = size)]
+    requested: Option<u64>,
     /// Do not ask for transparent huge pages on the anon backend (4 KiB pages).
     #[arg(long)]
     no_thp: bool,
@@ -110,6 +110,25 @@ fn main() -> ExitCode {
         Command::Run(a) => {
             let _ = log::set_logger(&StderrLogger);
             log::set_max_level(a.log_level);
+            if a.hotplug_size == 0 {
+                let unused = [
+                    ("--requested", a.requested.is_some()),
+                    ("--block-size", a.block_size.is_some()),
+                    ("--backend", a.backend.is_some()),
+                    ("--no-thp", a.no_thp),
+                ];
+                if let Some((opt, _)) = unused.iter().find(|(_, given)| *given) {
+                    eprintln!(
+                        "tide: {opt} has no effect without a hotplug region (--hotplug-size)"
+                    );
+                    return ExitCode::from(2);
+                }
+            }
+            // SIGTERM, SIGINT and SIGHUP stop the VM like PUT /vm/shutdown from here on.
+            if let Err(e) = vmm::signals::install() {
+                eprintln!("tide: error: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
             let config = VmmConfig {
                 kernel: KernelConfig {
                     path: a.kernel,
@@ -122,9 +141,9 @@ fn main() -> ExitCode {
                 },
                 hotplug: HotplugConfig {
                     size: a.hotplug_size,
-                    block_size: a.block_size,
-                    backend: a.backend,
-                    requested: a.requested,
+                    block_size: a.block_size.unwrap_or(2 << 20),
+                    backend: a.backend.unwrap_or(memory::Backend::Anon),
+                    requested: a.requested.unwrap_or(0),
                     thp: !a.no_thp,
                 },
                 api_socket: a.api_socket,

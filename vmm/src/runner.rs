@@ -3,14 +3,21 @@
 
 use std::io::IsTerminal;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::terminal::Terminal;
 
 use crate::api::{ApiBackend, MemoryStatus, VmInfo};
 use crate::event_loop::{ConsoleInput, StopWatch};
+use crate::resident::ResidentSampler;
 use crate::vcpu::{self, RunState, VmExit};
 use crate::{Error, Result, Vmm};
+
+/// Longest time the stop waits for API answers to be sent.
+const API_DRAIN: Duration = Duration::from_millis(500);
+/// Longest time the stop waits for buffered console output to be written.
+const CONSOLE_DRAIN: Duration = Duration::from_millis(500);
 
 /// What the API sees of a running VM.
 struct Control {
@@ -19,13 +26,21 @@ struct Control {
         Arc<devices::virtio::mem::VirtioMemShared>,
         Arc<memory::HotplugRegion>,
     )>,
+    /// Resident bytes of an anon region, read off the event loop (fd backends use `fstat`).
+    sampler: Option<ResidentSampler>,
     vcpus: u8,
     boot_memory: u64,
 }
 
-impl ApiBackend for Control {
-    fn memory_status(&self) -> Option<MemoryStatus> {
+impl Control {
+    fn status(&self, refresh: bool) -> Option<MemoryStatus> {
         let (shared, region) = self.mem.as_ref()?;
+        let resident_bytes = match &self.sampler {
+            Some(s) => s.get(refresh),
+            // One fstat.
+            None if region.resident_bytes_is_cheap() => region.resident_bytes().unwrap_or(0),
+            None => 0,
+        };
         Some(MemoryStatus {
             region_size: shared.region_size(),
             block_size: shared.block_size(),
@@ -33,8 +48,24 @@ impl ApiBackend for Control {
             plugged_size: shared.plugged_size(),
             usable_region_size: shared.usable_region_size(),
             backend: region.backend().to_string(),
-            resident_bytes: region.resident_bytes().unwrap_or(0),
+            resident_bytes,
         })
+    }
+}
+
+impl ApiBackend for Control {
+    fn memory_status(&self) -> Option<MemoryStatus> {
+        self.status(true)
+    }
+
+    fn memory_sizes(&self) -> Option<MemoryStatus> {
+        self.status(false)
+    }
+
+    fn resident_current(&self) -> bool {
+        self.sampler
+            .as_ref()
+            .is_none_or(ResidentSampler::is_current)
     }
 
     fn resize(&self, requested_size: u64) -> std::result::Result<(), String> {
@@ -68,7 +99,12 @@ struct RawStdin(bool);
 impl RawStdin {
     fn new() -> Self {
         let stdin = std::io::stdin();
-        Self(stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok())
+        if !stdin.is_terminal() {
+            return Self(false);
+        }
+        // For a second stop signal, which exits from the handler.
+        crate::signals::save_terminal();
+        Self(stdin.lock().set_raw_mode().is_ok())
     }
 }
 
@@ -90,27 +126,42 @@ impl Vmm {
         em.add_subscriber(Box::new(StopWatch {
             i8042: self.i8042.clone(),
             state: self.state.clone(),
+            signals: crate::signals::event(),
         }));
         let _raw = RawStdin::new();
         em.add_subscriber(Box::new(ConsoleInput {
             serial: self.serial.clone(),
         }));
 
+        let sampler = match &self.mem_device {
+            Some(d) if !d.region().resident_bytes_is_cheap() => Some(
+                ResidentSampler::start(d.region().clone())
+                    .map_err(|e| Error::Io("cannot start the resident-memory thread", e))?,
+            ),
+            _ => None,
+        };
         let control = Arc::new(Control {
             state: self.state.clone(),
             mem: self
                 .mem_device
                 .as_ref()
                 .map(|d| (d.shared().clone(), d.region().clone())),
+            sampler,
             vcpus: self.config.machine.cpus,
             boot_memory: self.config.machine.memory,
         });
+        let mut api_stop = None;
         if let Some(path) = &self.config.api_socket {
             let mut server = crate::api::server::ApiServer::bind(path, control.clone())
                 .map_err(|e| Error::ApiSocket(path.clone(), e.to_string()))?;
             if let Some(dev) = &self.mem_device {
                 server = server.with_wakeup(dev.changed_evt()?);
             }
+            api_stop = Some(
+                server
+                    .stop_handle()
+                    .map_err(|e| Error::Io("cannot create an event fd", e))?,
+            );
             em.add_subscriber(Box::new(server));
         }
         if let Some(dev) = self.mem_device.as_mut() {
@@ -133,9 +184,29 @@ impl Vmm {
                     .request_exit(1, format!("event loop failed: {e:?}"));
             }
         }
+        // Answer what the API still has pending (parked long polls get 503 "shutting down"),
+        // bounded: a client that does not read cannot hold the stop.
+        if let Some(h) = &api_stop {
+            h.stop();
+            let end = Instant::now() + API_DRAIN;
+            loop {
+                let _ = em.run_with_timeout(10);
+                if h.open_connections() == 0 || Instant::now() >= end {
+                    break;
+                }
+            }
+        }
         vcpu::stop_vcpus(handles);
         if let Some(dev) = self.mem_device.as_mut() {
             dev.stop();
+        }
+        // Guest output still buffered goes out if stdout takes it soon; never waits longer.
+        if !self.console.drain(CONSOLE_DRAIN) {
+            log::warn!("console: stdout is not being read; buffered guest output dropped");
+        }
+        let dropped = self.console.dropped();
+        if dropped > 0 {
+            log::warn!("console: {dropped} bytes of guest output dropped (stdout was not read)");
         }
         Ok(self.state.exit().unwrap_or(VmExit {
             code: 0,

@@ -40,15 +40,15 @@ pub enum CtlCommand {
     },
     /// Ask the guest to have SIZE of hotplug memory plugged.
     Resize {
-        /// Bytes, or with a binary suffix: 512M, 1G, 0 (K, M, G, T; optional "iB"/"B").
+        /// Bytes, or with a binary suffix: 512M, 1G, 0 (K, M, G, T, P; optional "iB"/"B").
         #[arg(value_parser = parse_size)]
         size: u64,
         /// Wait until the guest has plugged the requested size (exit status 1 on timeout).
         #[arg(long)]
         wait: bool,
-        /// How long --wait waits, in seconds.
-        #[arg(long, default_value_t = 60)]
-        timeout: u64,
+        /// How long --wait waits, in seconds (default 60; needs --wait).
+        #[arg(long, requires = "wait")]
+        timeout: Option<u64>,
     },
     /// Show the VM's state.
     Info {
@@ -82,6 +82,7 @@ pub fn run(args: CtlArgs) -> Result<u8, String> {
             wait,
             timeout,
         } => {
+            let timeout = timeout.unwrap_or(60);
             let wait = wait.then(|| Duration::from_secs(timeout));
             let mut bar = ProgressBar::default();
             let res = resize(sock, size, wait, &mut |s| bar.show(s));
@@ -194,10 +195,11 @@ pub(crate) fn resize(
     let Some(wait) = wait else {
         return Ok(Waited::Done);
     };
-    let deadline = Instant::now() + wait;
+    // A wait too long for the clock is a wait without end.
+    let deadline = Instant::now().checked_add(wait);
     loop {
         let left = deadline
-            .saturating_duration_since(Instant::now())
+            .map_or(WAIT_SLICE, |d| d.saturating_duration_since(Instant::now()))
             .min(WAIT_SLICE);
         let path = format!(
             "/hotplug/memory?wait_for=plugged_size&timeout_ms={}",
@@ -209,7 +211,7 @@ pub(crate) fn resize(
         if poll.settled {
             return Ok(Waited::Done);
         }
-        if Instant::now() >= deadline {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(Waited::TimedOut(poll.status));
         }
     }
@@ -307,7 +309,9 @@ pub(crate) fn request(
     }
     req.push_str("\r\n");
     req.push_str(body.unwrap_or(""));
-    stream.write_all(req.as_bytes()).map_err(io_err)?;
+    // A server that answers before reading (503 when it is busy or stopping) may close its
+    // end while the request is still being written: read its answer before reporting that.
+    let sent = stream.write_all(req.as_bytes());
 
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -331,8 +335,13 @@ pub(crate) fn request(
                     timeout.as_secs()
                 ))
             }
-            Err(e) => return Err(io_err(e)),
+            Err(e) => return Err(io_err(sent.err().unwrap_or(e))),
         };
+        if eof && buf.is_empty() {
+            if let Err(e) = sent {
+                return Err(io_err(e));
+            }
+        }
         if let Some(done) = parse_response(&buf, eof)? {
             return Ok(done);
         }
@@ -374,38 +383,9 @@ fn parse_response(buf: &[u8], eof: bool) -> Result<Option<(u16, Vec<u8>)>, Strin
     }
 }
 
-/// Parses a size: bytes, or a number with a binary suffix K, M, G or T (optionally followed by
-/// "iB" or "B", any case).
+/// Parses a size with the same parser as `tide run` ([`memory::parse_size`]).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
-    let (num, unit) = t.split_at(digits);
-    if num.is_empty() {
-        return Err(format!(
-            "invalid size {s:?}: expected bytes or a number with K/M/G/T"
-        ));
-    }
-    let unit = unit.trim().to_ascii_uppercase();
-    let unit = unit
-        .strip_suffix("IB")
-        .or_else(|| unit.strip_suffix('B'))
-        .unwrap_or(&unit);
-    let shift = match unit {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => {
-            return Err(format!(
-                "invalid size {s:?}: unknown unit (use K, M, G or T)"
-            ))
-        }
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1u64 << shift))
-        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+    memory::parse_size(s).map_err(|e| e.to_string())
 }
 
 /// Formats bytes with a binary unit: `512 MiB`, `1.5 GiB`, `100 B`.

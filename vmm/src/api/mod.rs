@@ -23,7 +23,8 @@
 //! Every error answer has a JSON body `{"error": "..."}`: 400 malformed request or bad body,
 //! 404 unknown path, 405 wrong method (with `Allow`), 408 request not received in time, 411
 //! `Transfer-Encoding` (only `Content-Length` bodies are accepted), 413 body over 64 KiB, 431
-//! header section over 8 KiB, 503 too many connections. The server answers one request per
+//! header section over 8 KiB, 503 too many connections (64 besides parked long polls), too many
+//! long polls (64 parked) or the VM shutting down (a stop answers every parked long poll so). The server answers one request per
 //! connection and then closes it (`Connection: close`).
 
 pub mod client;
@@ -32,7 +33,7 @@ pub mod server;
 #[cfg(test)]
 mod tests;
 
-pub use server::{ApiError, ApiServer};
+pub use server::{ApiError, ApiServer, StopHandle};
 
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +75,16 @@ pub struct VmInfo {
 pub trait ApiBackend: Send + Sync {
     /// The hotplug region's state; `None` when the VM has none (the API answers 404).
     fn memory_status(&self) -> Option<MemoryStatus>;
+    /// Like [`ApiBackend::memory_status`], for callers that need only the sizes (PATCH, the
+    /// long poll's checks): must not ask for a fresh `resident_bytes` reading.
+    fn memory_sizes(&self) -> Option<MemoryStatus> {
+        self.memory_status()
+    }
+    /// Whether `resident_bytes` reflects every plug and unplug so far (it may be read off the
+    /// event loop and lag): a long poll answers settled only when it does. Cheap.
+    fn resident_current(&self) -> bool {
+        true
+    }
     /// Asks the guest to have `requested_size` bytes plugged. `Err(msg)` is answered as
     /// 400 `{"error": msg}`.
     fn resize(&self, requested_size: u64) -> Result<(), String>;

@@ -14,6 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,11 +33,17 @@ const LISTENER: u32 = 0;
 const TIMER: u32 = 1;
 /// Epoll data of the optional wake-up event fd.
 const WAKE: u32 = 2;
+/// Epoll data of the stop event fd.
+const STOP: u32 = 3;
 /// First connection id (connections use the epoll data values from here on).
-const FIRST_CONN: u32 = 3;
+const FIRST_CONN: u32 = 4;
 
-/// Most connections open at once; more are answered 503 and closed.
+/// Most connections open at once that are not parked long polls; more are answered 503 and
+/// closed. Parked long polls have their own bound, [`MAX_WAITERS`], so they can never take the
+/// room that a PATCH, a GET or a shutdown needs.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Most long polls parked at once; one more is answered 503.
+pub const MAX_WAITERS: usize = 64;
 /// How often pending long polls are re-checked.
 pub const POLL_TICK: Duration = Duration::from_millis(20);
 /// Timer period while connections are open but no long poll is pending (for the deadlines).
@@ -129,6 +136,40 @@ pub struct ApiServer {
     timer: TimerFd,
     tick: Option<Duration>,
     wake: Option<EventFd>,
+    /// Signalled by [`StopHandle::stop`]; afterwards every request is answered 503.
+    stop: EventFd,
+    stopping: bool,
+    /// Connections open (shared with the [`StopHandle`], which waits for them to drain).
+    open: Arc<AtomicUsize>,
+    waiters: usize,
+    /// `waiters`, shared with the [`StopHandle`].
+    parked: Arc<AtomicUsize>,
+}
+
+/// Lets the VMM stop the API: waiting long polls and new requests get 503 "shutting down",
+/// answers being sent are flushed.
+#[derive(Debug)]
+pub struct StopHandle {
+    evt: EventFd,
+    open: Arc<AtomicUsize>,
+    parked: Arc<AtomicUsize>,
+}
+
+impl StopHandle {
+    /// Asks the server (on its event loop) to answer everything pending and stop serving.
+    pub fn stop(&self) {
+        let _ = self.evt.write(1);
+    }
+
+    /// Connections still open.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Long polls parked now.
+    pub fn parked_long_polls(&self) -> usize {
+        self.parked.load(Ordering::SeqCst)
+    }
 }
 
 impl std::fmt::Debug for ApiServer {
@@ -161,18 +202,25 @@ impl ApiServer {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(ApiError::Inspect(path.to_path_buf(), e)),
         }
+        // Bound under a temporary name, made 0600, then renamed into place: the socket never
+        // appears at `path` with another mode.
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp_name);
+        let _ = std::fs::remove_file(&tmp);
         let listener =
-            UnixListener::bind(path).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+            UnixListener::bind(&tmp).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
         let setup = || -> io::Result<(u64, u64)> {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
             listener.set_nonblocking(true)?;
+            rename_noreplace(&tmp, path)?;
             let md = std::fs::symlink_metadata(path)?;
             Ok((md.dev(), md.ino()))
         };
         let ident = match setup() {
             Ok(ident) => ident,
             Err(e) => {
-                let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(&tmp);
                 return Err(ApiError::Setup(path.to_path_buf(), e));
             }
         };
@@ -186,6 +234,11 @@ impl ApiServer {
             timer: TimerFd::new().map_err(|e| ApiError::Timer(e.into()))?,
             tick: None,
             wake: None,
+            stop: EventFd::new(libc::EFD_NONBLOCK).map_err(ApiError::Timer)?,
+            stopping: false,
+            open: Arc::new(AtomicUsize::new(0)),
+            waiters: 0,
+            parked: Arc::new(AtomicUsize::new(0)),
         };
         // Dropping `server` on error removes the socket file.
         set_nonblocking_fd(&server.timer).map_err(ApiError::Timer)?;
@@ -197,6 +250,15 @@ impl ApiServer {
     pub fn with_wakeup(mut self, evt: EventFd) -> Self {
         self.wake = Some(evt);
         self
+    }
+
+    /// A handle to stop this server from another owner (the VMM's run loop).
+    pub fn stop_handle(&self) -> io::Result<StopHandle> {
+        Ok(StopHandle {
+            evt: self.stop.try_clone()?,
+            open: self.open.clone(),
+            parked: self.parked.clone(),
+        })
     }
 
     /// The socket's path.
@@ -220,9 +282,13 @@ impl ApiServer {
                 log::warn!("API socket: cannot make a connection non-blocking: {e}");
                 continue;
             }
-            if self.conns.len() >= MAX_CONNECTIONS {
+            if self.conns.len() - self.waiters >= MAX_CONNECTIONS || self.stopping {
                 // Best effort: the socket buffer of a fresh connection takes this at once.
-                let r = Response::error(503, "too many API connections");
+                let r = if self.stopping {
+                    shutting_down()
+                } else {
+                    Response::error(503, "too many API connections")
+                };
                 let _ = (&stream).write(&r.to_bytes());
                 continue;
             }
@@ -256,7 +322,25 @@ impl ApiServer {
 
     fn close(&mut self, id: u32, ops: &mut EventOps) {
         if let Some(conn) = self.conns.remove(&id) {
+            if matches!(conn.state, State::Waiting { .. }) {
+                self.waiters -= 1;
+            }
             let _ = ops.remove(Events::with_data(&conn.stream, id, EventSet::empty()));
+        }
+    }
+
+    /// Stops serving: every parked long poll and every request not yet answered gets 503
+    /// "shutting down"; answers being sent are still flushed.
+    fn stop(&mut self, ops: &mut EventOps) {
+        let _ = self.stop.read();
+        self.stopping = true;
+        let ids: Vec<u32> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(c) = self.conns.get(&id) {
+                if !matches!(c.state, State::Writing { .. }) {
+                    self.respond(id, shutting_down(), ops);
+                }
+            }
         }
     }
 
@@ -308,6 +392,7 @@ impl ApiServer {
         };
         conn.rbuf = Vec::new();
         let outcome = match parsed {
+            Parse::Complete(_) if self.stopping => Outcome::Answer(shutting_down()),
             Parse::Complete(req) => handle(self.backend.as_ref(), &req),
             Parse::Error(resp) => Outcome::Answer(resp),
             Parse::Partial => return,
@@ -315,13 +400,18 @@ impl ApiServer {
         match outcome {
             Outcome::Answer(resp) => self.respond(id, resp, ops),
             Outcome::AnswerThenShutdown(resp) => {
-                self.respond(id, resp, ops);
-                // Not waiting for the answer to be flushed: a slow client must not delay the
-                // stop. The answer is tiny and normally leaves at once.
+                // The stop is requested before the answer leaves, so a client that got its
+                // 204 can rely on the stop having started. Not waiting for the answer to be
+                // flushed: a slow client must not delay the stop.
                 self.backend.shutdown();
+                self.respond(id, resp, ops);
+            }
+            Outcome::Wait(_) if self.waiters >= MAX_WAITERS => {
+                self.respond(id, Response::error(503, "too many long polls waiting"), ops)
             }
             Outcome::Wait(deadline) => {
                 conn.state = State::Waiting { deadline };
+                self.waiters += 1;
                 // Only hang-ups and errors (always reported) matter while waiting; a client
                 // that half-closes after its request keeps waiting.
                 if ops
@@ -339,6 +429,9 @@ impl ApiServer {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
+        if matches!(conn.state, State::Waiting { .. }) {
+            self.waiters -= 1;
+        }
         conn.state = State::Writing {
             buf: resp.to_bytes(),
             pos: 0,
@@ -417,10 +510,16 @@ impl ApiServer {
                     }
                 }
                 State::Waiting { deadline } => {
-                    let status = status.get_or_insert_with(|| self.backend.memory_status());
+                    let status = status.get_or_insert_with(|| self.backend.memory_sizes());
                     let resp = match status {
                         None => Some(no_hotplug()),
-                        Some(s) if settled(s) => Some(long_poll_answer(s, true)),
+                        // Settled, with a resident figure that includes the last change: read
+                        // the status again, the reading may be newer than `status`.
+                        Some(s) if settled(s) && self.backend.resident_current() => self
+                            .backend
+                            .memory_sizes()
+                            .map(|s| long_poll_answer(&s, settled(&s)))
+                            .or_else(|| Some(no_hotplug())),
                         Some(s) if now >= deadline => Some(long_poll_answer(s, false)),
                         Some(_) => None,
                     };
@@ -473,6 +572,9 @@ impl MutEventSubscriber for ApiServer {
         if let Err(e) = ops.add(Events::with_data(&self.timer, TIMER, EventSet::IN)) {
             log::error!("API socket: cannot watch the timer: {e:?}");
         }
+        if let Err(e) = ops.add(Events::with_data(&self.stop, STOP, EventSet::IN)) {
+            log::error!("API socket: cannot watch the stop fd: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -485,8 +587,11 @@ impl MutEventSubscriber for ApiServer {
                 }
                 self.on_tick(ops)
             }
+            STOP => self.stop(ops),
             id => self.conn_event(id, events.event_set(), ops),
         }
+        self.open.store(self.conns.len(), Ordering::SeqCst);
+        self.parked.store(self.waiters, Ordering::SeqCst);
         self.update_timer();
     }
 }
@@ -499,6 +604,31 @@ impl Drop for ApiServer {
                 let _ = std::fs::remove_file(&self.path);
             }
         }
+    }
+}
+
+/// Renames `from` to `to`, failing (EEXIST) rather than replacing anything at `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: both paths are valid NUL-terminated strings; no memory is written.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -520,6 +650,10 @@ fn set_nonblocking_fd(fd: &impl AsRawFd) -> io::Result<()> {
 
 fn settled(s: &MemoryStatus) -> bool {
     s.plugged_size == s.requested_size
+}
+
+fn shutting_down() -> Response {
+    Response::error(503, "the VM is shutting down")
 }
 
 fn no_hotplug() -> Response {
@@ -587,7 +721,7 @@ fn get_memory(backend: &dyn ApiBackend, query: Option<&str>) -> Outcome {
     if !wait {
         return Outcome::Answer(Response::json(200, &status));
     }
-    if settled(&status) || timeout_ms == 0 {
+    if (settled(&status) && backend.resident_current()) || timeout_ms == 0 {
         return Outcome::Answer(long_poll_answer(&status, settled(&status)));
     }
     Outcome::Wait(Instant::now() + Duration::from_millis(timeout_ms))
@@ -607,7 +741,7 @@ fn patch_memory(backend: &dyn ApiBackend, body: &[u8]) -> Response {
         Ok(r) => r,
         Err(e) => return Response::error(400, &format!("invalid body: {e}")),
     };
-    if backend.memory_status().is_none() {
+    if backend.memory_sizes().is_none() {
         return no_hotplug();
     }
     match backend.resize(req.requested_size) {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
 use super::client::{self, CtlArgs, CtlCommand, Waited};
-use super::server::{ApiError, ApiServer, MAX_CONNECTIONS};
+use super::server::{ApiError, ApiServer, StopHandle, MAX_CONNECTIONS, MAX_WAITERS};
 use super::{ApiBackend, MemoryStatus, VmInfo};
 
 const MIB: u64 = 1 << 20;
@@ -25,6 +25,8 @@ struct Mock {
     step: AtomicUsize,
     fail: Mutex<Option<String>>,
     shutdowns: AtomicUsize,
+    /// How long `shutdown` takes to return (a VMM that is slow to start its stop).
+    shutdown_delay: Mutex<Duration>,
 }
 
 impl Mock {
@@ -42,6 +44,7 @@ impl Mock {
             step: AtomicUsize::new(0),
             fail: Mutex::new(None),
             shutdowns: AtomicUsize::new(0),
+            shutdown_delay: Mutex::new(Duration::ZERO),
         })
     }
 
@@ -92,6 +95,7 @@ impl ApiBackend for Mock {
     }
 
     fn shutdown(&self) {
+        std::thread::sleep(*self.shutdown_delay.lock().unwrap());
         self.shutdowns.fetch_add(1, Ordering::SeqCst);
     }
 }
@@ -128,6 +132,7 @@ struct Harness {
     mock: Arc<Mock>,
     sock: PathBuf,
     stop: Arc<AtomicBool>,
+    api_stop: StopHandle,
     thread: Option<JoinHandle<()>>,
     _dir: TempDir,
 }
@@ -137,6 +142,7 @@ impl Harness {
         let dir = TempDir::new();
         let sock = dir.sock();
         let server = ApiServer::bind(&sock, mock.clone()).unwrap();
+        let api_stop = server.stop_handle().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -151,6 +157,7 @@ impl Harness {
             mock,
             sock,
             stop,
+            api_stop,
             thread: Some(thread),
             _dir: dir,
         }
@@ -492,10 +499,35 @@ fn connection_limit() {
     }
 }
 
+const LONG_POLL: &[u8] =
+    b"GET /hotplug/memory?wait_for=plugged_size&timeout_ms=600000 HTTP/1.1\r\n\r\n";
+
+/// Parks `MAX_WAITERS` long polls and returns once the server has parked them all; one more
+/// is then refused with 503 "too many long polls".
+fn park_all_waiters(h: &Harness) -> Vec<UnixStream> {
+    let polls: Vec<UnixStream> = (0..MAX_WAITERS)
+        .map(|_| {
+            let mut s = connect(&h.sock);
+            s.write_all(LONG_POLL).unwrap();
+            s
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.api_stop.parked_long_polls() < MAX_WAITERS {
+        assert!(Instant::now() < deadline, "the polls were never all parked");
+        std::thread::yield_now();
+    }
+    let mut s = connect(&h.sock);
+    s.write_all(LONG_POLL).unwrap();
+    let a = read_answer(&mut s);
+    assert_eq!(a.status, 503);
+    assert!(a.error().contains("long polls"), "{}", a.body);
+    polls
+}
+
 #[test]
 fn long_polls_whose_clients_leave_are_dropped() {
     let h = Harness::start(Mock::new(true));
-    let req = b"GET /hotplug/memory?wait_for=plugged_size&timeout_ms=600000 HTTP/1.1\r\n\r\n";
     assert_eq!(
         send(
             &h.sock,
@@ -506,24 +538,122 @@ fn long_polls_whose_clients_leave_are_dropped() {
         .status,
         204
     );
-    let polls: Vec<UnixStream> = (0..MAX_CONNECTIONS)
-        .map(|_| {
-            let mut s = connect(&h.sock);
-            s.write_all(req).unwrap();
-            s
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(get(&h.sock, "/vm").status, 503);
+    let polls = park_all_waiters(&h);
     drop(polls);
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while get(&h.sock, "/vm").status != 200 {
+    // Their slots free up once the server sees the hang-ups: a new poll parks (and times out)
+    // instead of being refused.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let a = get(
+            &h.sock,
+            "/hotplug/memory?wait_for=plugged_size&timeout_ms=50",
+        );
+        if a.status == 200 {
+            assert_eq!(a.json()["settled"], false);
+            break;
+        }
         assert!(
             Instant::now() < deadline,
             "waiting connections not released"
         );
-        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Issue 11, failure 5: parked long polls took every connection slot, so the PATCH that would
+/// satisfy them and the shutdown got 503.
+#[test]
+fn long_polls_do_not_take_the_slots_of_patch_get_and_shutdown() {
+    let h = Harness::start(Mock::new(true));
+    assert_eq!(
+        send(
+            &h.sock,
+            "PATCH",
+            "/hotplug/memory",
+            r#"{"requested_size":2097152}"#
+        )
+        .status,
+        204
+    );
+    let mut polls = park_all_waiters(&h);
+    // Room for ordinary requests, all of MAX_CONNECTIONS of them at once.
+    let idle: Vec<UnixStream> = (0..MAX_CONNECTIONS - 1).map(|_| connect(&h.sock)).collect();
+    assert_eq!(get(&h.sock, "/vm").status, 200);
+    drop(idle);
+    // The PATCH that satisfies them gets through and every poll answers settled.
+    h.mock.step.store(usize::MAX, Ordering::SeqCst);
+    assert_eq!(
+        send(
+            &h.sock,
+            "PATCH",
+            "/hotplug/memory",
+            r#"{"requested_size":0}"#
+        )
+        .status,
+        204
+    );
+    for p in &mut polls {
+        let a = read_answer(p);
+        assert_eq!(a.status, 200);
+        assert_eq!(a.json()["settled"], true);
+    }
+    // And a shutdown with polls parked again.
+    h.mock.step.store(0, Ordering::SeqCst);
+    assert_eq!(
+        send(
+            &h.sock,
+            "PATCH",
+            "/hotplug/memory",
+            r#"{"requested_size":4194304}"#
+        )
+        .status,
+        204
+    );
+    let _polls = park_all_waiters(&h);
+    assert_eq!(send(&h.sock, "PUT", "/vm/shutdown", "").status, 204);
+    assert_eq!(h.mock.shutdowns.load(Ordering::SeqCst), 1);
+}
+
+/// Issue 11, failure 7 (last part): a stop closed waiting long polls with no answer at all.
+#[test]
+fn stop_answers_every_waiting_long_poll() {
+    let h = Harness::start(Mock::new(true));
+    assert_eq!(
+        send(
+            &h.sock,
+            "PATCH",
+            "/hotplug/memory",
+            r#"{"requested_size":2097152}"#
+        )
+        .status,
+        204
+    );
+    let mut polls = park_all_waiters(&h);
+    h.api_stop.stop();
+    for p in &mut polls {
+        let a = read_answer(p);
+        assert_eq!(a.status, 503);
+        assert!(a.error().contains("shutting down"), "{}", a.body);
+    }
+    let a = get(&h.sock, "/vm");
+    assert_eq!(a.status, 503);
+    assert!(a.error().contains("shutting down"), "{}", a.body);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.api_stop.open_connections() != 0 {
+        assert!(Instant::now() < deadline, "answers not flushed");
+        std::thread::yield_now();
+    }
+}
+
+/// Issue 11, failure 8: the shutdown was requested after its 204 was sent, so a client that
+/// got the 204 could not rely on it (and the tests reading the counter raced). A VMM slow to
+/// take the request makes the old order fail every time.
+#[test]
+fn shutdown_is_requested_before_its_answer_is_sent() {
+    let mock = Mock::new(true);
+    *mock.shutdown_delay.lock().unwrap() = Duration::from_millis(200);
+    let h = Harness::start(mock);
+    assert_eq!(send(&h.sock, "PUT", "/vm/shutdown", "").status, 204);
+    assert_eq!(h.mock.shutdowns.load(Ordering::SeqCst), 1);
 }
 
 #[test]
@@ -728,7 +858,7 @@ fn client_resize() {
         cmd: CtlCommand::Resize {
             size: 3 * GIB,
             wait: true,
-            timeout: 0,
+            timeout: Some(0),
         },
     };
     assert_eq!(client::run(args), Ok(1));
@@ -800,7 +930,7 @@ fn client_helpers() {
             size,
             wait,
             timeout,
-        } => assert_eq!((size, wait, timeout), (GIB, true, 60)),
+        } => assert_eq!((size, wait, timeout), (GIB, true, None)),
         other => panic!("{other:?}"),
     }
     assert!(
@@ -811,4 +941,51 @@ fn client_helpers() {
         <Cli as clap::Parser>::try_parse_from(["tide", "--api-socket", "s", "status", "--json"])
             .unwrap();
     assert!(matches!(cli.ctl.cmd, CtlCommand::Status { json: true }));
+}
+
+/// Issue 11, failure 7: `resize --wait --timeout 18446744073709551615` panicked (Instant
+/// overflow); `resize 1P` was refused while `tide run --hotplug-size 1P` was accepted.
+#[test]
+fn client_takes_any_timeout_and_the_run_size_syntax() {
+    let h = Harness::start(Mock::new(true));
+    h.mock.step.store(usize::MAX, Ordering::SeqCst);
+    let forever = Duration::from_secs(u64::MAX);
+    assert_eq!(
+        client::resize(&h.sock, 2 * MIB, Some(forever), &mut |_| {}),
+        Ok(Waited::Done)
+    );
+    for s in ["1P", "2MiB", "3 GB", "16383P"] {
+        assert_eq!(
+            client::parse_size(s),
+            memory::parse_size(s).map_err(|e| e.to_string())
+        );
+    }
+    assert_eq!(client::parse_size("1P"), Ok(1 << 50));
+}
+
+/// Issue 11, failure 7: a 503 was reported as "Broken pipe" when the server answered before
+/// reading the request and closed.
+#[test]
+fn client_shows_a_503_as_the_servers_message() {
+    let h = Harness::start(Mock::new(true));
+    let _idle: Vec<UnixStream> = (0..MAX_CONNECTIONS).map(|_| connect(&h.sock)).collect();
+    // A body large enough that the write is still going on when the server closes.
+    let body = format!(
+        r#"{{"requested_size": 0, "pad": "{}"}}"#,
+        "x".repeat(60 << 10)
+    );
+    for _ in 0..5 {
+        let err = client::call(
+            &h.sock,
+            "PATCH",
+            "/hotplug/memory",
+            Some(&body),
+            Duration::from_secs(10),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("503") && err.contains("too many API connections"),
+            "{err}"
+        );
+    }
 }

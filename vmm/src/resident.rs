@@ -1,0 +1,179 @@
+//! Resident bytes of an anon hotplug region, read off the event loop.
+//!
+//! For anon, the only per-region figure is the `Rss` of `/proc/self/smaps`, a walk of the
+//! region's page tables under the mmap lock (tens of milliseconds with gigabytes plugged in
+//! 4 KiB pages). A `resident` thread takes that reading after every plug or unplug and when a
+//! status request finds it older than [`MAX_AGE`], pausing four times a walk's duration
+//! between walks (at least [`MIN_PAUSE`], at most [`MIN_INTERVAL`]); status
+//! requests return the latest reading and never wait for one. A long poll answers `settled`
+//! only once a reading taken after the last plug or unplug is in ([`ResidentSampler::is_current`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use memory::{GuestAddress, HotplugRegion, ListenerId, RamDiscardListener};
+
+/// Longest pause enforced between two readings. The pause is four times the last walk's
+/// duration (so the thread spends at most a fifth of a core walking), between
+/// [`MIN_PAUSE`] and this.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
+/// Shortest pause between two readings.
+pub const MIN_PAUSE: Duration = Duration::from_millis(5);
+/// A status request asks for a new reading when the latest one is older than this.
+pub const MAX_AGE: Duration = Duration::from_millis(20);
+
+#[derive(Default)]
+struct Want {
+    dirty: bool,
+    stop: bool,
+}
+
+struct Inner {
+    value: AtomicU64,
+    /// Plug and unplug events seen so far.
+    changes: AtomicU64,
+    /// The value of `changes` before the latest reading started.
+    seen: AtomicU64,
+    /// The region's plugged bytes before the latest reading started. Listeners hear of a
+    /// discard before the memory is released and the plugged count drops after it, so a
+    /// reading is current only if the count has not moved since it started.
+    seen_plugged: AtomicU64,
+    taken: Mutex<Option<Instant>>,
+    want: Mutex<Want>,
+    cv: Condvar,
+}
+
+impl Inner {
+    fn poke(&self) {
+        self.want.lock().unwrap_or_else(|e| e.into_inner()).dirty = true;
+        self.cv.notify_all();
+    }
+}
+
+struct Poker(Arc<Inner>);
+
+impl RamDiscardListener for Poker {
+    fn on_populate(&self, _: GuestAddress, _: u64) -> Result<(), String> {
+        self.0.changes.fetch_add(1, Ordering::SeqCst);
+        self.0.poke();
+        Ok(())
+    }
+    fn on_discard(&self, _: GuestAddress, _: u64) {
+        self.0.changes.fetch_add(1, Ordering::SeqCst);
+        self.0.poke();
+    }
+}
+
+/// The sampler: one thread per anon region.
+pub struct ResidentSampler {
+    inner: Arc<Inner>,
+    region: Arc<HotplugRegion>,
+    listener: ListenerId,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ResidentSampler {
+    /// Starts sampling `region` (takes a first reading at once).
+    pub fn start(region: Arc<HotplugRegion>) -> std::io::Result<Self> {
+        let inner = Arc::new(Inner {
+            value: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
+            // Not current until the first reading.
+            seen: AtomicU64::new(u64::MAX),
+            seen_plugged: AtomicU64::new(u64::MAX),
+            taken: Mutex::new(None),
+            want: Mutex::new(Want {
+                dirty: true,
+                stop: false,
+            }),
+            cv: Condvar::new(),
+        });
+        let (i, r) = (inner.clone(), region.clone());
+        let thread = std::thread::Builder::new()
+            .name("resident".into())
+            .spawn(move || sample(&i, &r))?;
+        let listener = region.add_listener(Arc::new(Poker(inner.clone())));
+        Ok(ResidentSampler {
+            inner,
+            region,
+            listener,
+            thread: Some(thread),
+        })
+    }
+
+    /// The latest reading; with `refresh`, asks for a new one if it is older than [`MAX_AGE`].
+    pub fn get(&self, refresh: bool) -> u64 {
+        if refresh {
+            let taken = *self.inner.taken.lock().unwrap_or_else(|e| e.into_inner());
+            if taken.is_none_or(|t| t.elapsed() > MAX_AGE) {
+                self.inner.poke();
+            }
+        }
+        self.inner.value.load(Ordering::SeqCst)
+    }
+
+    /// Whether the latest reading was taken after every plug and unplug so far; when it was
+    /// not, asks for a new one.
+    pub fn is_current(&self) -> bool {
+        let i = &self.inner;
+        let current = i.seen.load(Ordering::SeqCst) == i.changes.load(Ordering::SeqCst)
+            && i.seen_plugged.load(Ordering::SeqCst) == self.region.plugged_bytes();
+        if !current {
+            i.poke();
+        }
+        current
+    }
+}
+
+fn sample(i: &Inner, region: &HotplugRegion) {
+    let mut last: Option<Instant> = None;
+    let mut pause = MIN_PAUSE;
+    loop {
+        {
+            let mut w = i.want.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if w.stop {
+                    return;
+                }
+                let early = last.map(|l| pause.saturating_sub(l.elapsed()));
+                match early {
+                    _ if !w.dirty => w = i.cv.wait(w).unwrap_or_else(|e| e.into_inner()),
+                    Some(d) if !d.is_zero() => {
+                        w = i.cv.wait_timeout(w, d).unwrap_or_else(|e| e.into_inner()).0
+                    }
+                    _ => break,
+                }
+            }
+            w.dirty = false;
+        }
+        let now = Instant::now();
+        let changes = i.changes.load(Ordering::SeqCst);
+        let plugged = region.plugged_bytes();
+        match region.resident_bytes() {
+            Ok(v) => i.value.store(v, Ordering::SeqCst),
+            Err(e) => log::debug!("resident bytes: {e}"),
+        }
+        i.seen_plugged.store(plugged, Ordering::SeqCst);
+        i.seen.store(changes, Ordering::SeqCst);
+        pause = (now.elapsed() * 4).clamp(MIN_PAUSE, MIN_INTERVAL);
+        last = Some(Instant::now());
+        *i.taken.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+    }
+}
+
+impl Drop for ResidentSampler {
+    fn drop(&mut self) {
+        self.region.remove_listener(self.listener);
+        self.inner
+            .want
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stop = true;
+        self.inner.cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
