@@ -18,6 +18,7 @@ struct Control {
     mem: Option<(
         Arc<devices::virtio::mem::VirtioMemShared>,
         Arc<memory::HotplugRegion>,
+        Arc<devices::virtio::metrics::VirtioMemMetrics>,
     )>,
     vcpus: u8,
     boot_memory: u64,
@@ -25,7 +26,7 @@ struct Control {
 
 impl ApiBackend for Control {
     fn memory_status(&self) -> Option<MemoryStatus> {
-        let (shared, region) = self.mem.as_ref()?;
+        let (shared, region, _) = self.mem.as_ref()?;
         Some(MemoryStatus {
             region_size: shared.region_size(),
             block_size: shared.block_size(),
@@ -34,12 +35,18 @@ impl ApiBackend for Control {
             usable_region_size: shared.usable_region_size(),
             backend: region.backend().to_string(),
             resident_bytes: region.resident_bytes().unwrap_or(0),
+            ahead_bytes: region.ahead_bytes(),
         })
+    }
+
+    fn metrics(&self) -> Option<serde_json::Value> {
+        let (_, _, metrics) = self.mem.as_ref()?;
+        serde_json::from_str(&metrics.to_json()).ok()
     }
 
     fn resize(&self, requested_size: u64) -> std::result::Result<(), String> {
         match &self.mem {
-            Some((shared, _)) => shared
+            Some((shared, _, _)) => shared
                 .set_requested_size(requested_size)
                 .map_err(|e| e.to_string()),
             None => Err("this VM has no hotplug region (start it with --hotplug-size)".into()),
@@ -101,7 +108,7 @@ impl Vmm {
             mem: self
                 .mem_device
                 .as_ref()
-                .map(|d| (d.shared().clone(), d.region().clone())),
+                .map(|d| (d.shared().clone(), d.region().clone(), d.metrics().clone())),
             vcpus: self.config.machine.cpus,
             boot_memory: self.config.machine.memory,
         });
