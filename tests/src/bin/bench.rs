@@ -1020,6 +1020,7 @@ struct Pattern {
 
 /// Tide end to end, 0 -> 1 GiB -> 0, best of `reps`, with the guest command line `cmdline` and
 /// `more` tide arguments.
+#[allow(clippy::too_many_arguments)]
 fn tide_pattern(
     tide: &Path,
     kind: Kind,
