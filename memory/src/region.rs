@@ -910,9 +910,25 @@ impl HotplugRegion {
         // killer kills this process. Refuse what cannot fit (hugetlb pages are not charged there).
         let fresh = len - ahead;
         if *self.backend() != Backend::Hugetlb && fresh > 0 {
-            if let Some(room) = self.cgroup_room(&mut st, fresh) {
-                // len / 256: the page tables of the range, with room to spare.
-                if fresh.saturating_add(len / 256) > room {
+            let mut room = self.cgroup_room(&mut st, fresh);
+            // len / 256: the page tables of the range, with room to spare.
+            let short =
+                |room: Option<u64>| room.is_some_and(|r| fresh.saturating_add(len / 256) > r);
+            if short(room) && self.ahead_bytes() > ahead {
+                // Memory populated ahead for other blocks must never turn a PLUG into BUSY:
+                // give it back and look again.
+                for (x, y) in st.ahead.runs(true) {
+                    for (x, y) in [(x, y.min(a)), (x.max(b), y)] {
+                        if x < y {
+                            self.drop_ahead(&mut st, x, y);
+                        }
+                    }
+                }
+                room = cgroup_headroom();
+                st.headroom = Some((room, Instant::now(), self.plugged_bytes()));
+            }
+            if let Some(room) = room {
+                if short(Some(room)) {
                     return Err(Error::Populate {
                         addr: addr.0,
                         len,
