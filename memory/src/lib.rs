@@ -24,8 +24,8 @@ pub use layout::{
     MMIO_GAP_START,
 };
 pub use region::{
-    Backend, HotplugRegion, ListenerId, RamDiscardListener, RangeState, RegionOptions,
-    UnpluggedAccess,
+    populate_threads, Backend, HotplugRegion, ListenerId, OpTimes, RamDiscardListener, RangeState,
+    RegionOptions, UnpluggedAccess, POPULATE_CHUNK_MIN, POPULATE_THREADS_MAX,
 };
 pub use size::parse_size;
 pub use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};

@@ -211,6 +211,24 @@ impl Bitmap {
         u64::from(left) + u64::from(right)
     }
 
+    /// The first index in `[i, end)` whose bit is `v`, or `end`.
+    fn find(&self, mut i: usize, end: usize, v: bool) -> usize {
+        while i < end {
+            if i & 63 == 0 && i + 64 <= end {
+                let w = self.words[i / 64];
+                if (v && w == 0) || (!v && w == u64::MAX) {
+                    i += 64;
+                    continue;
+                }
+            }
+            if self.get(i) == v {
+                return i;
+            }
+            i += 1;
+        }
+        end
+    }
+
     /// Maximal runs `[start, end)` of blocks whose bit is `v`.
     fn runs(&self, v: bool) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
@@ -259,6 +277,12 @@ struct State {
     next_listener: u64,
     /// The last cgroup headroom read: (headroom, when, plugged bytes then).
     headroom: Option<(Option<u64>, Instant, u64)>,
+    /// Unplugged blocks whose memory is populated ahead (set only while unplugged).
+    ahead: Bitmap,
+    /// Anonymous regions: where the memory of the blocks populated ahead lives.
+    staged: Vec<Staged>,
+    /// Blocks being populated ahead right now (without the lock); a PLUG of any of them waits.
+    in_progress: Option<(usize, usize)>,
 }
 
 /// How long a cgroup headroom read is reused (less what was plugged since) before the cgroup
@@ -283,7 +307,14 @@ pub struct HotplugRegion {
     thp: bool,
     budget: u64,
     plugged: AtomicU64,
+    /// Bytes populated ahead (not plugged).
+    ahead: AtomicU64,
+    /// Whether populate ahead may be used (not on anon with `vm.overcommit_memory=2`, where a
+    /// staging mapping would be charged and its charge would move into the region).
+    ahead_ok: bool,
     state: Mutex<State>,
+    /// Signalled when a populate ahead ends.
+    staging_done: std::sync::Condvar,
 }
 
 impl fmt::Debug for HotplugRegion {
@@ -352,9 +383,96 @@ fn cgroup_headroom() -> Option<u64> {
 }
 
 /// Most threads one populate uses.
-pub const POPULATE_THREADS: usize = 4;
-/// Each populate thread gets at least this much of the range.
-pub const PARALLEL_POPULATE_MIN: u64 = 128 << 20;
+pub const POPULATE_THREADS_MAX: usize = 16;
+/// Each populate thread gets at least this much of a range. Why (measured here, 2 cores): two
+/// threads populate 128 MiB in about half the time of one for 4 KiB pages and THP alike, and a
+/// thread start and join costs ~30-60 us, under 5% of populating 16 MiB of THP (~0.8 ms).
+pub const POPULATE_CHUNK_MIN: u64 = 16 << 20;
+
+/// The CPUs this process may run on, read once (`available_parallelism` reads cgroup files).
+fn cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// How many threads populate `bytes`: one per CPU, each with at least [`POPULATE_CHUNK_MIN`].
+pub fn populate_threads(bytes: u64) -> usize {
+    cpus()
+        .min(POPULATE_THREADS_MAX)
+        .min((bytes / POPULATE_CHUNK_MIN).max(1) as usize)
+}
+
+/// `madvise(addr, len, advice)`, retried on EINTR and EAGAIN.
+fn advise_raw(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
+    loop {
+        // SAFETY: callers pass ranges of mappings this crate owns; the advice either faults
+        // pages in or drops them, both only within that range.
+        if unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) } == 0 {
+            return Ok(());
+        }
+        let e = last_err();
+        if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
+            return Err(e);
+        }
+    }
+}
+
+/// `MADV_POPULATE_WRITE` over `[addr, addr + len)`, split into [`populate_threads`] pieces
+/// (2 MiB aligned) populated at once: the kernel zeroes pages on the faulting CPU, so this
+/// scales with cores. The first error wins; the caller rolls the whole range back.
+fn populate_parallel(addr: usize, len: usize) -> io::Result<()> {
+    let threads = populate_threads(len as u64);
+    if threads <= 1 {
+        return advise_raw(addr, len, libc::MADV_POPULATE_WRITE);
+    }
+    let per = len
+        .div_ceil(threads)
+        .next_multiple_of(HUGE_PAGE_SIZE as usize);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (addr..addr + len)
+            .step_by(per)
+            .skip(1)
+            .map(|s| {
+                let e = (s + per).min(addr + len);
+                scope.spawn(move || advise_raw(s, e - s, libc::MADV_POPULATE_WRITE))
+            })
+            .collect();
+        // The first piece on this thread.
+        let mut result = advise_raw(addr, per.min(len), libc::MADV_POPULATE_WRITE);
+        for w in workers {
+            let r = w
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("populate thread panicked")));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    })
+}
+
+/// Where the time of one populate or discard went (nanoseconds), for the device's metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpTimes {
+    /// Protection changes (`mprotect`).
+    pub protect_ns: u64,
+    /// Backing and giving back memory: `madvise`, `fallocate`, `mremap` of pages populated ahead.
+    pub syscall_ns: u64,
+    /// Bytes of the range that were populated ahead ([`HotplugRegion::populate_ahead_next`]).
+    pub ahead_bytes: u64,
+}
+
+fn ns_since(t: Instant) -> u64 {
+    t.elapsed().as_nanos() as u64
+}
+
+/// Memory populated ahead for blocks `[a, b)` of an anonymous region, in a separate mapping
+/// (never the guest's) at `host`, moved into place by the PLUG that takes it.
+struct Staged {
+    a: usize,
+    b: usize,
+    host: usize,
+}
 
 /// `mmap(NULL, len, PROT_NONE, flags, fd, 0)`.
 fn map_none(len: usize, flags: libc::c_int, fd: libc::c_int) -> io::Result<usize> {
@@ -564,6 +682,7 @@ impl HotplugRegion {
                 }
             }
         };
+        let ahead_ok = fd.is_some() || read_u64_file(OVERCOMMIT_MEMORY) != Some(2);
         debug!(
             "hotplug region [{base:#x}, +{size:#x}) block {block_size:#x} backend {backend} at host {host:#x} thp {thp}"
         );
@@ -578,6 +697,9 @@ impl HotplugRegion {
             thp,
             budget,
             plugged: AtomicU64::new(0),
+            ahead: AtomicU64::new(0),
+            ahead_ok,
+            staging_done: std::sync::Condvar::new(),
             state: Mutex::new(State {
                 bitmap: Bitmap::new(blocks),
                 transitions: 0,
@@ -586,6 +708,9 @@ impl HotplugRegion {
                 listeners: Vec::new(),
                 next_listener: 0,
                 headroom: None,
+                ahead: Bitmap::new(blocks),
+                staged: Vec::new(),
+                in_progress: None,
             }),
         })
     }
@@ -682,55 +807,12 @@ impl HotplugRegion {
     }
 
     fn advise(&self, a: usize, b: usize, advice: libc::c_int) -> io::Result<()> {
-        loop {
-            // SAFETY: blocks [a, b) lie inside our reservation; the advice either faults pages
-            // in or drops them, both only within that range.
-            if unsafe { libc::madvise(self.host_ptr(a), self.byte_len(a, b), advice) } == 0 {
-                return Ok(());
-            }
-            let e = last_err();
-            if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
-                return Err(e);
-            }
-        }
+        advise_raw(self.host_ptr(a) as usize, self.byte_len(a, b), advice)
     }
 
-    /// `MADV_POPULATE_WRITE` over blocks `[a, b)`. A large range is split into chunks populated
-    /// by up to [`POPULATE_THREADS`] threads at once (the kernel zeroes pages on the faulting CPU,
-    /// so this scales with cores); the first error wins and the caller rolls the whole range back.
+    /// `MADV_POPULATE_WRITE` over blocks `[a, b)`, on [`populate_threads`] threads.
     fn populate_blocks(&self, a: usize, b: usize) -> io::Result<()> {
-        let bytes = self.byte_len(a, b) as u64;
-        if bytes < 2 * PARALLEL_POPULATE_MIN {
-            // One thread: no need to ask how many CPUs there are (a cgroup file read).
-            return self.advise(a, b, libc::MADV_POPULATE_WRITE);
-        }
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(POPULATE_THREADS)
-            .min((bytes / PARALLEL_POPULATE_MIN).max(1) as usize);
-        if threads <= 1 {
-            return self.advise(a, b, libc::MADV_POPULATE_WRITE);
-        }
-        let per = (b - a).div_ceil(threads);
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = (a..b)
-                .step_by(per)
-                .map(|s| {
-                    let e = (s + per).min(b);
-                    scope.spawn(move || self.advise(s, e, libc::MADV_POPULATE_WRITE))
-                })
-                .collect();
-            let mut result = Ok(());
-            for w in workers {
-                let r = w
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("populate thread panicked")));
-                if result.is_ok() {
-                    result = r;
-                }
-            }
-            result
-        })
+        populate_parallel(self.host_ptr(a) as usize, self.byte_len(a, b))
     }
 
     /// Gives the host memory of blocks `[a, b)` back.
@@ -773,13 +855,14 @@ impl HotplugRegion {
 
     /// Checks that setting blocks `[a, b)` to `v` keeps the number of mappings within the
     /// budget, and returns the new number of transitions.
-    fn check_budget(&self, st: &State, a: usize, b: usize, v: bool) -> Result<u64> {
+    fn check_budget(&self, st: &State, a: usize, b: usize, v: bool, extra: u64) -> Result<u64> {
         let t = st.transitions - st.bitmap.window_transitions(a, b)
             + st.bitmap.window_transitions_if(a, b, v);
-        let runs = match &st.splits {
-            None => t + 1,
-            Some((splits, n)) => n + 1 + new_splits(splits, a, b),
-        };
+        let runs = extra
+            + match &st.splits {
+                None => t + 1,
+                Some((splits, n)) => n + 1 + new_splits(splits, a, b),
+            };
         if runs > self.budget {
             return Err(Error::TooFragmented {
                 addr: self.guest_addr(a),
@@ -799,18 +882,51 @@ impl HotplugRegion {
     /// limit), the range is discarded and re-protected and [`Error::Populate`] is returned; a
     /// listener veto likewise rolls back and returns [`Error::ListenerVeto`].
     pub fn populate(&self, addr: GuestAddress, len: u64) -> Result<()> {
+        self.populate_timed(addr, len, &mut OpTimes::default())
+    }
+
+    /// [`HotplugRegion::populate`], adding where its time went to `times`. Blocks of the range
+    /// populated ahead are taken as they are (moved into place on anonymous regions); a
+    /// populate ahead of any of them still under way is waited for.
+    pub fn populate_timed(&self, addr: GuestAddress, len: u64, times: &mut OpTimes) -> Result<()> {
         let (a, b) = self.check(addr, len)?;
         let mut st = self.lock();
+        while st.in_progress.is_some_and(|(x, y)| x < b && a < y) {
+            st = self
+                .staging_done
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
         if st.bitmap.count(a, b) != 0 {
             return Err(Error::NotUnplugged { addr: addr.0, len });
         }
-        let transitions = self.check_budget(&st, a, b, true)?;
+        let ahead = st.ahead.count(a, b) as u64 * self.block_size;
+        // Staged memory moved in keeps mapping boundaries the kernel never merges: count them.
+        let moved_edges = 2 * st.staged.iter().filter(|s| s.a < b && a < s.b).count() as u64;
+        let transitions = self.check_budget(&st, a, b, true, moved_edges)?;
         // Past a memory cgroup's limit the kernel does not fail MADV_POPULATE_WRITE: its OOM
         // killer kills this process. Refuse what cannot fit (hugetlb pages are not charged there).
-        if *self.backend() != Backend::Hugetlb {
-            if let Some(room) = self.cgroup_room(&mut st, len) {
-                // len / 256: the page tables of the range, with room to spare.
-                if len.saturating_add(len / 256) > room {
+        let fresh = len - ahead;
+        if *self.backend() != Backend::Hugetlb && fresh > 0 {
+            let mut room = self.cgroup_room(&mut st, fresh);
+            // len / 256: the page tables of the range, with room to spare.
+            let short =
+                |room: Option<u64>| room.is_some_and(|r| fresh.saturating_add(len / 256) > r);
+            if short(room) && self.ahead_bytes() > ahead {
+                // Memory populated ahead for other blocks must never turn a PLUG into BUSY:
+                // give it back and look again.
+                for (x, y) in st.ahead.runs(true) {
+                    for (x, y) in [(x, y.min(a)), (x.max(b), y)] {
+                        if x < y {
+                            self.drop_ahead(&mut st, x, y);
+                        }
+                    }
+                }
+                room = cgroup_headroom();
+                st.headroom = Some((room, Instant::now(), self.plugged_bytes()));
+            }
+            if let Some(room) = room {
+                if short(Some(room)) {
                     return Err(Error::Populate {
                         addr: addr.0,
                         len,
@@ -819,7 +935,21 @@ impl HotplugRegion {
                 }
             }
         }
-        if let Err(source) = self.protect(a, b, libc::PROT_READ | libc::PROT_WRITE) {
+        // From here on the range's ahead memory belongs to this populate (or its roll back).
+        st.ahead.set_range(a, b, false);
+        self.ahead.fetch_sub(ahead, Ordering::AcqRel);
+        times.ahead_bytes += ahead;
+        let pieces = Self::take_staged(&mut st, self.block_size as usize, a, b);
+        if !pieces.is_empty() {
+            Self::ensure_splits(&mut st);
+        }
+        let t = Instant::now();
+        let protected = self.protect(a, b, libc::PROT_READ | libc::PROT_WRITE);
+        times.protect_ns += ns_since(t);
+        if let Err(source) = protected {
+            for &(x, y, host) in &pieces {
+                unmap(host, self.byte_len(x, y));
+            }
             self.roll_back(a, b, st.access);
             return Err(Error::Protect {
                 addr: addr.0,
@@ -827,7 +957,10 @@ impl HotplugRegion {
                 source,
             });
         }
-        if let Err(source) = self.populate_blocks(a, b) {
+        let t = Instant::now();
+        let filled = self.fill(&mut st, a, b, &pieces);
+        times.syscall_ns += ns_since(t);
+        if let Err(source) = filled {
             self.roll_back(a, b, st.access);
             return Err(Error::Populate {
                 addr: addr.0,
@@ -861,6 +994,282 @@ impl HotplugRegion {
         Ok(())
     }
 
+    /// Backs blocks `[a, b)`, already read-write: moves the staged `pieces` into place (a piece
+    /// that cannot be moved is dropped and populated like the rest) and populates the rest.
+    fn fill(
+        &self,
+        st: &mut State,
+        a: usize,
+        b: usize,
+        pieces: &[(usize, usize, usize)],
+    ) -> io::Result<()> {
+        if self.fd.is_some() {
+            // Blocks populated ahead are in the file already: this only maps them.
+            return self.populate_blocks(a, b);
+        }
+        let mut moved = Vec::with_capacity(pieces.len());
+        for &(x, y, host) in pieces {
+            let len = self.byte_len(x, y);
+            // SAFETY: [host, host + len) is a staging mapping this region owns and nothing
+            // else refers to; the destination is blocks [x, y) of our own reservation, whose
+            // old (empty) mapping MREMAP_FIXED replaces.
+            let r = unsafe {
+                libc::mremap(
+                    host as *mut libc::c_void,
+                    len,
+                    len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    self.host_ptr(x),
+                )
+            };
+            if r == libc::MAP_FAILED {
+                debug!("moving memory populated ahead failed: {}", last_err());
+                unmap(host, len);
+            } else {
+                moved.push((x, y));
+                if let Some((splits, n)) = &mut st.splits {
+                    for i in [x, y] {
+                        if i > 0 && i < splits.len - 1 && !splits.get(i) {
+                            splits.set(i, true);
+                            *n += 1;
+                        }
+                    }
+                }
+            }
+        }
+        moved.sort_unstable();
+        let mut i = a;
+        for (x, y) in moved.into_iter().chain(std::iter::once((b, b))) {
+            if i < x {
+                self.populate_blocks(i, x)?;
+            }
+            i = y;
+        }
+        Ok(())
+    }
+
+    /// Removes the staged memory of blocks `[a, b)` from `st.staged` and returns it as
+    /// `(first block, end block, host address)` pieces (the rest stays staged).
+    fn take_staged(st: &mut State, bs: usize, a: usize, b: usize) -> Vec<(usize, usize, usize)> {
+        let mut out = Vec::new();
+        let mut keep = Vec::with_capacity(st.staged.len());
+        for s in st.staged.drain(..) {
+            let (lo, hi) = (s.a.max(a), s.b.min(b));
+            if lo >= hi {
+                keep.push(s);
+                continue;
+            }
+            let host_of = |i: usize| s.host + (i - s.a) * bs;
+            out.push((lo, hi, host_of(lo)));
+            if s.a < lo {
+                keep.push(Staged {
+                    a: s.a,
+                    b: lo,
+                    host: s.host,
+                });
+            }
+            if hi < s.b {
+                keep.push(Staged {
+                    a: hi,
+                    b: s.b,
+                    host: host_of(hi),
+                });
+            }
+        }
+        st.staged = keep;
+        out
+    }
+
+    /// Switches the fragmentation accounting to "boundaries never merge" (staged memory moved
+    /// in has its own anon_vma), starting from the boundaries that exist now.
+    fn ensure_splits(st: &mut State) {
+        if st.splits.is_some() {
+            return;
+        }
+        let n = st.bitmap.len;
+        let mut splits = Bitmap::new(n + 1);
+        let mut count = 0;
+        for i in 1..n {
+            if st.bitmap.get(i - 1) != st.bitmap.get(i) {
+                splits.set(i, true);
+                count += 1;
+            }
+        }
+        st.splits = Some((splits, count));
+    }
+
+    /// Bytes populated ahead of the guest's PLUG (not plugged, not visible to the guest).
+    pub fn ahead_bytes(&self) -> u64 {
+        self.ahead.load(Ordering::Acquire)
+    }
+
+    /// Populates ahead the next blocks the guest will plug: Linux's driver plugs the lowest
+    /// unplugged blocks of the usable region first, so the candidates are the lowest
+    /// `want / block_size` unplugged blocks below `usable_end` (bytes from the base). Takes the
+    /// first run of them not populated ahead yet, at most up to the next `chunk`-aligned guest
+    /// address, and backs it outside the guest's view: a staging mapping on anonymous regions
+    /// (moved into place by the PLUG), `fallocate` on the others. The blocks stay unplugged and
+    /// inaccessible. Returns the bytes populated ahead (0: nothing left to do). Runs without
+    /// the region's lock; a PLUG of these blocks meanwhile waits for it.
+    pub fn populate_ahead_next(&self, usable_end: u64, want: u64, chunk: u64) -> Result<u64> {
+        if !self.ahead_ok {
+            return Ok(0);
+        }
+        let bs = self.block_size;
+        let (s, e) = {
+            let mut st = self.lock();
+            if st.in_progress.is_some() {
+                return Ok(0);
+            }
+            let limit = st.bitmap.len.min((usable_end / bs) as usize);
+            let chunk_blocks = (chunk / bs).max(1) as usize;
+            let mut need = (want / bs) as usize;
+            let mut found = None;
+            for (ra, rb) in st.bitmap.runs(false) {
+                if ra >= limit || need == 0 {
+                    break;
+                }
+                let rb = rb.min(limit);
+                let j = st.ahead.find(ra, rb.min(ra + need), false);
+                need -= j - ra;
+                if j < rb && need > 0 {
+                    let g = (self.base / bs) as usize + j;
+                    let boundary = j + (chunk_blocks - g % chunk_blocks);
+                    let end = st.ahead.find(j, rb.min(j + need).min(boundary), true);
+                    found = Some((j, end));
+                    break;
+                }
+            }
+            let Some((s, e)) = found else { return Ok(0) };
+            let len = self.byte_len(s, e) as u64;
+            if *self.backend() != Backend::Hugetlb {
+                if let Some(room) = self.cgroup_room(&mut st, len) {
+                    if len.saturating_add(len / 256) > room {
+                        return Err(Error::Populate {
+                            addr: self.guest_addr(s),
+                            len,
+                            source: io::Error::from_raw_os_error(libc::ENOMEM),
+                        });
+                    }
+                }
+            }
+            st.in_progress = Some((s, e));
+            (s, e)
+        };
+        let len = self.byte_len(s, e);
+        let staged = match &self.fd {
+            None => self.stage_anon(len).map(Some),
+            Some(file) => {
+                // SAFETY: plain syscall on our own descriptor: allocates the file's pages of
+                // blocks [s, e) without mapping them.
+                let r = unsafe {
+                    libc::fallocate(
+                        file.as_raw_fd(),
+                        0,
+                        (s as u64 * bs) as libc::off_t,
+                        len as libc::off_t,
+                    )
+                };
+                if r == 0 {
+                    Ok(None)
+                } else {
+                    let err = last_err();
+                    // Give back whatever the failed call left allocated.
+                    if let Err(r) = self.release(s, e) {
+                        warn!("giving back a failed populate ahead failed: {r}");
+                    }
+                    Err(err)
+                }
+            }
+        };
+        let mut st = self.lock();
+        st.in_progress = None;
+        self.staging_done.notify_all();
+        match staged {
+            Ok(host) => {
+                st.ahead.set_range(s, e, true);
+                if let Some(host) = host {
+                    st.staged.push(Staged { a: s, b: e, host });
+                }
+                self.ahead.fetch_add(len as u64, Ordering::AcqRel);
+                Ok(len as u64)
+            }
+            Err(source) => Err(Error::Populate {
+                addr: self.guest_addr(s),
+                len: len as u64,
+                source,
+            }),
+        }
+    }
+
+    /// A fresh private anonymous mapping of `len` bytes, 2 MiB aligned (huge pages when the
+    /// region asks for them), populated.
+    fn stage_anon(&self, len: usize) -> io::Result<usize> {
+        let align = HUGE_PAGE_SIZE as usize;
+        let over = len + align;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        // SAFETY: a fresh mapping at a kernel-chosen address; the result is checked.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                over,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(last_err());
+        }
+        let raw = raw as usize;
+        let start = raw.next_multiple_of(align);
+        unmap(raw, start - raw);
+        unmap(start + len, raw + over - (start + len));
+        if self.thp {
+            advise_raw(start, len, libc::MADV_HUGEPAGE)?;
+        }
+        if let Err(e) = populate_parallel(start, len) {
+            unmap(start, len);
+            return Err(e);
+        }
+        Ok(start)
+    }
+
+    /// Gives back the memory populated ahead beyond the lowest `keep` bytes of it (all of it
+    /// for 0). Returns the bytes given back.
+    pub fn release_ahead(&self, keep: u64) -> u64 {
+        let mut st = self.lock();
+        let mut left = (keep / self.block_size) as usize;
+        let mut released = 0;
+        for (x, y) in st.ahead.runs(true) {
+            let k = (y - x).min(left);
+            left -= k;
+            if x + k < y {
+                released += self.drop_ahead(&mut st, x + k, y);
+            }
+        }
+        released
+    }
+
+    /// Gives back the memory populated ahead for blocks `[x, y)` (all unplugged).
+    fn drop_ahead(&self, st: &mut State, x: usize, y: usize) -> u64 {
+        let len = st.ahead.count(x, y) as u64 * self.block_size;
+        st.ahead.set_range(x, y, false);
+        self.ahead.fetch_sub(len, Ordering::AcqRel);
+        if self.fd.is_some() {
+            // Unplugged blocks are never mapped: the hole frees the file's pages only.
+            if let Err(e) = self.release(x, y) {
+                warn!("giving back memory populated ahead failed: {e}");
+            }
+        } else {
+            for (a, b, host) in Self::take_staged(st, self.block_size as usize, x, y) {
+                unmap(host, self.byte_len(a, b));
+            }
+        }
+        len
+    }
+
     /// The memory cgroup headroom for a populate of `len` bytes: a recent read less what was
     /// plugged since, or a fresh read when that is old or too close to `len` to decide on.
     fn cgroup_room(&self, st: &mut State, len: u64) -> Option<u64> {
@@ -892,16 +1301,27 @@ impl HotplugRegion {
     }
 
     /// Discards blocks `[a, b)`, all plugged, with the lock held.
-    fn discard_locked(&self, st: &mut State, a: usize, b: usize, transitions: u64) -> Result<()> {
+    fn discard_locked(
+        &self,
+        st: &mut State,
+        a: usize,
+        b: usize,
+        transitions: u64,
+        times: &mut OpTimes,
+    ) -> Result<()> {
         let addr = self.guest_addr(a);
         let len = self.byte_len(a, b) as u64;
         // Inaccessible first, then discarded: a guest still writing to the blocks (a vCPU of a
         // driver that unplugs while using them) faults instead of allocating behind the discard.
+        let t = Instant::now();
         let protected = self.protect(a, b, st.access.prot());
+        times.protect_ns += ns_since(t);
         for (_, l) in &st.listeners {
             l.on_discard(GuestAddress(addr), len);
         }
+        let t = Instant::now();
         let released = self.release(a, b);
+        times.syscall_ns += ns_since(t);
         st.bitmap.set_range(a, b, false);
         st.transitions = transitions;
         Self::mark_split(st, a, b);
@@ -915,25 +1335,35 @@ impl HotplugRegion {
     ///
     /// The range must be non-empty, block aligned, inside the region and wholly plugged.
     pub fn discard(&self, addr: GuestAddress, len: u64) -> Result<()> {
+        self.discard_timed(addr, len, &mut OpTimes::default())
+    }
+
+    /// [`HotplugRegion::discard`], adding where its time went to `times`.
+    pub fn discard_timed(&self, addr: GuestAddress, len: u64, times: &mut OpTimes) -> Result<()> {
         let (a, b) = self.check(addr, len)?;
         let mut st = self.lock();
         if st.bitmap.count(a, b) != b - a {
             return Err(Error::NotPlugged { addr: addr.0, len });
         }
-        let transitions = self.check_budget(&st, a, b, false)?;
-        self.discard_locked(&mut st, a, b, transitions)
+        let transitions = self.check_budget(&st, a, b, false, 0)?;
+        self.discard_locked(&mut st, a, b, transitions, times)
     }
 
     /// Unplugs everything that is plugged, run by run. Returns the first error, after trying
     /// every run.
     pub fn discard_all(&self) -> Result<()> {
+        self.discard_all_timed(&mut OpTimes::default())
+    }
+
+    /// [`HotplugRegion::discard_all`], adding where its time went to `times`.
+    pub fn discard_all_timed(&self, times: &mut OpTimes) -> Result<()> {
         let mut st = self.lock();
         let mut result = Ok(());
         for (a, b) in st.bitmap.runs(true) {
             // Discarding a whole run only merges runs, so it never exceeds the budget.
             let t = st.transitions - st.bitmap.window_transitions(a, b)
                 + st.bitmap.window_transitions_if(a, b, false);
-            let r = self.discard_locked(&mut st, a, b, t);
+            let r = self.discard_locked(&mut st, a, b, t, times);
             if result.is_ok() {
                 result = r;
             }
@@ -1095,6 +1525,10 @@ impl HotplugRegion {
 
 impl Drop for HotplugRegion {
     fn drop(&mut self) {
+        let bs = self.block_size as usize;
+        for s in std::mem::take(&mut self.lock().staged) {
+            unmap(s.host, (s.b - s.a) * bs);
+        }
         unmap(self.host, self.size as usize);
         // Then `backing` (a field) removes a file Tide created, and `fd` closes.
     }

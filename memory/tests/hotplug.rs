@@ -761,3 +761,91 @@ fn unplugged_reads_allocate_on_shared_backends_only() {
     let file = HotplugRegion::new(&layout(4 * MIB, 2 * MIB), Backend::File(dir)).unwrap();
     assert!(file.unplugged_reads_allocate());
 }
+
+/// Populate ahead: the next blocks the guest will plug are backed outside its view (they stay
+/// unplugged and inaccessible, and not resident in the reservation), a PLUG takes them as they
+/// are (zeroed, read-write), and what is left is given back.
+fn populate_ahead_cycle(backend: Backend, options: RegionOptions) {
+    let r = HotplugRegion::with_options(&layout(GIB, 2 * MIB), backend.clone(), options).unwrap();
+    // The guest has the lowest 4 MiB plugged and will plug 256 MiB + 6 MiB more.
+    r.populate(ga(0), 4 * MIB).unwrap();
+    let want = 262 * MIB;
+    let mut got = Vec::new();
+    loop {
+        let n = r.populate_ahead_next(GIB, want, 128 * MIB).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.push(n);
+    }
+    // Chunks end at 128 MiB-aligned guest addresses: 124 + 128 + 10 MiB.
+    assert_eq!(got, vec![124 * MIB, 128 * MIB, 10 * MIB], "{backend:?}");
+    assert_eq!(r.ahead_bytes(), want);
+    assert_eq!(r.plugged_bytes(), 4 * MIB);
+    assert_eq!(r.state(ga(4 * MIB), want).unwrap(), RangeState::Unplugged);
+    // Invisible: the reservation keeps the blocks inaccessible and not resident.
+    for (s, e, perms) in vmas(&r) {
+        if s >= r.host_addr() + 4 * MIB {
+            assert!(
+                perms.starts_with("---"),
+                "{backend:?} {s:#x}-{e:#x} {perms}"
+            );
+        }
+    }
+    let resident = r.resident_bytes().unwrap();
+    assert!(resident <= 6 * MIB, "{backend:?}: resident {resident}");
+    // The PLUG of the first 128 MiB memory block takes its part populated ahead.
+    let mut times = memory::OpTimes::default();
+    r.populate_timed(ga(4 * MIB), 124 * MIB, &mut times)
+        .unwrap();
+    assert_eq!(times.ahead_bytes, 124 * MIB);
+    assert_eq!(r.ahead_bytes(), want - 124 * MIB);
+    for off in [4 * MIB, 64 * MIB, 128 * MIB - 8] {
+        assert_eq!(read_u64(&r, off), 0, "{backend:?}: not zero at {off:#x}");
+    }
+    write_pattern(&r, 4 * MIB, 124 * MIB, 0x1234_5678_9abc_def0);
+    assert_eq!(read_u64(&r, 100 * MIB), 0x1234_5678_9abc_def0);
+    let resident = r.resident_bytes().unwrap();
+    assert!(resident >= 127 * MIB, "{backend:?}: resident {resident}");
+    // A PLUG across ahead and fresh blocks.
+    r.populate(ga(128 * MIB), 160 * MIB).unwrap();
+    assert_eq!(r.ahead_bytes(), 0);
+    assert_eq!(read_u64(&r, 280 * MIB), 0);
+    // A smaller want gives back what is beyond it, then everything.
+    assert_eq!(
+        r.populate_ahead_next(GIB, 256 * MIB, 128 * MIB).unwrap(),
+        96 * MIB
+    );
+    assert_eq!(
+        r.populate_ahead_next(GIB, 256 * MIB, 128 * MIB).unwrap(),
+        128 * MIB
+    );
+    assert_eq!(r.release_ahead(100 * MIB), 124 * MIB);
+    assert_eq!(r.ahead_bytes(), 100 * MIB);
+    assert_eq!(r.release_ahead(0), 100 * MIB);
+    assert_eq!(r.ahead_bytes(), 0);
+    // The usable region bounds it.
+    assert_eq!(r.populate_ahead_next(288 * MIB, GIB, 128 * MIB).unwrap(), 0);
+    r.discard_all().unwrap();
+    let resident = r.resident_bytes().unwrap();
+    assert!(
+        resident <= MIB,
+        "{backend:?}: resident {resident} at the end"
+    );
+    assert_eq!(r.state(ga(0), GIB).unwrap(), RangeState::Unplugged);
+}
+
+#[test]
+fn anon_thp_populate_ahead() {
+    populate_ahead_cycle(Backend::Anon, RegionOptions::default());
+}
+
+#[test]
+fn anon_4k_populate_ahead() {
+    populate_ahead_cycle(Backend::Anon, RegionOptions { thp: false });
+}
+
+#[test]
+fn memfd_populate_ahead() {
+    populate_ahead_cycle(Backend::Memfd, RegionOptions::default());
+}

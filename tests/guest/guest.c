@@ -17,6 +17,8 @@
  *   tide.exit_at_zero=1                      mem-follow: power off once requested and plugged are 0
  *                                            after requested was non-zero
  *   tide.irq=0                               wait by polling InterruptStatus instead of with interrupts
+ *   tide.chunk=<size>                        mem-follow: at most this much per PLUG/UNPLUG request, one
+ *                                            at a time (128M: Linux's pattern on x86_64)
  * Without tide.test and without a virtio-mem device it prints the boot facts and powers off; with a
  * virtio-mem device the default scenario is mem-follow.
  */
@@ -1302,7 +1304,13 @@ static void unplug_all_if_needed(void)
 __attribute__((noreturn)) static void scenario_follow(void)
 {
     int exit_at_zero = param_is("tide.exit_at_zero", "1"), seen_nonzero = 0, retries = 0;
-    u64 nplugged = 0;
+    u64 nplugged = 0, max_n = 0xffff;
+    const char *chunk = find_param("tide.chunk");
+    if (chunk) {
+        u64 c = parse_num(&chunk, 1) / cfg.block_size;
+        if (c && c < max_n)
+            max_n = c;
+    }
     u64 last_plugged = ~0ul, last_requested = ~0ul;
 
     unplug_all_if_needed();
@@ -1321,15 +1329,15 @@ __attribute__((noreturn)) static void scenario_follow(void)
             u32 t;
             if (nplugged < target) {
                 n = target - nplugged;
-                if (n > 0xffff)
-                    n = 0xffff;
+                if (n > max_n)
+                    n = max_n;
                 t = do_plug(cfg.addr + nplugged * cfg.block_size, (u16)n);
                 if (t == RESP_ACK)
                     nplugged += n;
             } else {
                 n = nplugged - target;
-                if (n > 0xffff)
-                    n = 0xffff;
+                if (n > max_n)
+                    n = max_n;
                 t = do_unplug(cfg.addr + (nplugged - n) * cfg.block_size, (u16)n);
                 if (t == RESP_ACK)
                     nplugged -= n;

@@ -342,3 +342,114 @@ fn usable_region_grows_with_requested_size_and_the_guest_follows() {
     assert_eq!(code, 204);
     assert!(tide.wait_exit(T).success(), "{}", tide.stderr());
 }
+
+/// Populate ahead: with a guest that never plugs, Tide backs the requested blocks ahead
+/// without plugging them or making them resident in the guest's memory, reports them apart,
+/// gives them back when the requested size falls, and serves its metrics.
+#[test]
+fn populate_ahead_is_invisible_and_given_back() {
+    if !require_kvm("populate_ahead_is_invisible_and_given_back") {
+        return;
+    }
+    let tmp = TempDir::new("ahead");
+    let sock = tmp.0.join("api.sock");
+    let mut tide = Tide::run_guest(
+        "console=ttyS0 tide.test=hang",
+        &[
+            "--hotplug-size",
+            "2G",
+            "--requested",
+            "256M",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    wait_for_path(&sock, T);
+    let end = Instant::now() + T;
+    let s = loop {
+        let s = status(&sock);
+        if field(&s, "ahead_bytes") == 256 * MIB {
+            break s;
+        }
+        assert!(Instant::now() < end, "never populated ahead: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(field(&s, "plugged_size"), 0, "{s}");
+    assert!(field(&s, "resident_bytes") <= MIB, "{s}");
+    let (code, body) = http(&sock, "GET", "/metrics", None);
+    assert_eq!(code, 200, "{body}");
+    let m: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(m["plug"]["count"], 0, "{body}");
+    assert_eq!(m["ahead"]["populated_bytes"], 256 * MIB, "{body}");
+
+    let (code, body) = http(
+        &sock,
+        "PATCH",
+        "/hotplug/memory",
+        Some(r#"{"requested_size": 0}"#),
+    );
+    assert_eq!(code, 204, "{body}");
+    let end = Instant::now() + T;
+    loop {
+        let s = status(&sock);
+        if field(&s, "ahead_bytes") == 0 {
+            break;
+        }
+        assert!(Instant::now() < end, "never given back: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, _) = http(&sock, "PUT", "/vm/shutdown", None);
+    assert_eq!(code, 204);
+    assert!(tide.wait_exit(T).success(), "{}", tide.stderr());
+}
+
+/// Linux's pattern (one 128 MiB request at a time) with populate ahead: the guest gets what it
+/// asked for, its check of the plugged memory passes, resident memory follows, and nothing is
+/// left populated ahead once it has plugged the requested size.
+#[test]
+fn linux_pattern_with_populate_ahead() {
+    if !require_kvm("linux_pattern_with_populate_ahead") {
+        return;
+    }
+    let tmp = TempDir::new("ahead-linux");
+    let sock = tmp.0.join("api.sock");
+    let mut tide = Tide::run_guest(
+        "console=ttyS0 tide.test=mem-follow tide.chunk=128M",
+        &[
+            "--hotplug-size",
+            "2G",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    wait_for_path(&sock, T);
+    tide.wait_for("tide-guest: virtio-mem: usable", T);
+    let (code, body) = http(
+        &sock,
+        "PATCH",
+        "/hotplug/memory",
+        Some(r#"{"requested_size": 536870912}"#),
+    );
+    assert_eq!(code, 204, "{body}");
+    tide.wait_for("tide-guest: plugged 536870912 requested 536870912", T);
+    let s = wait_plugged(&sock, 512 * MIB);
+    let resident = field(&s, "resident_bytes");
+    assert!(
+        (512 * MIB..=516 * MIB).contains(&resident),
+        "resident {resident}: {s}"
+    );
+    let end = Instant::now() + T;
+    while field(&status(&sock), "ahead_bytes") != 0 {
+        assert!(Instant::now() < end, "memory left populated ahead");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, body) = http(&sock, "GET", "/metrics", None);
+    let m: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(m["plug"]["count"], 4, "four 128 MiB requests: {body}");
+    assert_eq!(m["plug"]["ack"], 4, "{body}");
+    let out = tide.stdout();
+    assert!(!out.contains("FAIL") && !out.contains("MISMATCH"), "{out}");
+    let (code, _) = http(&sock, "PUT", "/vm/shutdown", None);
+    assert_eq!(code, 204);
+    assert!(tide.wait_exit(T).success(), "{}", tide.stderr());
+}

@@ -165,6 +165,7 @@ fn build(config: VmmConfig) -> Result<Vmm> {
                 boot_mem.clone(),
                 VIRTIO_MMIO_BASE,
                 VIRTIO_IRQ_BASE,
+                h.populate_ahead,
             )?;
             mmio.insert(dev.bus_device(), VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE)
                 .map_err(dev_err)?;

@@ -52,6 +52,8 @@ pub struct HotplugConfig {
     pub requested: u64,
     /// Transparent huge pages for the `anon` backend (when the block size allows).
     pub thp: bool,
+    /// Populate the blocks the guest will plug as soon as the requested size grows.
+    pub populate_ahead: bool,
 }
 
 impl Default for HotplugConfig {
@@ -62,6 +64,7 @@ impl Default for HotplugConfig {
             backend: memory::Backend::Anon,
             requested: 0,
             thp: true,
+            populate_ahead: true,
         }
     }
 }

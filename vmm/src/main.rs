@@ -64,6 +64,9 @@ struct RunArgs {
     /// Do not ask for transparent huge pages on the anon backend (4 KiB pages).
     #[arg(long)]
     no_thp: bool,
+    /// Do not populate ahead the blocks the guest will plug (PLUG populates them).
+    #[arg(long)]
+    no_populate_ahead: bool,
     /// Serve the HTTP API on this UNIX socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -145,6 +148,7 @@ fn main() -> ExitCode {
                     backend: a.backend.unwrap_or(memory::Backend::Anon),
                     requested: a.requested.unwrap_or(0),
                     thp: !a.no_thp,
+                    populate_ahead: !a.no_populate_ahead,
                 },
                 api_socket: a.api_socket,
             };

@@ -25,6 +25,7 @@ struct Control {
     mem: Option<(
         Arc<devices::virtio::mem::VirtioMemShared>,
         Arc<memory::HotplugRegion>,
+        Arc<devices::virtio::metrics::VirtioMemMetrics>,
     )>,
     /// Resident bytes of an anon region, read off the event loop (fd backends use `fstat`).
     sampler: Option<ResidentSampler>,
@@ -34,7 +35,7 @@ struct Control {
 
 impl Control {
     fn status(&self, refresh: bool) -> Option<MemoryStatus> {
-        let (shared, region) = self.mem.as_ref()?;
+        let (shared, region, _) = self.mem.as_ref()?;
         let resident_bytes = match &self.sampler {
             Some(s) => s.get(refresh),
             // One fstat.
@@ -49,6 +50,7 @@ impl Control {
             usable_region_size: shared.usable_region_size(),
             backend: region.backend().to_string(),
             resident_bytes,
+            ahead_bytes: region.ahead_bytes(),
         })
     }
 }
@@ -68,9 +70,14 @@ impl ApiBackend for Control {
             .is_none_or(ResidentSampler::is_current)
     }
 
+    fn metrics(&self) -> Option<serde_json::Value> {
+        let (_, _, metrics) = self.mem.as_ref()?;
+        serde_json::from_str(&metrics.to_json()).ok()
+    }
+
     fn resize(&self, requested_size: u64) -> std::result::Result<(), String> {
         match &self.mem {
-            Some((shared, _)) => shared
+            Some((shared, _, _)) => shared
                 .set_requested_size(requested_size)
                 .map_err(|e| e.to_string()),
             None => Err("this VM has no hotplug region (start it with --hotplug-size)".into()),
@@ -145,7 +152,7 @@ impl Vmm {
             mem: self
                 .mem_device
                 .as_ref()
-                .map(|d| (d.shared().clone(), d.region().clone())),
+                .map(|d| (d.shared().clone(), d.region().clone(), d.metrics().clone())),
             sampler,
             vcpus: self.config.machine.cpus,
             boot_memory: self.config.machine.memory,

@@ -4,13 +4,22 @@
 //! never stalls the event loop, the API or a vCPU (guest MMIO accesses to the device, the
 //! interrupt status read of the guest's interrupt handler included, take only the transport's
 //! lock, which no populate holds). The worker also runs the device's retry timer after BUSY.
+//!
+//! A second thread populates ahead: when the requested size grows it backs, outside the
+//! guest's view, the blocks Linux's driver will plug next (the lowest unplugged ones of the
+//! usable region), one 128 MiB memory block at a time, so that the PLUG finds them ready while
+//! the guest is still onlining the previous block. It gives them back when the requested size
+//! falls, and after [`AHEAD_IDLE`] without a plug.
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use devices::bus::{lock, SharedDevice};
 use devices::virtio::mem::{VirtioMem, VirtioMemQueue, VirtioMemShared};
+use devices::virtio::metrics::VirtioMemMetrics;
 use devices::virtio::mmio::MmioTransport;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -23,6 +32,11 @@ use crate::{Error, Result};
 
 /// Offset of the QueueNotify register in a virtio-mmio window.
 const QUEUE_NOTIFY: u64 = 0x50;
+/// What is populated ahead at a time, aligned in guest physical memory: Linux's memory block
+/// on x86_64, which its driver plugs in one request.
+pub const AHEAD_CHUNK: u64 = 128 << 20;
+/// Memory populated ahead is given back after this long without a plug.
+pub const AHEAD_IDLE: Duration = Duration::from_secs(10);
 
 type Transport = MmioTransport<VirtioMem<HotplugRegion>>;
 
@@ -34,6 +48,10 @@ pub struct MemDevice {
     stop: Arc<EventFd>,
     changed: Arc<EventFd>,
     worker: Option<JoinHandle<()>>,
+    metrics: Arc<VirtioMemMetrics>,
+    /// Wakes the populate-ahead thread (resize, request handled); `None` without it.
+    ahead_kick: Option<Arc<EventFd>>,
+    ahead: Option<JoinHandle<()>>,
 }
 
 impl MemDevice {
@@ -46,10 +64,12 @@ impl MemDevice {
         boot_mem: GuestMemoryMmap,
         base: u64,
         irq: u32,
+        populate_ahead: bool,
     ) -> Result<Self> {
         let dev_err = |e: devices::virtio::Error| Error::Device(format!("virtio-mem: {e}"));
         let mem = VirtioMem::new(region.clone(), requested).map_err(dev_err)?;
         let shared = mem.shared();
+        let metrics = mem.metrics();
         let transport = MmioTransport::new(mem, boot_mem).map_err(dev_err)?;
         for (i, evt) in transport.queue_evts().iter().enumerate() {
             vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), i as u32)
@@ -61,7 +81,20 @@ impl MemDevice {
             .map_err(|e| Error::Io("cannot create an event fd", e))?;
         let changed = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| Error::Io("cannot create an event fd", e))?;
+        let ahead_kick = if populate_ahead {
+            let evt = Arc::new(
+                EventFd::new(libc::EFD_NONBLOCK)
+                    .map_err(|e| Error::Io("cannot create an event fd", e))?,
+            );
+            shared.notify_resize(evt.clone());
+            Some(evt)
+        } else {
+            None
+        };
         Ok(Self {
+            metrics,
+            ahead_kick,
+            ahead: None,
             transport: Arc::new(Mutex::new(transport)),
             shared,
             region,
@@ -84,6 +117,11 @@ impl MemDevice {
     /// The hotplug region.
     pub fn region(&self) -> &Arc<HotplugRegion> {
         &self.region
+    }
+
+    /// The device's per-request metrics.
+    pub fn metrics(&self) -> &Arc<VirtioMemMetrics> {
+        &self.metrics
     }
 
     /// A new handle on the event fd signalled after every batch of requests the worker handled
@@ -114,8 +152,25 @@ impl MemDevice {
             queue_evts,
             stop: self.stop.clone(),
             changed: self.changed.clone(),
+            ahead_kick: self.ahead_kick.clone(),
             done: done.clone(),
         }));
+        if let Some(kick) = &self.ahead_kick {
+            let ahead = Ahead {
+                region: self.region.clone(),
+                shared: self.shared.clone(),
+                metrics: self.metrics.clone(),
+                kick: kick.clone(),
+                stop: self.stop.clone(),
+            };
+            let _ = kick.write(1);
+            self.ahead = Some(
+                std::thread::Builder::new()
+                    .name("virtio-mem-ahead".into())
+                    .spawn(move || ahead.run())
+                    .map_err(|e| Error::Io("cannot start the populate-ahead thread", e))?,
+            );
+        }
         let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name("virtio-mem".into())
@@ -145,6 +200,9 @@ impl MemDevice {
         if let Some(h) = self.worker.take() {
             let _ = h.join();
         }
+        if let Some(h) = self.ahead.take() {
+            let _ = h.join();
+        }
         if let Err(e) = self.region.discard_all() {
             log::warn!("cannot discard the hotplug region at exit: {e}");
         }
@@ -156,6 +214,7 @@ struct QueueWorker {
     queue_evts: Vec<EventFd>,
     stop: Arc<EventFd>,
     changed: Arc<EventFd>,
+    ahead_kick: Option<Arc<EventFd>>,
     done: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -198,7 +257,110 @@ impl MutEventSubscriber for QueueWorker {
                     log::error!("virtio-mem: the queue failed, the device needs reset: {e}");
                 }
                 let _ = self.changed.write(1);
+                if let Some(kick) = &self.ahead_kick {
+                    let _ = kick.write(1);
+                }
             }
         }
+    }
+}
+
+/// The populate-ahead thread (see the module documentation).
+struct Ahead {
+    region: Arc<HotplugRegion>,
+    shared: Arc<VirtioMemShared>,
+    metrics: Arc<VirtioMemMetrics>,
+    kick: Arc<EventFd>,
+    stop: Arc<EventFd>,
+}
+
+impl Ahead {
+    /// Waits up to `timeout` (`None`: for ever) for a kick or the stop; returns false on stop.
+    fn wait(&self, timeout: Option<Duration>) -> bool {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.kick.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        // SAFETY: `fds` is a valid array of two pollfd for the length of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+        if n > 0 && fds[1].revents != 0 {
+            return false;
+        }
+        if n > 0 && fds[0].revents != 0 {
+            let _ = self.kick.read();
+        }
+        true
+    }
+
+    fn release(&self, keep: u64) {
+        let n = self.region.release_ahead(keep);
+        self.metrics.ahead_released_bytes.fetch_add(n, Relaxed);
+    }
+
+    fn run(self) {
+        // `more`: populate the next chunk without waiting (cleared when nothing is left to do
+        // or a populate ahead failed: that is not an error, the PLUG then populates itself).
+        let (mut more, mut last_requested, mut last_plugged) = (false, 0, u64::MAX);
+        let mut since = Instant::now();
+        loop {
+            let timeout = if more {
+                Some(Duration::ZERO)
+            } else if self.region.ahead_bytes() > 0 {
+                Some(AHEAD_IDLE.saturating_sub(since.elapsed()))
+            } else {
+                None
+            };
+            if !self.wait(timeout) {
+                break;
+            }
+            let requested = self.shared.requested_size();
+            let plugged = self.region.plugged_bytes();
+            if requested > last_requested || plugged != last_plugged {
+                more = true;
+                since = Instant::now();
+            }
+            (last_requested, last_plugged) = (requested, plugged);
+            let want = requested.saturating_sub(plugged);
+            if self.region.ahead_bytes() > want {
+                self.release(want);
+            }
+            if self.region.ahead_bytes() > 0 && since.elapsed() >= AHEAD_IDLE {
+                log::debug!(
+                    "virtio-mem: no plug for {AHEAD_IDLE:?}: giving back what was populated ahead"
+                );
+                self.release(0);
+                more = false;
+                continue;
+            }
+            if !more || self.region.ahead_bytes() >= want {
+                more = false;
+                continue;
+            }
+            let t = Instant::now();
+            let usable = self.shared.usable_region_size();
+            match self.region.populate_ahead_next(usable, want, AHEAD_CHUNK) {
+                Ok(0) => more = false,
+                Ok(n) => {
+                    self.metrics.ahead_populated_bytes.fetch_add(n, Relaxed);
+                    self.metrics
+                        .ahead_ns
+                        .fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+                }
+                Err(e) => {
+                    log::debug!("virtio-mem: populate ahead failed (the PLUG will populate): {e}");
+                    more = false;
+                }
+            }
+        }
+        self.release(0);
     }
 }

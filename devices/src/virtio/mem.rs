@@ -20,6 +20,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 
 pub use memory::{RangeState, UnpluggedAccess};
 
+use super::metrics::{Sample, VirtioMemMetrics};
 use super::mmio::{Interrupt, VirtioDevice};
 use super::{Error, Result};
 
@@ -97,6 +98,34 @@ pub trait HotplugMemory: Send + Sync {
     fn discard(&self, addr: GuestAddress, len: u64) -> std::result::Result<(), Self::Error>;
     /// Unplugs every block.
     fn discard_all(&self) -> std::result::Result<(), Self::Error>;
+    /// [`HotplugMemory::populate`], adding where its time went to `times`.
+    fn populate_timed(
+        &self,
+        addr: GuestAddress,
+        len: u64,
+        times: &mut memory::OpTimes,
+    ) -> std::result::Result<(), Self::Error> {
+        let _ = times;
+        self.populate(addr, len)
+    }
+    /// [`HotplugMemory::discard`], adding where its time went to `times`.
+    fn discard_timed(
+        &self,
+        addr: GuestAddress,
+        len: u64,
+        times: &mut memory::OpTimes,
+    ) -> std::result::Result<(), Self::Error> {
+        let _ = times;
+        self.discard(addr, len)
+    }
+    /// [`HotplugMemory::discard_all`], adding where its time went to `times`.
+    fn discard_all_timed(
+        &self,
+        times: &mut memory::OpTimes,
+    ) -> std::result::Result<(), Self::Error> {
+        let _ = times;
+        self.discard_all()
+    }
     /// The plug state of `[addr, addr + len)`.
     fn state(&self, addr: GuestAddress, len: u64) -> std::result::Result<RangeState, Self::Error>;
     /// Bytes currently plugged.
@@ -140,9 +169,16 @@ pub struct VirtioMemShared {
     region_size: u64,
     block_size: u64,
     state: Mutex<SizeState>,
+    /// Signalled after every change of the requested size (the vmm's populate-ahead thread).
+    resize_evt: Mutex<Option<Arc<vmm_sys_util::eventfd::EventFd>>>,
 }
 
 impl VirtioMemShared {
+    /// Has `evt` signalled after every change of the requested size.
+    pub fn notify_resize(&self, evt: Arc<vmm_sys_util::eventfd::EventFd>) {
+        *self.resize_evt.lock().unwrap_or_else(|e| e.into_inner()) = Some(evt);
+    }
+
     fn lock(&self) -> MutexGuard<'_, SizeState> {
         // The state stays consistent even if a holder panicked: every update is a plain store.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -207,6 +243,9 @@ impl VirtioMemShared {
             Self::clear_busy(&mut state);
             state.interrupt.clone()
         };
+        if let Some(evt) = &*self.resize_evt.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = evt.write(1);
+        }
         if let Some(interrupt) = interrupt {
             if let Err(e) = interrupt.trigger_config() {
                 error!("virtio-mem: {e}");
@@ -395,6 +434,7 @@ struct Core<R: HotplugMemory> {
     region: Arc<R>,
     shared: Arc<VirtioMemShared>,
     queue: Mutex<QueueSlot>,
+    metrics: Arc<VirtioMemMetrics>,
 }
 
 /// The virtio-mem device over the hotplug memory `R`.
@@ -461,6 +501,7 @@ impl<R: HotplugMemory> VirtioMem<R> {
                 busy_retry: BUSY_RETRY_MIN,
                 interrupt: None,
             }),
+            resize_evt: Mutex::new(None),
         });
         let core = Core {
             region,
@@ -470,6 +511,7 @@ impl<R: HotplugMemory> VirtioMem<R> {
                 epoch: 0,
                 pending: false,
             }),
+            metrics: Arc::default(),
         };
         // Blocks plugged before: the usable region must cover them (it never shrinks below).
         let plugged = core.region.plugged_bytes();
@@ -489,6 +531,11 @@ impl<R: HotplugMemory> VirtioMem<R> {
     /// The state the vmm's API thread uses.
     pub fn shared(&self) -> Arc<VirtioMemShared> {
         self.core.shared.clone()
+    }
+
+    /// The device's per-request metrics.
+    pub fn metrics(&self) -> Arc<VirtioMemMetrics> {
+        self.core.metrics.clone()
     }
 
     /// The hotplug memory behind the device.
@@ -555,11 +602,11 @@ impl<R: HotplugMemory> Core<R> {
         (end <= usable_end).then_some(len)
     }
 
-    fn execute(&self, req: Request) -> Response {
+    fn execute(&self, req: Request, m: &mut Timing) -> Response {
         match req.kind {
-            VIRTIO_MEM_REQ_PLUG => self.plug(req.addr, req.nb_blocks),
-            VIRTIO_MEM_REQ_UNPLUG => self.unplug(req.addr, req.nb_blocks),
-            VIRTIO_MEM_REQ_UNPLUG_ALL => self.unplug_all(),
+            VIRTIO_MEM_REQ_PLUG => self.plug(req.addr, req.nb_blocks, m),
+            VIRTIO_MEM_REQ_UNPLUG => self.unplug(req.addr, req.nb_blocks, m),
+            VIRTIO_MEM_REQ_UNPLUG_ALL => self.unplug_all(m),
             VIRTIO_MEM_REQ_STATE => self.state(req.addr, req.nb_blocks),
             other => {
                 warn!("virtio-mem: unknown request type {other}");
@@ -568,7 +615,7 @@ impl<R: HotplugMemory> Core<R> {
         }
     }
 
-    fn plug(&self, addr: u64, nb_blocks: u16) -> Response {
+    fn plug(&self, addr: u64, nb_blocks: u16, m: &mut Timing) -> Response {
         // NACK first, whatever the range (as Cloud Hypervisor does): a driver whose plug raced
         // with a smaller requested size must get NACK, never an ERROR that breaks it for good.
         if let Some(len) = self.range_len(nb_blocks) {
@@ -600,7 +647,12 @@ impl<R: HotplugMemory> Core<R> {
                 return self.busy();
             }
         }
-        match self.region.populate(gaddr, len) {
+        m.sample.bytes = len;
+        m.validated();
+        let mut times = memory::OpTimes::default();
+        let result = self.region.populate_timed(gaddr, len, &mut times);
+        m.add(&times);
+        match result {
             Ok(()) => {
                 self.publish(false);
                 self.shared.lock().busy_retry = BUSY_RETRY_MIN;
@@ -620,7 +672,7 @@ impl<R: HotplugMemory> Core<R> {
         }
     }
 
-    fn unplug(&self, addr: u64, nb_blocks: u16) -> Response {
+    fn unplug(&self, addr: u64, nb_blocks: u16, m: &mut Timing) -> Response {
         let Some(len) = self.check_range(addr, nb_blocks) else {
             warn!("virtio-mem: UNPLUG of {nb_blocks} blocks at {addr:#x}: invalid range");
             return ERROR;
@@ -637,7 +689,11 @@ impl<R: HotplugMemory> Core<R> {
                 return self.busy();
             }
         }
-        let result = self.region.discard(gaddr, len);
+        m.sample.bytes = len;
+        m.validated();
+        let mut times = memory::OpTimes::default();
+        let result = self.region.discard_timed(gaddr, len, &mut times);
+        m.add(&times);
         self.publish(false);
         match result {
             Ok(()) => ACK,
@@ -648,8 +704,12 @@ impl<R: HotplugMemory> Core<R> {
         }
     }
 
-    fn unplug_all(&self) -> Response {
-        let result = self.region.discard_all();
+    fn unplug_all(&self, m: &mut Timing) -> Response {
+        m.sample.bytes = self.region.plugged_bytes();
+        m.validated();
+        let mut times = memory::OpTimes::default();
+        let result = self.region.discard_all_timed(&mut times);
+        m.add(&times);
         self.publish(true);
         match result {
             Ok(()) => ACK,
@@ -714,19 +774,33 @@ impl<R: HotplugMemory> Core<R> {
     }
 
     /// Carries out the request of one chain; returns the response to write and where.
-    fn handle_chain(&self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Reply {
+    fn handle_chain(&self, mem: &GuestMemoryMmap, descs: &[Descriptor], start: Instant) -> Reply {
+        let mut timing = Timing {
+            start,
+            kind: None,
+            sample: Sample::default(),
+            validated: false,
+        };
         let response = match self.read_request(mem, descs) {
-            Some(req) => self.execute(req),
+            Some(req) => {
+                timing.kind = Some(req.kind);
+                self.execute(req, &mut timing)
+            }
             None => {
                 warn!("virtio-mem: malformed request chain");
                 ERROR
             }
         };
+        timing.validated();
         let out = descs
             .iter()
             .find(|d| d.is_write_only())
             .map(|d| (d.addr(), RESPONSE_SIZE.min(d.len() as usize)));
-        Reply { response, out }
+        Reply {
+            response,
+            out,
+            timing,
+        }
     }
 
     /// Writes a reply into guest memory; returns the number of bytes written for the used ring.
@@ -787,8 +861,9 @@ impl<R: HotplugMemory> Core<R> {
         };
         let mut used = 0usize;
         loop {
+            let start = Instant::now();
             let step = if active.queue.ready() && used < MAX_CHAINS_PER_CALL {
-                self.next_chain(&mut active)
+                self.next_chain(&mut active, start)
             } else {
                 Ok(None)
             };
@@ -800,8 +875,13 @@ impl<R: HotplugMemory> Core<R> {
             let result = match step {
                 Ok(Some((head, reply))) => {
                     used += 1;
+                    let (kind, sample, answer) =
+                        (reply.timing.kind, reply.timing.sample, reply.response.kind);
                     let len = self.write_reply(&active.mem, reply);
-                    Self::add_used(&mut active, head, len).map(|()| true)
+                    let r = Self::add_used(&mut active, head, len).map(|()| true);
+                    let total = start.elapsed().as_nanos() as u64;
+                    self.metrics.of(kind).record(&sample, answer, total);
+                    r
                 }
                 Ok(None) => Ok(false),
                 Err(e) => Err(e),
@@ -827,14 +907,14 @@ impl<R: HotplugMemory> Core<R> {
     }
 
     /// Pops and carries out the next available chain; `None` when the queue is empty.
-    fn next_chain(&self, active: &mut Active) -> Result<Option<(u16, Reply)>> {
+    fn next_chain(&self, active: &mut Active, start: Instant) -> Result<Option<(u16, Reply)>> {
         let chain = active.queue.iter(&active.mem).map_err(Error::Queue)?.next();
         let Some(chain) = chain else {
             return Ok(None);
         };
         let head = chain.head_index();
         let descs: Vec<Descriptor> = chain.take(MAX_CHAIN_DESCRIPTORS).collect();
-        Ok(Some((head, self.handle_chain(&active.mem, &descs))))
+        Ok(Some((head, self.handle_chain(&active.mem, &descs, start))))
     }
 
     fn add_used(active: &mut Active, head: u16, len: u32) -> Result<()> {
@@ -849,10 +929,38 @@ impl<R: HotplugMemory> Core<R> {
     }
 }
 
-/// A response and the buffer it goes to (address and length).
+/// A response, the buffer it goes to (address and length) and what the request cost.
 struct Reply {
     response: Response,
     out: Option<(GuestAddress, usize)>,
+    timing: Timing,
+}
+
+/// The timing of one request while it is carried out.
+struct Timing {
+    /// When the device took the chain off the queue.
+    start: Instant,
+    /// The request type, once parsed.
+    kind: Option<u16>,
+    sample: Sample,
+    /// Whether validation time was taken already.
+    validated: bool,
+}
+
+impl Timing {
+    /// Validation ends here (the first call counts).
+    fn validated(&mut self) {
+        if !self.validated {
+            self.validated = true;
+            self.sample.validate_ns = self.start.elapsed().as_nanos() as u64;
+        }
+    }
+
+    fn add(&mut self, t: &memory::OpTimes) {
+        self.sample.protect_ns += t.protect_ns;
+        self.sample.syscall_ns += t.syscall_ns;
+        self.sample.ahead_bytes += t.ahead_bytes;
+    }
 }
 
 impl<R: HotplugMemory> VirtioDevice for VirtioMem<R> {
@@ -978,6 +1086,28 @@ impl HotplugMemory for memory::HotplugRegion {
 
     fn populate(&self, addr: GuestAddress, len: u64) -> memory::Result<()> {
         memory::HotplugRegion::populate(self, addr, len)
+    }
+
+    fn populate_timed(
+        &self,
+        addr: GuestAddress,
+        len: u64,
+        times: &mut memory::OpTimes,
+    ) -> memory::Result<()> {
+        memory::HotplugRegion::populate_timed(self, addr, len, times)
+    }
+
+    fn discard_timed(
+        &self,
+        addr: GuestAddress,
+        len: u64,
+        times: &mut memory::OpTimes,
+    ) -> memory::Result<()> {
+        memory::HotplugRegion::discard_timed(self, addr, len, times)
+    }
+
+    fn discard_all_timed(&self, times: &mut memory::OpTimes) -> memory::Result<()> {
+        memory::HotplugRegion::discard_all_timed(self, times)
     }
 
     fn discard(&self, addr: GuestAddress, len: u64) -> memory::Result<()> {

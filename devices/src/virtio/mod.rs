@@ -6,6 +6,7 @@
 //! Any [`VirtioDevice`] can sit behind it; [`VirtioMem`] is the one Tide ships.
 
 pub mod mem;
+pub mod metrics;
 pub mod mmio;
 
 pub use mem::{

@@ -36,6 +36,7 @@ impl ApiBackend for Mock {
             usable_region_size: (r + GIB).min(4 * GIB),
             backend: "anon".into(),
             resident_bytes: r,
+            ahead_bytes: 0,
         })
     }
 

@@ -14,6 +14,7 @@
 //! | `PATCH` | `/hotplug/memory` | body `{"requested_size": BYTES}`; 204, or 400 `{"error": ...}` |
 //! | `GET`   | `/vm`             | 200 [`VmInfo`] |
 //! | `PUT`   | `/vm/shutdown`    | 204, then [`ApiBackend::shutdown`] |
+//! | `GET`   | `/metrics`        | 200 the virtio-mem device's per-request metrics; 404 without one |
 //!
 //! The long poll answers 200 as soon as `plugged_size == requested_size`, or when `timeout_ms`
 //! (default 30000, at most 600000; larger values are clamped) has passed. Its body is the
@@ -54,6 +55,10 @@ pub struct MemoryStatus {
     pub backend: String,
     /// Host memory actually resident for the region.
     pub resident_bytes: u64,
+    /// Host memory populated ahead of the guest's plugs (not plugged, not visible to the
+    /// guest, not in `resident_bytes`).
+    #[serde(default)]
+    pub ahead_bytes: u64,
 }
 
 /// General information about the VM.
@@ -92,4 +97,8 @@ pub trait ApiBackend: Send + Sync {
     fn vm_info(&self) -> VmInfo;
     /// Starts an ordered stop of the VM.
     fn shutdown(&self);
+    /// The virtio-mem device's metrics as a JSON object (`GET /metrics`); `None` without one.
+    fn metrics(&self) -> Option<serde_json::Value> {
+        None
+    }
 }

@@ -683,6 +683,10 @@ fn handle(backend: &dyn ApiBackend, req: &Request) -> Outcome {
             "GET" => Outcome::Answer(Response::json(200, &backend.vm_info())),
             _ => Outcome::Answer(Response::method_not_allowed(m, "GET")),
         },
+        "/metrics" => match m {
+            "GET" => Outcome::Answer(get_metrics(backend)),
+            _ => Outcome::Answer(Response::method_not_allowed(m, "GET")),
+        },
         "/vm/shutdown" => match m {
             "PUT" => Outcome::AnswerThenShutdown(Response::no_content()),
             _ => Outcome::Answer(Response::method_not_allowed(m, "PUT")),
@@ -725,6 +729,13 @@ fn get_memory(backend: &dyn ApiBackend, query: Option<&str>) -> Outcome {
         return Outcome::Answer(long_poll_answer(&status, settled(&status)));
     }
     Outcome::Wait(Instant::now() + Duration::from_millis(timeout_ms))
+}
+
+fn get_metrics(backend: &dyn ApiBackend) -> Response {
+    match backend.metrics() {
+        Some(m) => Response::json(200, &m),
+        None => no_hotplug(),
+    }
 }
 
 fn patch_memory(backend: &dyn ApiBackend, body: &[u8]) -> Response {

@@ -1,0 +1,213 @@
+//! What the virtio-mem device spends on each request, by request type: counters and latency
+//! aggregates in plain atomics (readable from any thread, no lock), in the spirit of
+//! Firecracker's virtio-mem `metrics`.
+//!
+//! A request's service time runs from the moment the device takes its chain off the queue to
+//! the moment its answer is on the used ring, and is split into validation (parsing, range and
+//! state checks), protection changes (`mprotect`), the memory system calls (`madvise`,
+//! `fallocate`, `mremap`) and bookkeeping (the rest: bitmap, listeners, config, used ring).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// The time of one request, by phase (nanoseconds), and what it was.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    /// Bytes the request covers (0 for UNPLUG_ALL and malformed requests).
+    pub bytes: u64,
+    /// Validation.
+    pub validate_ns: u64,
+    /// Protection changes.
+    pub protect_ns: u64,
+    /// Memory system calls.
+    pub syscall_ns: u64,
+    /// Bytes of the range found populated ahead.
+    pub ahead_bytes: u64,
+}
+
+/// Counters and aggregates of one request type.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    count: AtomicU64,
+    bytes: AtomicU64,
+    answers: [AtomicU64; 4],
+    total_ns: AtomicU64,
+    min_ns: AtomicU64,
+    max_ns: AtomicU64,
+    validate_ns: AtomicU64,
+    protect_ns: AtomicU64,
+    syscall_ns: AtomicU64,
+    bookkeeping_ns: AtomicU64,
+    ahead_bytes: AtomicU64,
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        Self {
+            count: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            answers: Default::default(),
+            total_ns: AtomicU64::new(0),
+            min_ns: AtomicU64::new(u64::MAX),
+            max_ns: AtomicU64::new(0),
+            validate_ns: AtomicU64::new(0),
+            protect_ns: AtomicU64::new(0),
+            syscall_ns: AtomicU64::new(0),
+            bookkeeping_ns: AtomicU64::new(0),
+            ahead_bytes: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The names of the answers, in the order of their virtio codes (ACK, NACK, BUSY, ERROR).
+const ANSWERS: [&str; 4] = ["ack", "nack", "busy", "error"];
+
+impl RequestMetrics {
+    /// Records one request answered `answer` (a virtio-mem response code) after `total_ns`.
+    pub fn record(&self, s: &Sample, answer: u16, total_ns: u64) {
+        self.count.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(s.bytes, Relaxed);
+        if let Some(a) = self.answers.get(usize::from(answer)) {
+            a.fetch_add(1, Relaxed);
+        }
+        self.total_ns.fetch_add(total_ns, Relaxed);
+        self.min_ns.fetch_min(total_ns, Relaxed);
+        self.max_ns.fetch_max(total_ns, Relaxed);
+        self.validate_ns.fetch_add(s.validate_ns, Relaxed);
+        self.protect_ns.fetch_add(s.protect_ns, Relaxed);
+        self.syscall_ns.fetch_add(s.syscall_ns, Relaxed);
+        let phases = s.validate_ns + s.protect_ns + s.syscall_ns;
+        self.bookkeeping_ns
+            .fetch_add(total_ns.saturating_sub(phases), Relaxed);
+        self.ahead_bytes.fetch_add(s.ahead_bytes, Relaxed);
+    }
+
+    /// Requests recorded.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// Sum of the service times (ns).
+    pub fn total_ns(&self) -> u64 {
+        self.total_ns.load(Relaxed)
+    }
+
+    fn json(&self, out: &mut String) {
+        let count = self.count();
+        let total = self.total_ns();
+        let min = match self.min_ns.load(Relaxed) {
+            u64::MAX => 0,
+            m => m,
+        };
+        let _ = write!(
+            out,
+            "{{\"count\":{count},\"bytes\":{},",
+            self.bytes.load(Relaxed)
+        );
+        for (name, n) in ANSWERS.iter().zip(&self.answers) {
+            let _ = write!(out, "\"{name}\":{},", n.load(Relaxed));
+        }
+        let _ = write!(
+            out,
+            "\"total_ns\":{total},\"min_ns\":{min},\"avg_ns\":{},\"max_ns\":{},\
+             \"validate_ns\":{},\"protect_ns\":{},\"syscall_ns\":{},\"bookkeeping_ns\":{},\
+             \"ahead_bytes\":{}}}",
+            total.checked_div(count).unwrap_or(0),
+            self.max_ns.load(Relaxed),
+            self.validate_ns.load(Relaxed),
+            self.protect_ns.load(Relaxed),
+            self.syscall_ns.load(Relaxed),
+            self.bookkeeping_ns.load(Relaxed),
+            self.ahead_bytes.load(Relaxed),
+        );
+    }
+}
+
+/// The metrics of one virtio-mem device.
+#[derive(Debug, Default)]
+pub struct VirtioMemMetrics {
+    /// PLUG requests.
+    pub plug: RequestMetrics,
+    /// UNPLUG requests.
+    pub unplug: RequestMetrics,
+    /// UNPLUG_ALL requests.
+    pub unplug_all: RequestMetrics,
+    /// STATE requests.
+    pub state: RequestMetrics,
+    /// Malformed chains and unknown request types.
+    pub invalid: RequestMetrics,
+    /// Bytes populated ahead of the guest's PLUG, and given back unused (kept by the vmm).
+    pub ahead_populated_bytes: AtomicU64,
+    /// See [`VirtioMemMetrics::ahead_populated_bytes`].
+    pub ahead_released_bytes: AtomicU64,
+    /// Time spent populating ahead (ns), off the queue.
+    pub ahead_ns: AtomicU64,
+}
+
+impl VirtioMemMetrics {
+    /// The metrics of request type `kind` (unknown types count as invalid).
+    pub fn of(&self, kind: Option<u16>) -> &RequestMetrics {
+        match kind {
+            Some(super::mem::VIRTIO_MEM_REQ_PLUG) => &self.plug,
+            Some(super::mem::VIRTIO_MEM_REQ_UNPLUG) => &self.unplug,
+            Some(super::mem::VIRTIO_MEM_REQ_UNPLUG_ALL) => &self.unplug_all,
+            Some(super::mem::VIRTIO_MEM_REQ_STATE) => &self.state,
+            _ => &self.invalid,
+        }
+    }
+
+    /// The metrics as one JSON object: `{"plug": {...}, "unplug": {...}, "unplug_all": {...},
+    /// "state": {...}, "invalid": {...}, "ahead": {...}}`, times in nanoseconds.
+    pub fn to_json(&self) -> String {
+        let mut out = String::from("{");
+        for (name, m) in [
+            ("plug", &self.plug),
+            ("unplug", &self.unplug),
+            ("unplug_all", &self.unplug_all),
+            ("state", &self.state),
+            ("invalid", &self.invalid),
+        ] {
+            let _ = write!(out, "\"{name}\":");
+            m.json(&mut out);
+            out.push(',');
+        }
+        let _ = write!(
+            out,
+            "\"ahead\":{{\"populated_bytes\":{},\"released_bytes\":{},\"ns\":{}}}}}",
+            self.ahead_populated_bytes.load(Relaxed),
+            self.ahead_released_bytes.load(Relaxed),
+            self.ahead_ns.load(Relaxed),
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregates_and_json() {
+        let m = VirtioMemMetrics::default();
+        let s = Sample {
+            bytes: 4096,
+            validate_ns: 10,
+            protect_ns: 20,
+            syscall_ns: 30,
+            ahead_bytes: 0,
+        };
+        m.of(Some(0)).record(&s, 0, 100);
+        m.of(Some(0)).record(&s, 2, 300);
+        m.of(Some(9)).record(&Sample::default(), 3, 5);
+        assert_eq!(m.plug.count(), 2);
+        assert_eq!(m.plug.total_ns(), 400);
+        assert_eq!(m.invalid.count(), 1);
+        let j = m.to_json();
+        assert!(j.contains("\"plug\":{\"count\":2,\"bytes\":8192,\"ack\":1,\"nack\":0,\"busy\":1,\"error\":0,\"total_ns\":400,\"min_ns\":100,\"avg_ns\":200,\"max_ns\":300,\"validate_ns\":20,\"protect_ns\":40,\"syscall_ns\":60,\"bookkeeping_ns\":280"), "{j}");
+        assert!(
+            j.contains("\"unplug\":{\"count\":0,") && j.contains("\"min_ns\":0"),
+            "{j}"
+        );
+        assert!(j.ends_with("\"ahead\":{\"populated_bytes\":0,\"released_bytes\":0,\"ns\":0}}"));
+    }
+}
