@@ -42,32 +42,38 @@ impl EventFdTrigger {
     }
 }
 
-/// A writer that sends every byte on at once (the console must not wait for a newline).
-pub struct UnbufferedStdout;
+/// The UART's receive-side events: signals an event fd whenever the guest has read the receive
+/// FIFO empty, so the console can hand it the next bytes without polling.
+pub struct RxDrained(EventFd);
 
-impl Write for UnbufferedStdout {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut out = io::stdout().lock();
-        out.write_all(buf)?;
-        out.flush()?;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        io::stdout().lock().flush()
+impl vm_superio::serial::SerialEvents for RxDrained {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if let Err(e) = self.0.write(1) {
+            log::warn!("serial: cannot signal a drained receive FIFO: {e}");
+        }
     }
 }
 
 /// The 8250 UART.
 pub struct SerialDevice {
-    serial: Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    serial: Serial<EventFdTrigger, RxDrained, Box<dyn Write + Send>>,
 }
 
 impl SerialDevice {
     /// A UART writing guest output to `out` and raising its interrupt through `irq`.
-    pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
-        Self {
-            serial: Serial::new(irq, out),
-        }
+    pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> io::Result<Self> {
+        let drained = RxDrained(EventFd::new(libc::EFD_NONBLOCK)?);
+        Ok(Self {
+            serial: Serial::with_events(irq, drained, out),
+        })
+    }
+
+    /// Signalled each time the guest has read the receive FIFO empty.
+    pub fn rx_drained_evt(&self) -> &EventFd {
+        &self.serial.events().0
     }
 
     /// The interrupt event fd (for an irqfd on [`COM1_IRQ`]).
@@ -130,7 +136,8 @@ mod tests {
     #[test]
     fn serial_writes_out_and_reads_input() {
         let sink = Sink::default();
-        let mut s = SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(sink.clone()));
+        let mut s =
+            SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(sink.clone())).unwrap();
         s.write(0, b"h");
         s.write(0, &[]); // empty access is ignored
         s.write(1 << 40, b"x"); // absurd offset is ignored
@@ -139,5 +146,12 @@ mod tests {
         let mut d = [0u8; 1];
         s.read(0, &mut d);
         assert_eq!(d[0], b'o');
+        assert!(
+            s.rx_drained_evt().read().is_err(),
+            "one byte is still queued"
+        );
+        s.read(0, &mut d);
+        assert_eq!(d[0], b'k');
+        assert_eq!(s.rx_drained_evt().read().unwrap(), 1);
     }
 }

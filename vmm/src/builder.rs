@@ -135,10 +135,10 @@ fn build(config: VmmConfig) -> Result<Vmm> {
     // Guest output never blocks a vCPU: bounded buffer, dropped and counted when unread.
     let console = crate::console::ConsoleOut::stdout()
         .map_err(|e| Error::Io("cannot start the console output thread", e))?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        irq()?,
-        Box::new(console.clone()),
-    )));
+    let serial = Arc::new(Mutex::new(
+        SerialDevice::new(irq()?, Box::new(console.clone()))
+            .map_err(|e| Error::Io("cannot create an event fd", e))?,
+    ));
     vm.register_irqfd(devices::bus::lock(&serial).irq_evt(), legacy::COM1_IRQ)
         .map_err(|e| Error::Vm("register the serial irqfd", e))?;
     let i8042 = Arc::new(Mutex::new(I8042::new(irq()?, irq()?)));

@@ -2,7 +2,7 @@
 //! vCPUs run on their own threads and the virtio-mem queue on its worker, so nothing here waits
 //! on the guest or on a populate.
 
-use std::io::Read;
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
@@ -14,39 +14,131 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::vcpu::RunState;
 
-/// Feeds the host's stdin to the guest's serial port.
+/// Feeds the host's stdin to the guest's serial port. Reads the stdin fd directly (no buffering
+/// in between, so epoll sees every byte that waits), keeps what the receive FIFO cannot take yet,
+/// and stops watching stdin until the guest has read the FIFO empty (the UART's drained event):
+/// a slow guest neither loses input nor makes this loop spin.
 pub struct ConsoleInput {
-    /// The UART.
-    pub serial: Arc<Mutex<SerialDevice>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    pending: VecDeque<u8>,
+    /// Whether stdin is being watched (it is not while `pending` waits for the guest, or after
+    /// end of file).
+    watching: bool,
+    stdin_registered: bool,
+    eof: bool,
+}
+
+/// How much console input is read from stdin at a time.
+const INPUT_CHUNK: usize = 4096;
+const STDIN: u32 = 0;
+const DRAINED: u32 = 1;
+
+impl ConsoleInput {
+    /// Console input for `serial`.
+    pub fn new(serial: Arc<Mutex<SerialDevice>>) -> Self {
+        Self {
+            serial,
+            pending: VecDeque::new(),
+            watching: false,
+            stdin_registered: false,
+            eof: false,
+        }
+    }
+
+    /// Hands the guest as much pending input as its FIFO takes.
+    fn deliver(&mut self) {
+        let mut serial = lock(&self.serial);
+        while !self.pending.is_empty() {
+            let (front, _) = self.pending.as_slices();
+            let n = serial.enqueue_input(front);
+            if n == 0 {
+                break;
+            }
+            self.pending.drain(..n);
+        }
+    }
+
+    fn read_stdin(&mut self) -> std::io::Result<usize> {
+        let mut buf = [0u8; INPUT_CHUNK];
+        // SAFETY: `buf` is a valid, writable buffer of `buf.len()` bytes for the whole call, and
+        // reading fd 0 touches nothing else of this process.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = n as usize;
+        self.pending.extend(&buf[..n]);
+        Ok(n)
+    }
+
+    /// Watches stdin exactly when there is nothing pending; forgets it once it has ended (a hung
+    /// up fd is reported whatever the watched events).
+    fn update_watch(&mut self, ops: &mut EventOps) {
+        if self.eof {
+            if self.watching || self.stdin_registered {
+                let _ = ops.remove(Events::empty_raw(libc::STDIN_FILENO));
+                self.watching = false;
+                self.stdin_registered = false;
+            }
+            return;
+        }
+        let want = self.pending.is_empty();
+        if want == self.watching {
+            return;
+        }
+        let ev = if want {
+            EventSet::IN
+        } else {
+            EventSet::empty()
+        };
+        match ops.modify(Events::with_data_raw(libc::STDIN_FILENO, STDIN, ev)) {
+            Ok(()) => self.watching = want,
+            Err(e) => log::warn!("console input: cannot change the stdin watch: {e:?}"),
+        }
+    }
 }
 
 impl MutEventSubscriber for ConsoleInput {
     fn init(&mut self, ops: &mut EventOps) {
         // A regular file or /dev/null on stdin cannot be polled: then there is no console input.
-        if let Err(e) = ops.add(Events::new_raw(libc::STDIN_FILENO, EventSet::IN)) {
-            log::debug!("no console input: {e:?}");
+        match ops.add(Events::with_data_raw(
+            libc::STDIN_FILENO,
+            STDIN,
+            EventSet::IN,
+        )) {
+            Ok(()) => {
+                self.watching = true;
+                self.stdin_registered = true;
+            }
+            Err(e) => {
+                log::debug!("no console input: {e:?}");
+                return;
+            }
+        }
+        let drained = lock(&self.serial).rx_drained_evt().as_raw_fd();
+        if let Err(e) = ops.add(Events::with_data_raw(drained, DRAINED, EventSet::IN)) {
+            log::error!("console input: cannot watch the serial receive FIFO: {e:?}");
         }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut serial = lock(&self.serial);
-        let room = serial.input_room();
-        let mut buf = [0u8; 64];
-        let want = room.min(buf.len());
-        let closed = events
-            .event_set()
-            .intersects(EventSet::HANG_UP | EventSet::ERROR);
-        if want == 0 && !closed {
-            return; // the guest has not drained the FIFO yet: try on the next event
-        }
-        match std::io::stdin().lock().read(&mut buf[..want.max(1)]) {
-            Ok(0) | Err(_) => {
-                let _ = ops.remove(events);
+        match events.data() {
+            DRAINED => {
+                let _ = lock(&self.serial).rx_drained_evt().read();
             }
-            Ok(n) => {
-                serial.enqueue_input(&buf[..n]);
-            }
+            _ => match self.read_stdin() {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("console input ends: {e}");
+                    self.eof = true;
+                }
+            },
         }
+        self.deliver();
+        self.update_watch(ops);
     }
 }
 

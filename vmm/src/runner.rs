@@ -136,9 +136,7 @@ impl Vmm {
             signals: crate::signals::event(),
         }));
         let _raw = RawStdin::new();
-        em.add_subscriber(Box::new(ConsoleInput {
-            serial: self.serial.clone(),
-        }));
+        em.add_subscriber(Box::new(ConsoleInput::new(self.serial.clone())));
 
         let sampler = match &self.mem_device {
             Some(d) if !d.region().resident_bytes_is_cheap() => Some(
