@@ -71,7 +71,9 @@ impl LinuxGuest {
     ///
     /// The shell reads the console line by line without echo and writes through a pipe, which
     /// keeps it non-interactive: an interactive busybox shell reads and echoes each typed
-    /// character with a system call of its own, seconds per line on an emulating KVM.
+    /// character with a system call of its own, seconds per line on an emulating KVM. Kernel
+    /// messages stop going to the console once the shell starts (`dmesg -n 1`), so they never
+    /// split a command's output; the tests read them with `dmesg`.
     pub fn boot(dir: &Path, tag: &str, extra: &[&str]) -> LinuxGuest {
         let tmp = TempDir::new(tag);
         let sock = tmp.0.join("api.sock");
@@ -87,7 +89,7 @@ impl LinuxGuest {
             &sock.display().to_string(),
             "--cmdline",
             &format!(
-                "{} tide.cmd=\"stty -echo; sh 2>&1 | cat\"",
+                "{} tide.cmd=\"dmesg -n 1; stty -echo; sh 2>&1 | cat\"",
                 kernel_cmdline(dir)
             ),
         ]
@@ -97,6 +99,10 @@ impl LinuxGuest {
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut tide = Tide::spawn_console(args);
         tide.wait_for("TIDE-CMD-BEGIN", BOOT_TIMEOUT);
+        println!(
+            "linux: {tag} booted to its shell in {:.0} s",
+            tide.started.elapsed().as_secs_f64()
+        );
         wait_for_path(&sock, Duration::from_secs(10));
         let mut g = LinuxGuest {
             tide,
@@ -107,6 +113,9 @@ impl LinuxGuest {
         };
         // Helpers made of shell builtins: every exec costs seconds of emulated kernel work here.
         g.sh("mt() { while read k v u; do [ \"$k\" = MemTotal: ] && { echo $v; return; }; done </proc/meminfo; }");
+        // blocks FIRST END: the state of each memory block FIRST..END-1 on one line.
+        g.sh("blocks() { i=$1; l=; while [ $i -lt $2 ]; do f=/sys/devices/system/memory/memory$i/state; \
+              s=absent; [ -f $f ] && read s <$f; l=\"$l $s\"; i=$((i+1)); done; echo $l; }");
         g.boot_mem_total_kib = g.mem_total_kib();
         g
     }
@@ -164,17 +173,29 @@ impl LinuxGuest {
         );
     }
 
-    /// States of the Linux memory blocks in `[base, base + size)`: "online", "offline", or
-    /// "absent" for a block Linux has not added.
-    pub fn memory_block_states(&mut self, base: u64, size: u64) -> Vec<String> {
-        let first = base / LINUX_MEMORY_BLOCK;
-        let count = size / LINUX_MEMORY_BLOCK;
+    /// Waits (in the guest, once a second) until the memory blocks in `[base, base + size)` are
+    /// `states` ("online", "offline", "going-offline", or "absent" for a block Linux has not
+    /// added or already removed), and returns what they are then. Linux removes a memory block after the device
+    /// acknowledged its last unplug, and adds one before it plugs into it: its sysfs view follows
+    /// the device's by a moment.
+    pub fn wait_memory_block_states(
+        &mut self,
+        base: u64,
+        size: u64,
+        states: &[&str],
+    ) -> Vec<String> {
+        let (first, end) = Self::block_range(base, size);
+        let want = states.join(" ");
+        let tries = COMMAND_TIMEOUT.as_secs();
         let out = self.sh(&format!(
-            "i={first}; while [ $i -lt {} ]; do f=/sys/devices/system/memory/memory$i/state; \
-             if [ -f $f ]; then read s <$f; echo $s; else echo absent; fi; i=$((i+1)); done",
-            first + count
+            "i=0; while [ \"$(blocks {first} {end})\" != '{want}' ] && [ $i -lt {tries} ]; do i=$((i+1)); sleep 1; done; blocks {first} {end}"
         ));
-        out.lines().map(|l| l.trim().to_string()).collect()
+        out.split_whitespace().map(str::to_string).collect()
+    }
+
+    fn block_range(base: u64, size: u64) -> (u64, u64) {
+        let first = base / LINUX_MEMORY_BLOCK;
+        (first, first + size / LINUX_MEMORY_BLOCK)
     }
 
     /// Kernel log lines that show a problem: warnings, bugs, oopses, errors of virtio-mem, and

@@ -1009,6 +1009,76 @@ impl Delta {
     }
 }
 
+/// Tier 3: Linux's own virtio-mem driver resizes 0 -> 1 GiB -> 0 (anon, 2 MiB blocks); per
+/// direction, the host's service time of each request (queue pop to used ring, from
+/// `GET /metrics`), how many requests and of what size, and the share in the memory system calls.
+/// Returns the lines for results.md.
+fn linux_driver(rows: &mut Vec<Row>) -> Res<Vec<String>> {
+    use tests::linux::{guest_dir, LinuxGuest};
+    let dir = guest_dir()?;
+    let t = Instant::now();
+    let mut g = LinuxGuest::boot(
+        &dir,
+        "bench-linux",
+        &["--hotplug-size", "2G", "--block-size", "2M"],
+    );
+    println!(
+        "  booted to a shell in {}",
+        secs_str(t.elapsed().as_secs_f64())
+    );
+    let mut lines = Vec::new();
+    for (target, kind) in [(GIB, "plug"), (0, "unplug")] {
+        let before = metrics(&g.sock)?;
+        let t = Instant::now();
+        patch(&g.sock, target)?;
+        settle(&g.sock, target)?;
+        let device_done = t.elapsed().as_secs_f64();
+        g.wait_mem_total(g.boot_mem_total_kib + target / 1024);
+        let guest_done = t.elapsed().as_secs_f64();
+        let after = metrics(&g.sock)?;
+        let d = Delta::of(&before, &after, kind);
+        let field = |k: &str| after[kind][k].as_u64().unwrap_or(0);
+        let bytes = field("bytes").saturating_sub(before[kind]["bytes"].as_u64().unwrap_or(0));
+        let per_request = bytes / d.count.max(1);
+        let line = format!(
+            "Linux driver, {kind} to {}: {} requests of {} on average; service time per request              min {} / avg {} / max {} (since boot); {:.0}% of the service time in the memory              system calls, {:.0}% in mprotect; device done {} after the PATCH, guest's MemTotal              {} after it (the rest is Linux's own work, emulated here)",
+            size_str(target),
+            d.count,
+            mib(per_request),
+            secs_str(field("min_ns") as f64 * 1e-9),
+            secs_str(d.avg()),
+            secs_str(field("max_ns") as f64 * 1e-9),
+            100.0 * d.syscall / d.total.max(1e-12),
+            100.0 * d.protect / d.total.max(1e-12),
+            secs_str(device_done),
+            secs_str(guest_done),
+        );
+        println!("  {line}");
+        let mut r = Row::new(
+            &format!("linux_driver_{kind}"),
+            "anon_thp",
+            GIB,
+            Some(device_done),
+            true,
+        );
+        r.extra.push(("requests", json!(d.count)));
+        r.extra.push(("bytes_per_request", json!(per_request)));
+        r.extra.push(("service_avg_s", json!(d.avg())));
+        r.extra.push(("service_total_s", json!(d.total)));
+        r.extra
+            .push(("syscall_share", json!(d.syscall / d.total.max(1e-12))));
+        r.extra.push(("guest_memtotal_s", json!(guest_done)));
+        r.note = "Linux's virtio-mem driver (tier-3 guest), PATCH to settled".into();
+        rows.push(r);
+        lines.push(line);
+    }
+    let st = g.power_off();
+    if !st.success() {
+        return Err(format!("the Linux guest's tide exited with {st:?}"));
+    }
+    Ok(lines)
+}
+
 /// One measured pattern: end-to-end plug and unplug of 1 GiB and the device's service times.
 #[derive(Default, Clone, Copy)]
 struct Pattern {
@@ -1470,51 +1540,20 @@ fn draw(samples: &[Sample], seq: &[u64], png: &Path) -> Res<()> {
 
 // ------------------------------------------------------------------------------------------------
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let mut out = None;
-    let mut quick = false;
-    let mut i = 1;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--out" if i + 1 < args.len() => {
-                out = Some(PathBuf::from(&args[i + 1]));
-                i += 1;
-            }
-            "--quick" => quick = true,
-            "-h" | "--help" => {
-                println!("usage: bench --out DIR [--quick]");
-                return;
-            }
-            a => {
-                eprintln!("bench: unknown argument {a:?}; usage: bench --out DIR [--quick]");
-                std::process::exit(2);
-            }
-        }
-        i += 1;
-    }
-    let Some(out) = out else {
-        eprintln!("bench: --out DIR is required; usage: bench --out DIR [--quick]");
-        std::process::exit(2);
-    };
-    std::fs::create_dir_all(&out).expect("create the output directory");
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("bench: /dev/kvm is not usable ({e}); the Tide rows need KVM");
-        std::process::exit(1);
-    }
-
-    let start = Instant::now();
-    let date = utc(SystemTime::now());
-    let command = format!("bench {}", args[1..].join(" "));
-    let tide = tide_path();
+/// Sections 1-5: the raw host limits, Tide with the test guest per backend and pattern, start-up,
+/// the KVM slot's cost and the resize trace.
+fn host_and_test_guest(
+    tide: &Path,
+    quick: bool,
+    reps: usize,
+    out: &Path,
+    rows: &mut Vec<Row>,
+    goals: &mut Vec<String>,
+    skipped: &mut Vec<String>,
+) {
+    let tide = tide.to_path_buf();
+    let out = out.to_path_buf();
     let sizes: Vec<u64> = vec![GIB];
-    let reps = if quick { 1 } else { 3 };
-    let mut skipped: Vec<String> = Vec::new();
-
     let mut kinds = vec![Kind::Anon4k, Kind::AnonThp, Kind::Memfd];
     let free_huge =
         std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
@@ -1536,7 +1575,6 @@ fn main() {
         }
     }
 
-    let mut rows: Vec<Row> = Vec::new();
     // Per backend, the raw limit right before Tide's run, so that both see the same host state.
     println!(
         "1-2. per backend: the raw host limit, then Tide end to end (test guest mem-follow, \
@@ -1576,7 +1614,7 @@ fn main() {
                 }
             }
         }
-        if let Err(e) = tide_e2e(&tide, k, &sizes, reps, &raws, &mut rows) {
+        if let Err(e) = tide_e2e(&tide, k, &sizes, reps, &raws, rows) {
             let s = format!("tide {}: {e}", k.name());
             println!("  FAILED {s}");
             skipped.push(s);
@@ -1587,10 +1625,9 @@ fn main() {
         "2b. per backend: raw warm/cold at 1 and all threads, Tide in one request and in \
          Linux's pattern (128 MiB per request), with and without populate ahead; best of {reps}"
     );
-    let mut goals = Vec::new();
     for &k in &kinds {
         println!(" {}", k.name());
-        if let Err(e) = linux_pattern(&tide, k, reps, &mut rows, &mut goals) {
+        if let Err(e) = linux_pattern(&tide, k, reps, rows, goals) {
             let s = format!("linux pattern {}: {e}", k.name());
             println!("  FAILED {s}");
             skipped.push(s);
@@ -1601,7 +1638,7 @@ fn main() {
     }
 
     println!("3. start to the first serial byte");
-    if let Err(e) = startup(&tide, 5, &mut rows) {
+    if let Err(e) = startup(&tide, 5, rows) {
         println!("  FAILED {e}");
         skipped.push(format!("startup: {e}"));
     }
@@ -1612,7 +1649,7 @@ fn main() {
     } else {
         vec![GIB, 64 * GIB, 256 * GIB]
     };
-    if let Err(e) = slot_cost(&tide, &slot_sizes, &mut rows) {
+    if let Err(e) = slot_cost(&tide, &slot_sizes, rows) {
         println!("  FAILED {e}");
         skipped.push(format!("slot: {e}"));
     }
@@ -1630,6 +1667,80 @@ fn main() {
             skipped.push(format!("resize trace: {e}"));
         }
     }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mut out = None;
+    let mut quick = false;
+    let mut linux_only = false;
+    let mut i = 1;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--out" if i + 1 < args.len() => {
+                out = Some(PathBuf::from(&args[i + 1]));
+                i += 1;
+            }
+            "--quick" => quick = true,
+            "--linux-only" => linux_only = true,
+            "-h" | "--help" => {
+                println!("usage: bench --out DIR [--quick] [--linux-only]");
+                return;
+            }
+            a => {
+                eprintln!("bench: unknown argument {a:?}; usage: bench --out DIR [--quick] [--linux-only]");
+                std::process::exit(2);
+            }
+        }
+        i += 1;
+    }
+    let Some(out) = out else {
+        eprintln!("bench: --out DIR is required; usage: bench --out DIR [--quick] [--linux-only]");
+        std::process::exit(2);
+    };
+    std::fs::create_dir_all(&out).expect("create the output directory");
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        eprintln!("bench: /dev/kvm is not usable ({e}); the Tide rows need KVM");
+        std::process::exit(1);
+    }
+
+    let start = Instant::now();
+    let date = utc(SystemTime::now());
+    let command = format!("bench {}", args[1..].join(" "));
+    let tide = tide_path();
+    let reps = if quick { 1 } else { 3 };
+    let mut skipped: Vec<String> = Vec::new();
+
+    let mut rows: Vec<Row> = Vec::new();
+    let mut goals = Vec::new();
+    if !linux_only {
+        host_and_test_guest(
+            &tide,
+            quick,
+            reps,
+            &out,
+            &mut rows,
+            &mut goals,
+            &mut skipped,
+        );
+    }
+
+    println!(
+        "6. Linux's virtio-mem driver (tier-3 guest from TIDE_GUEST_DIR; boot takes minutes on an \
+         emulating KVM)"
+    );
+    let linux_lines = match linux_driver(&mut rows) {
+        Ok(l) => l,
+        Err(e) => {
+            println!("  SKIP {e}");
+            skipped.push(format!("Linux driver: {e}"));
+            Vec::new()
+        }
+    };
 
     let elapsed = start.elapsed().as_secs_f64();
     let json = Value::Array(rows.iter().map(Row::json).collect());
@@ -1654,6 +1765,12 @@ fn main() {
     md.push_str("\nGoals (issue 12), from this run:\n\n");
     for g in &goals {
         let _ = writeln!(md, "- {g}");
+    }
+    if !linux_lines.is_empty() {
+        md.push_str("\nLinux's own virtio-mem driver (tier 3):\n\n");
+        for l in &linux_lines {
+            let _ = writeln!(md, "- {l}");
+        }
     }
     if !skipped.is_empty() {
         md.push_str("\nNot measured:\n\n");
