@@ -12,21 +12,30 @@
 
 #![deny(missing_docs)]
 
+mod access;
+mod backend;
 mod backing;
+mod bitmap;
+mod cgroup;
 mod error;
 mod layout;
+mod listener;
+mod populate;
 mod region;
 mod size;
+mod smaps;
+mod sys;
 
+pub use access::{RangeState, UnpluggedAccess};
+pub use backend::Backend;
 pub use error::{Error, Result};
 pub use layout::{
     create_boot_memory, HotplugLayout, MemoryLayout, GUEST_PHYS_BITS, MIN_BLOCK_SIZE, MMIO_GAP_END,
     MMIO_GAP_START,
 };
-pub use region::{
-    populate_threads, Backend, HotplugRegion, ListenerId, OpTimes, RamDiscardListener, RangeState,
-    RegionOptions, UnpluggedAccess, POPULATE_CHUNK_MIN, POPULATE_THREADS_MAX,
-};
+pub use listener::{ListenerId, RamDiscardListener};
+pub use populate::{populate_threads, POPULATE_CHUNK_MIN, POPULATE_THREADS_MAX};
+pub use region::{HotplugRegion, OpTimes, RegionOptions};
 pub use size::parse_size;
 pub use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
