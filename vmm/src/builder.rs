@@ -18,7 +18,7 @@ use vm_memory::{
 
 use crate::config::VmmConfig;
 use crate::vcpu::{HotplugWindow, RunState, Vcpu};
-use crate::virtio_mem::MemDevice;
+use crate::virtio_mem_wiring::MemDevice;
 use crate::{Error, Result};
 
 /// Base of the MMIO window for virtio-mmio devices (inside the 32-bit MMIO gap).

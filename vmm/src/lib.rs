@@ -13,7 +13,7 @@ pub mod resident;
 pub mod runner;
 pub mod signals;
 pub mod vcpu;
-pub mod virtio_mem;
+pub mod virtio_mem_wiring;
 
 pub use builder::Vmm;
 pub use config::{HotplugConfig, KernelConfig, MachineConfig, VmmConfig};

@@ -30,9 +30,14 @@
 
 pub mod client;
 mod http;
+mod http_client;
+mod progress;
+mod routes;
 pub mod server;
+mod socket;
 #[cfg(test)]
 mod tests;
+mod units;
 
 pub use server::{ApiError, ApiServer, StopHandle};
 
