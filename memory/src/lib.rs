@@ -24,6 +24,7 @@ mod populate;
 mod region;
 mod size;
 mod smaps;
+mod sync;
 mod sys;
 
 pub use access::{RangeState, UnpluggedAccess};
@@ -37,6 +38,7 @@ pub use listener::{ListenerId, RamDiscardListener};
 pub use populate::{populate_threads, POPULATE_CHUNK_MIN, POPULATE_THREADS_MAX};
 pub use region::{HotplugRegion, OpTimes, RegionOptions};
 pub use size::parse_size;
+pub use sync::lock;
 pub use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// Whether `x` is a multiple of `pow2`, which must be a power of two.

@@ -74,9 +74,8 @@ const HEADROOM_REUSE: Duration = Duration::from_millis(50);
 /// Unplugged blocks hold no host memory and are protected per [`UnpluggedAccess`]; plugged
 /// blocks are read-write. All methods take `&self`; the region is `Send + Sync`.
 pub struct HotplugRegion {
-    base: u64,
-    size: u64,
-    block_size: u64,
+    /// Where the region is and its block size: the one record of the region's geometry.
+    layout: HotplugLayout,
     backend: Backend,
     host: usize,
     fd: Option<File>,
@@ -98,9 +97,9 @@ pub struct HotplugRegion {
 impl fmt::Debug for HotplugRegion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HotplugRegion")
-            .field("base", &format_args!("{:#x}", self.base))
-            .field("size", &format_args!("{:#x}", self.size))
-            .field("block_size", &format_args!("{:#x}", self.block_size))
+            .field("base", &format_args!("{:#x}", self.layout.base.0))
+            .field("size", &format_args!("{:#x}", self.layout.size))
+            .field("block_size", &format_args!("{:#x}", self.layout.block_size))
             .field("backend", &self.backend)
             .field("host", &format_args!("{:#x}", self.host))
             .field("thp", &self.thp)
@@ -273,9 +272,7 @@ impl HotplugRegion {
             "hotplug region [{base:#x}, +{size:#x}) block {block_size:#x} backend {backend} at host {host:#x} thp {thp}"
         );
         Ok(HotplugRegion {
-            base,
-            size,
-            block_size,
+            layout: *layout,
             backend,
             host,
             fd,
@@ -303,17 +300,22 @@ impl HotplugRegion {
 
     /// First guest physical address of the region.
     pub fn base(&self) -> GuestAddress {
-        GuestAddress(self.base)
+        self.layout.base
+    }
+
+    /// The region's geometry: base, size and block size.
+    pub fn layout(&self) -> HotplugLayout {
+        self.layout
     }
 
     /// Size of the region in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.layout.size
     }
 
     /// Plug granularity in bytes.
     pub fn block_size(&self) -> u64 {
-        self.block_size
+        self.layout.block_size
     }
 
     /// The backend the region was created with.
@@ -342,44 +344,48 @@ impl HotplugRegion {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.state)
     }
 
     /// Checks a guest range and returns its block indices `[first, end)`.
     fn check(&self, addr: GuestAddress, len: u64) -> Result<(usize, usize)> {
         let addr = addr.0;
         let end = addr.checked_add(len);
-        let inside = addr >= self.base && end.is_some_and(|e| e <= self.base + self.size);
+        let inside = addr >= self.layout.base.0
+            && end.is_some_and(|e| e <= self.layout.base.0 + self.layout.size);
         if !inside {
             return Err(Error::OutOfRange {
                 addr,
                 len,
-                base: self.base,
-                size: self.size,
+                base: self.layout.base.0,
+                size: self.layout.size,
             });
         }
-        if len == 0 || !aligned(addr, self.block_size) || !aligned(len, self.block_size) {
+        if len == 0
+            || !aligned(addr, self.layout.block_size)
+            || !aligned(len, self.layout.block_size)
+        {
             return Err(Error::Misaligned {
                 addr,
                 len,
-                block_size: self.block_size,
+                block_size: self.layout.block_size,
             });
         }
         // Both fit in usize: they are at most size / block_size, which fit when created.
-        let first = ((addr - self.base) / self.block_size) as usize;
-        Ok((first, first + (len / self.block_size) as usize))
+        let first = ((addr - self.layout.base.0) / self.layout.block_size) as usize;
+        Ok((first, first + (len / self.layout.block_size) as usize))
     }
 
     fn host_ptr(&self, a: usize) -> *mut libc::c_void {
-        (self.host + a * self.block_size as usize) as *mut libc::c_void
+        (self.host + a * self.layout.block_size as usize) as *mut libc::c_void
     }
 
     fn byte_len(&self, a: usize, b: usize) -> usize {
-        (b - a) * self.block_size as usize
+        (b - a) * self.layout.block_size as usize
     }
 
     fn guest_addr(&self, a: usize) -> u64 {
-        self.base + a as u64 * self.block_size
+        self.layout.base.0 + a as u64 * self.layout.block_size
     }
 
     fn protect(&self, a: usize, b: usize, prot: libc::c_int) -> io::Result<()> {
@@ -406,7 +412,7 @@ impl HotplugRegion {
         match &self.fd {
             None => self.advise(a, b, libc::MADV_DONTNEED),
             Some(file) => {
-                let off = (a as u64 * self.block_size) as libc::off_t;
+                let off = (a as u64 * self.layout.block_size) as libc::off_t;
                 let len = self.byte_len(a, b) as libc::off_t;
                 // SAFETY: plain syscall on our own descriptor; punching a hole also unmaps the
                 // freed pages from every shared mapping of the file.
@@ -486,7 +492,7 @@ impl HotplugRegion {
         if st.bitmap.count(a, b) != 0 {
             return Err(Error::NotUnplugged { addr: addr.0, len });
         }
-        let ahead = st.ahead.count(a, b) as u64 * self.block_size;
+        let ahead = st.ahead.count(a, b) as u64 * self.layout.block_size;
         // Staged memory moved in keeps mapping boundaries the kernel never merges: count them.
         let moved_edges = 2 * st.staged.iter().filter(|s| s.a < b && a < s.b).count() as u64;
         let transitions = self.check_budget(&st, a, b, true, moved_edges)?;
@@ -525,7 +531,7 @@ impl HotplugRegion {
         st.ahead.set_range(a, b, false);
         self.ahead.fetch_sub(ahead, Ordering::AcqRel);
         times.ahead_bytes += ahead;
-        let pieces = Self::take_staged(&mut st, self.block_size as usize, a, b);
+        let pieces = Self::take_staged(&mut st, self.layout.block_size as usize, a, b);
         if !pieces.is_empty() {
             Self::ensure_splits(&mut st);
         }
@@ -701,7 +707,7 @@ impl HotplugRegion {
         if !self.ahead_ok {
             return Ok(0);
         }
-        let bs = self.block_size;
+        let bs = self.layout.block_size;
         let (s, e) = {
             let mut st = self.lock();
             if st.in_progress.is_some() {
@@ -719,7 +725,7 @@ impl HotplugRegion {
                 let j = st.ahead.find(ra, rb.min(ra + need), false);
                 need -= j - ra;
                 if j < rb && need > 0 {
-                    let g = (self.base / bs) as usize + j;
+                    let g = (self.layout.base.0 / bs) as usize + j;
                     let boundary = j + (chunk_blocks - g % chunk_blocks);
                     let end = st.ahead.find(j, rb.min(j + need).min(boundary), true);
                     found = Some((j, end));
@@ -826,7 +832,7 @@ impl HotplugRegion {
     /// for 0). Returns the bytes given back.
     pub fn release_ahead(&self, keep: u64) -> u64 {
         let mut st = self.lock();
-        let mut left = (keep / self.block_size) as usize;
+        let mut left = (keep / self.layout.block_size) as usize;
         let mut released = 0;
         for (x, y) in st.ahead.runs(true) {
             let k = (y - x).min(left);
@@ -840,7 +846,7 @@ impl HotplugRegion {
 
     /// Gives back the memory populated ahead for blocks `[x, y)` (all unplugged).
     fn drop_ahead(&self, st: &mut State, x: usize, y: usize) -> u64 {
-        let len = st.ahead.count(x, y) as u64 * self.block_size;
+        let len = st.ahead.count(x, y) as u64 * self.layout.block_size;
         st.ahead.set_range(x, y, false);
         self.ahead.fetch_sub(len, Ordering::AcqRel);
         if self.fd.is_some() {
@@ -849,7 +855,7 @@ impl HotplugRegion {
                 warn!("giving back memory populated ahead failed: {e}");
             }
         } else {
-            for (a, b, host) in Self::take_staged(st, self.block_size as usize, x, y) {
+            for (a, b, host) in Self::take_staged(st, self.layout.block_size as usize, x, y) {
                 unmap(host, self.byte_len(a, b));
             }
         }
@@ -986,7 +992,7 @@ impl HotplugRegion {
             return BackingFile::allocated_bytes(f).map_err(Error::Smaps);
         }
         let start = self.host as u64;
-        crate::smaps::resident_bytes(start, start + self.size).map_err(Error::Smaps)
+        crate::smaps::resident_bytes(start, start + self.layout.size).map_err(Error::Smaps)
     }
 
     /// Whether a read of an unplugged block would allocate host memory were unplugged blocks
@@ -1069,7 +1075,7 @@ impl HotplugRegion {
     pub fn guest_region(&self) -> Result<GuestRegionMmap> {
         let err = |reason: String| Error::GuestRegion {
             host: self.host as u64,
-            size: self.size,
+            size: self.layout.size,
             reason,
         };
         let flags = match self.fd {
@@ -1079,7 +1085,8 @@ impl HotplugRegion {
         // SAFETY: [host, host + size) is our live mapping; the documented contract is that the
         // region does not outlive `self`, which keeps it mapped.
         let builder = unsafe {
-            MmapRegionBuilder::new(self.size as usize).with_raw_mmap_pointer(self.host as *mut u8)
+            MmapRegionBuilder::new(self.layout.size as usize)
+                .with_raw_mmap_pointer(self.host as *mut u8)
         };
         let mapping = builder
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -1087,18 +1094,18 @@ impl HotplugRegion {
             .with_hugetlbfs(self.backend == Backend::Hugetlb)
             .build()
             .map_err(|e| err(e.to_string()))?;
-        GuestRegionMmap::new(mapping, GuestAddress(self.base))
+        GuestRegionMmap::new(mapping, GuestAddress(self.layout.base.0))
             .ok_or_else(|| err("guest address range overflows".to_string()))
     }
 }
 
 impl Drop for HotplugRegion {
     fn drop(&mut self) {
-        let bs = self.block_size as usize;
+        let bs = self.layout.block_size as usize;
         for s in std::mem::take(&mut self.lock().staged) {
             unmap(s.host, (s.b - s.a) * bs);
         }
-        unmap(self.host, self.size as usize);
+        unmap(self.host, self.layout.size as usize);
         // Then `backing` (a field) removes a file Tide created, and `fd` closes.
     }
 }

@@ -23,8 +23,8 @@ use crate::{Error, Result};
 
 /// Base of the MMIO window for virtio-mmio devices (inside the 32-bit MMIO gap).
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
-/// Size of one virtio-mmio device window.
-pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Size of one virtio-mmio device window (owned by the transport).
+pub use devices::virtio::mmio::MMIO_SIZE as VIRTIO_MMIO_SIZE;
 /// IOAPIC pin of the first virtio-mmio device.
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 
@@ -220,8 +220,7 @@ fn build(config: VmmConfig) -> Result<Vmm> {
         let plugged = Arc::new(crate::plug_tracker::PlugTracker::new());
         d.region().add_listener(plugged.clone());
         HotplugWindow {
-            base: d.region().base().raw_value(),
-            size: d.region().size(),
+            layout: d.region().layout(),
             plugged,
         }
     });

@@ -112,9 +112,11 @@ impl<R: HotplugMemory> VirtioMem<R> {
             return Err(bad);
         }
         let shared = Arc::new(VirtioMemShared {
-            addr: base,
-            region_size: size,
-            block_size,
+            layout: memory::HotplugLayout {
+                base: GuestAddress(base),
+                size,
+                block_size,
+            },
             state: Mutex::new(SizeState {
                 requested: 0,
                 plugged: 0,
@@ -176,7 +178,7 @@ impl<R: HotplugMemory> VirtioMem<R> {
 impl<R: HotplugMemory> Core<R> {
     fn slot(&self) -> MutexGuard<'_, QueueSlot> {
         // Every update of the slot is a plain store: it stays consistent after a panic.
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        memory::lock(&self.queue)
     }
 
     /// Publishes the region's plugged size to the configuration space.
@@ -188,9 +190,9 @@ impl<R: HotplugMemory> Core<R> {
     /// The end (offset from the base) of the highest plugged block, searched once when the
     /// device is created over a region that already has plugged blocks.
     fn highest_plugged_end(&self) -> u64 {
-        let bs = self.shared.block_size;
-        let blocks = self.shared.region_size / bs;
-        let base = self.shared.addr;
+        let bs = self.shared.layout.block_size;
+        let blocks = self.shared.layout.size / bs;
+        let base = self.shared.layout.base.0;
         let (mut lo, mut hi) = (0u64, blocks);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
@@ -210,19 +212,19 @@ impl<R: HotplugMemory> Core<R> {
 
     /// The length of `nb_blocks` blocks; `None` for 0 blocks.
     fn range_len(&self, nb_blocks: u16) -> Option<u64> {
-        (nb_blocks != 0).then(|| u64::from(nb_blocks) * self.shared.block_size)
+        (nb_blocks != 0).then(|| u64::from(nb_blocks) * self.shared.layout.block_size)
     }
 
     /// Checks that `[addr, addr + nb_blocks * block_size)` is a block-aligned, non-empty range
     /// inside the usable region; returns its length.
     fn check_range(&self, addr: u64, nb_blocks: u16) -> Option<u64> {
-        let bs = self.shared.block_size;
+        let bs = self.shared.layout.block_size;
         let len = self.range_len(nb_blocks)?;
-        if addr & (bs - 1) != 0 || addr < self.shared.addr {
+        if addr & (bs - 1) != 0 || addr < self.shared.layout.base.0 {
             return None;
         }
         let end = addr.checked_add(len)?;
-        let usable_end = self.shared.addr + self.shared.usable_region_size();
+        let usable_end = self.shared.layout.base.0 + self.shared.usable_region_size();
         (end <= usable_end).then_some(len)
     }
 
@@ -381,14 +383,14 @@ impl<R: HotplugMemory> Core<R> {
         let Some(end) = addr.raw_value().checked_add(len) else {
             return false;
         };
-        let base = self.shared.addr;
-        let region_end = base + self.shared.region_size;
+        let base = self.shared.layout.base.0;
+        let region_end = base + self.shared.layout.size;
         let start = addr.raw_value().max(base);
         let end = end.min(region_end);
         if start >= end {
             return true;
         }
-        let bs = self.shared.block_size;
+        let bs = self.shared.layout.block_size;
         let first = start - (start - base) % bs;
         let last = end.div_ceil(bs).saturating_mul(bs).min(region_end);
         matches!(

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::error;
+use memory::HotplugLayout;
 use vm_memory::GuestAddress;
 
 use super::spec::CONFIG_SIZE;
@@ -43,9 +44,8 @@ pub(super) struct SizeState {
 /// The state of a [`VirtioMem`] that the vmm reads and changes without the device's lock.
 #[derive(Debug)]
 pub struct VirtioMemShared {
-    pub(super) addr: u64,
-    pub(super) region_size: u64,
-    pub(super) block_size: u64,
+    /// The region's geometry (owned by `memory`: [`HotplugLayout`]).
+    pub(super) layout: HotplugLayout,
     pub(super) state: Mutex<SizeState>,
     /// Signalled after every change of the requested size (the vmm's populate-ahead thread).
     pub(super) resize_evt: Mutex<Option<Arc<vmm_sys_util::eventfd::EventFd>>>,
@@ -54,12 +54,12 @@ pub struct VirtioMemShared {
 impl VirtioMemShared {
     /// Has `evt` signalled after every change of the requested size.
     pub fn notify_resize(&self, evt: Arc<vmm_sys_util::eventfd::EventFd>) {
-        *self.resize_evt.lock().unwrap_or_else(|e| e.into_inner()) = Some(evt);
+        *memory::lock(&self.resize_evt) = Some(evt);
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, SizeState> {
         // The state stays consistent even if a holder panicked: every update is a plain store.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        memory::lock(&self.state)
     }
 
     /// The size the host asks the guest to plug, in bytes.
@@ -79,17 +79,17 @@ impl VirtioMemShared {
 
     /// The size of the hotplug region in bytes.
     pub fn region_size(&self) -> u64 {
-        self.region_size
+        self.layout.size
     }
 
     /// The block size in bytes: the unit of plug and unplug.
     pub fn block_size(&self) -> u64 {
-        self.block_size
+        self.layout.block_size
     }
 
     /// The guest physical address of the region.
     pub fn addr(&self) -> GuestAddress {
-        GuestAddress(self.addr)
+        self.layout.base
     }
 
     /// The configuration generation, bumped on every change of the configuration space.
@@ -101,16 +101,16 @@ impl VirtioMemShared {
     /// no larger than the region. The usable region grows with it (it never shrinks here); a
     /// running driver gets a configuration-change interrupt.
     pub fn set_requested_size(&self, bytes: u64) -> Result<()> {
-        if bytes & (self.block_size - 1) != 0 {
+        if bytes & (self.layout.block_size - 1) != 0 {
             return Err(Error::RequestedSizeUnaligned {
                 requested: bytes,
-                block_size: self.block_size,
+                block_size: self.layout.block_size,
             });
         }
-        if bytes > self.region_size {
+        if bytes > self.layout.size {
             return Err(Error::RequestedSizeTooLarge {
                 requested: bytes,
-                region_size: self.region_size,
+                region_size: self.layout.size,
             });
         }
         let interrupt = {
@@ -121,7 +121,7 @@ impl VirtioMemShared {
             Self::clear_busy(&mut state);
             state.interrupt.clone()
         };
-        if let Some(evt) = &*self.resize_evt.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some(evt) = &*memory::lock(&self.resize_evt) {
             let _ = evt.write(1);
         }
         if let Some(interrupt) = interrupt {
@@ -186,9 +186,9 @@ impl VirtioMemShared {
     /// 1 GiB)) rounded up to a block.
     pub(super) fn usable_for(&self, requested: u64) -> u64 {
         let headroom = requested.max(MIN_USABLE_HEADROOM);
-        let wanted = requested.saturating_add(headroom).min(self.region_size);
+        let wanted = requested.saturating_add(headroom).min(self.layout.size);
         // region_size is a multiple of block_size, so rounding up cannot pass it.
-        wanted.div_ceil(self.block_size) * self.block_size
+        wanted.div_ceil(self.layout.block_size) * self.layout.block_size
     }
 
     /// Grows the usable region to what the requested size wants; it never shrinks here (virtio
@@ -217,9 +217,9 @@ impl VirtioMemShared {
         let state = self.lock();
         let mut bytes = [0u8; CONFIG_SIZE];
         let fields = [
-            (0x00, self.block_size),
-            (0x10, self.addr),
-            (0x18, self.region_size),
+            (0x00, self.layout.block_size),
+            (0x10, self.layout.base.0),
+            (0x18, self.layout.size),
             (0x20, state.usable),
             (0x28, state.plugged),
             (0x30, state.requested),
