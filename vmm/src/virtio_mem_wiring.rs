@@ -64,11 +64,10 @@ impl MemDevice {
         irq: u32,
         populate_ahead: bool,
     ) -> Result<Self> {
-        let dev_err = |e: devices::virtio::Error| Error::Device(format!("virtio-mem: {e}"));
-        let mem = VirtioMem::new(region.clone(), requested).map_err(dev_err)?;
+        let mem = VirtioMem::new(region.clone(), requested).map_err(Error::VirtioMem)?;
         let shared = mem.shared();
         let metrics = mem.metrics();
-        let transport = MmioTransport::new(mem, boot_mem).map_err(dev_err)?;
+        let transport = MmioTransport::new(mem, boot_mem).map_err(Error::VirtioMem)?;
         for (i, evt) in transport.queue_evts().iter().enumerate() {
             vm.register_ioevent(
                 evt,

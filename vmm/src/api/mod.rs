@@ -43,6 +43,9 @@ pub use server::{ApiError, ApiServer, StopHandle};
 
 use serde::{Deserialize, Serialize};
 
+/// Why an [`ApiBackend`] refused a request, with its cause chain.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The state of the VM's hotpluggable (virtio-mem) memory region, in bytes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MemoryStatus {
@@ -95,9 +98,9 @@ pub trait ApiBackend: Send + Sync {
     fn resident_current(&self) -> bool {
         true
     }
-    /// Asks the guest to have `requested_size` bytes plugged. `Err(msg)` is answered as
-    /// 400 `{"error": msg}`.
-    fn resize(&self, requested_size: u64) -> Result<(), String>;
+    /// Asks the guest to have `requested_size` bytes plugged. An error is answered as 400
+    /// `{"error": ...}` with its cause chain.
+    fn resize(&self, requested_size: u64) -> Result<(), BackendError>;
     /// The VM's general state.
     fn vm_info(&self) -> VmInfo;
     /// Starts an ordered stop of the VM.

@@ -139,6 +139,6 @@ fn patch_memory(backend: &dyn ApiBackend, body: &[u8]) -> Response {
     }
     match backend.resize(req.requested_size) {
         Ok(()) => Response::no_content(),
-        Err(msg) => Response::error(400, &msg),
+        Err(e) => Response::error(400, &crate::error_chain(&*e)),
     }
 }

@@ -71,9 +71,9 @@ impl ApiBackend for Mock {
         Some(m.clone())
     }
 
-    fn resize(&self, requested_size: u64) -> Result<(), String> {
+    fn resize(&self, requested_size: u64) -> Result<(), super::BackendError> {
         if let Some(msg) = self.fail.lock().unwrap().clone() {
-            return Err(msg);
+            return Err(msg.into());
         }
         let mut mem = self.mem.lock().unwrap();
         let m = mem.as_mut().ok_or("no region")?;
