@@ -1068,11 +1068,15 @@ impl HotplugRegion {
     /// A vm-memory region over the whole reservation at [`HotplugRegion::base`], not owning the
     /// mapping.
     ///
-    /// The returned region (and any `GuestMemoryMmap` holding it) must not outlive `self`:
-    /// dropping the `HotplugRegion` unmaps the memory it points to. Accessing unplugged blocks
-    /// through it faults when they are [`UnpluggedAccess::Inaccessible`]; check
-    /// [`HotplugRegion::state`] first.
-    pub fn guest_region(&self) -> Result<GuestRegionMmap> {
+    /// Accessing unplugged blocks through it faults when they are
+    /// [`UnpluggedAccess::Inaccessible`]; check [`HotplugRegion::state`] first.
+    ///
+    /// # Safety
+    ///
+    /// The returned region (and any `GuestMemoryMmap` holding it) must not be used after `self`
+    /// is dropped: dropping the `HotplugRegion` unmaps the memory it points to, and the type
+    /// system does not tie the two lifetimes.
+    pub unsafe fn guest_region(&self) -> Result<GuestRegionMmap> {
         let err = |reason: String| Error::GuestRegion {
             host: self.host as u64,
             size: self.layout.size,
