@@ -11,17 +11,22 @@
 //! |---------|-------------------|--------|
 //! | `GET`   | `/hotplug/memory` | 200 [`MemoryStatus`]; 404 if the VM has no hotplug region |
 //! | `GET`   | `/hotplug/memory?wait_for=plugged_size&timeout_ms=N` | long poll, see below |
-//! | `PATCH` | `/hotplug/memory` | body `{"requested_size": BYTES}`; 204, or 400 `{"error": ...}` |
+//! | `PATCH` | `/hotplug/memory` | body `{"requested_size": BYTES}` or `{"requested_size_mib": MIB}`; 204, or 400 |
 //! | `GET`   | `/vm`             | 200 [`VmInfo`] |
 //! | `PUT`   | `/vm/shutdown`    | 204, then [`ApiBackend::shutdown`] |
 //! | `GET`   | `/metrics`        | 200 the virtio-mem device's per-request metrics; 404 without one |
+//! | `GET`   | `/version`        | 200 `{"tide_version": "..."}` |
+//!
+//! The same API is described in `openapi.yaml` beside this file; a test checks that the server
+//! and the document list the same paths and methods (`routes::ROUTES`).
 //!
 //! The long poll answers 200 as soon as `plugged_size == requested_size`, or when `timeout_ms`
 //! (default 30000, at most 600000; larger values are clamped) has passed. Its body is the
 //! [`MemoryStatus`] with one more field, `"settled": true|false`, telling which of the two
 //! happened. A plain `GET /hotplug/memory` has no `settled` field.
 //!
-//! Every error answer has a JSON body `{"error": "..."}`: 400 malformed request or bad body,
+//! Every error answer has a JSON body `{"error": "...", "fault_message": "..."}` (the same
+//! message; `fault_message` as Firecracker names it): 400 malformed request or bad body,
 //! 404 unknown path, 405 wrong method (with `Allow`), 408 request not received in time, 411
 //! `Transfer-Encoding` (only `Content-Length` bodies are accepted), 413 body over 64 KiB, 431
 //! header section over 8 KiB, 503 too many connections (64 besides parked long polls), too many

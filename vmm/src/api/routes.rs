@@ -13,12 +13,40 @@ pub const DEFAULT_WAIT_MS: u64 = 30_000;
 /// Largest long-poll timeout; larger values are clamped to it.
 pub const MAX_WAIT_MS: u64 = 600_000;
 
-/// Body of `PATCH /hotplug/memory`.
+/// Every endpoint and the methods it takes, as `Allow` lists them: the one list that routing,
+/// 405 answers and the OpenAPI document's test (`openapi.yaml`) read.
+pub(crate) const ROUTES: &[(&str, &str)] = &[
+    ("/hotplug/memory", "GET, PATCH"),
+    ("/vm", "GET"),
+    ("/vm/shutdown", "PUT"),
+    ("/metrics", "GET"),
+    ("/version", "GET"),
+];
+
+/// Body of `PATCH /hotplug/memory`: bytes, or Firecracker's MiB.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResizeRequest {
-    requested_size: u64,
+    requested_size: Option<u64>,
+    requested_size_mib: Option<u64>,
 }
+
+impl ResizeRequest {
+    /// The requested size in bytes, or why the body does not give exactly one.
+    fn bytes(&self) -> Result<u64, &'static str> {
+        match (self.requested_size, self.requested_size_mib) {
+            (Some(b), None) => Ok(b),
+            (None, Some(mib)) => mib
+                .checked_mul(1 << 20)
+                .ok_or("invalid body: requested_size_mib is too large"),
+            _ => Err(EXPECTED_BODY),
+        }
+    }
+}
+
+/// What a `PATCH /hotplug/memory` body must look like.
+const EXPECTED_BODY: &str =
+    "invalid body: expected {\"requested_size\": BYTES} or {\"requested_size_mib\": MIB}";
 
 /// What handling a request asks for.
 pub(crate) enum Outcome {
@@ -55,25 +83,20 @@ pub(crate) fn long_poll_answer(s: &MemoryStatus, is_settled: bool) -> Response {
 /// Routes and answers one request.
 pub(crate) fn handle(backend: &dyn ApiBackend, req: &Request) -> Outcome {
     let m = req.method.as_str();
-    match req.path.as_str() {
-        "/hotplug/memory" => match m {
-            "GET" => get_memory(backend, req.query.as_deref()),
-            "PATCH" => Outcome::Answer(patch_memory(backend, &req.body)),
-            _ => Outcome::Answer(Response::method_not_allowed(m, "GET, PATCH")),
-        },
-        "/vm" => match m {
-            "GET" => Outcome::Answer(Response::json(200, &backend.vm_info())),
-            _ => Outcome::Answer(Response::method_not_allowed(m, "GET")),
-        },
-        "/metrics" => match m {
-            "GET" => Outcome::Answer(get_metrics(backend)),
-            _ => Outcome::Answer(Response::method_not_allowed(m, "GET")),
-        },
-        "/vm/shutdown" => match m {
-            "PUT" => Outcome::AnswerThenShutdown(Response::no_content()),
-            _ => Outcome::Answer(Response::method_not_allowed(m, "PUT")),
-        },
-        p => Outcome::Answer(Response::error(404, &format!("no such endpoint: {p}"))),
+    let Some(&(path, allow)) = ROUTES.iter().find(|(p, _)| *p == req.path) else {
+        let p = &req.path;
+        return Outcome::Answer(Response::error(404, &format!("no such endpoint: {p}")));
+    };
+    if !allow.split(", ").any(|a| a == m) {
+        return Outcome::Answer(Response::method_not_allowed(m, allow));
+    }
+    match (path, m) {
+        ("/hotplug/memory", "GET") => get_memory(backend, req.query.as_deref()),
+        ("/hotplug/memory", _) => Outcome::Answer(patch_memory(backend, &req.body)),
+        ("/vm", _) => Outcome::Answer(Response::json(200, &backend.vm_info())),
+        ("/vm/shutdown", _) => Outcome::AnswerThenShutdown(Response::no_content()),
+        ("/metrics", _) => Outcome::Answer(get_metrics(backend)),
+        _ => Outcome::Answer(get_version()),
     }
 }
 
@@ -113,6 +136,14 @@ fn get_memory(backend: &dyn ApiBackend, query: Option<&str>) -> Outcome {
     Outcome::Wait(Instant::now() + Duration::from_millis(timeout_ms))
 }
 
+/// `GET /version`: Tide's version, named as Firecracker names its own.
+fn get_version() -> Response {
+    Response::json(
+        200,
+        &serde_json::json!({ "tide_version": env!("CARGO_PKG_VERSION") }),
+    )
+}
+
 fn get_metrics(backend: &dyn ApiBackend) -> Response {
     match backend.metrics() {
         Some(m) => Response::json(200, &m),
@@ -122,12 +153,12 @@ fn get_metrics(backend: &dyn ApiBackend) -> Response {
 
 fn patch_memory(backend: &dyn ApiBackend, body: &[u8]) -> Response {
     if body.is_empty() {
-        return Response::error(400, "missing body: expected {\"requested_size\": BYTES}");
+        return Response::error(400, &EXPECTED_BODY.replace("invalid body", "missing body"));
     }
     // Through a Value: serde would also take `[1]` for the struct.
     let req = match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(v @ serde_json::Value::Object(_)) => serde_json::from_value::<ResizeRequest>(v),
-        Ok(_) => return Response::error(400, "invalid body: expected {\"requested_size\": BYTES}"),
+        Ok(_) => return Response::error(400, EXPECTED_BODY),
         Err(e) => Err(e),
     };
     let req = match req {
@@ -137,7 +168,11 @@ fn patch_memory(backend: &dyn ApiBackend, body: &[u8]) -> Response {
     if backend.memory_sizes().is_none() {
         return no_hotplug();
     }
-    match backend.resize(req.requested_size) {
+    let bytes = match req.bytes() {
+        Ok(b) => b,
+        Err(msg) => return Response::error(400, msg),
+    };
+    match backend.resize(bytes) {
         Ok(()) => Response::no_content(),
         Err(e) => Response::error(400, &crate::error_chain(&*e)),
     }
