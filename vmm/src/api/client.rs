@@ -82,7 +82,16 @@ pub fn run(args: CtlArgs) -> Result<u8, String> {
         } => {
             let timeout = timeout.unwrap_or(60);
             let wait = wait.then(|| Duration::from_secs(timeout));
-            let mut bar = ProgressBar::default();
+            // The bar measures from the state before the PATCH: the first long poll may come
+            // after the guest already plugged part of the way.
+            let before = match wait {
+                Some(_) => {
+                    let body = call(sock, "GET", "/hotplug/memory", None, REQUEST_TIMEOUT)?;
+                    decode::<MemoryStatus>(&body)?.plugged_size
+                }
+                None => 0,
+            };
+            let mut bar = ProgressBar::new(before);
             let res = resize(sock, size, wait, &mut |s| bar.show(s));
             bar.finish();
             match res? {

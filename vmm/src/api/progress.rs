@@ -1,23 +1,40 @@
 //! The progress bar of `tide ctl resize --wait`.
+//!
+//! Hand-written rather than indicatif: one 20-character line on stderr, which a crate and its
+//! terminal-handling dependencies would not make shorter or better tested.
 
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 use super::MemoryStatus;
 
 /// Width of the progress bar, in characters.
 const BAR_WIDTH: usize = 20;
 
-/// Shows `\r[#####     ] 512/1024 MiB` on stderr, progress measured from the first status.
-#[derive(Default)]
+/// Shows `\r[#####     ] 512/1024 MiB  128 MiB/s, 4 s left` on stderr, progress measured from
+/// the plugged size before the resize was asked for.
 pub(crate) struct ProgressBar {
-    start: Option<u64>,
+    /// Plugged bytes before the PATCH.
+    start: u64,
+    /// When the PATCH was sent.
+    since: Instant,
     shown: bool,
 }
 
 impl ProgressBar {
+    /// A bar for a resize asked for now, from `start` bytes plugged.
+    pub(crate) fn new(start: u64) -> Self {
+        ProgressBar {
+            start,
+            since: Instant::now(),
+            shown: false,
+        }
+    }
+
     pub(crate) fn show(&mut self, s: &MemoryStatus) {
-        let start = *self.start.get_or_insert(s.plugged_size);
-        eprint!("\r{}", progress_line(start, s));
+        let rate = rate_and_time_left(self.start, s, self.since.elapsed());
+        // Pad over what a longer previous line left.
+        eprint!("\r{}{rate:<24}", progress_line(self.start, s));
         let _ = std::io::stderr().flush();
         self.shown = true;
     }
@@ -27,6 +44,24 @@ impl ProgressBar {
             eprintln!();
         }
     }
+}
+
+/// `  128 MiB/s, 4 s left` for a change from `start` bytes plugged that has run `elapsed`;
+/// empty until something moved.
+pub(crate) fn rate_and_time_left(start: u64, s: &MemoryStatus, elapsed: Duration) -> String {
+    let total = start.abs_diff(s.requested_size);
+    let left = s.plugged_size.abs_diff(s.requested_size).min(total);
+    let done = total - left;
+    let secs = elapsed.as_secs_f64();
+    if done == 0 || secs <= 0.0 {
+        return String::new();
+    }
+    let rate = done as f64 / secs;
+    let mib_s = rate / (1u64 << 20) as f64;
+    if left == 0 {
+        return format!("  {mib_s:.0} MiB/s");
+    }
+    format!("  {mib_s:.0} MiB/s, {:.0} s left", left as f64 / rate)
 }
 
 /// The progress line for a wait that started at `start` bytes plugged.

@@ -1069,3 +1069,21 @@ fn firecracker_style_requests_and_errors() {
     let a = get(&h.sock, "/nope");
     assert_eq!(a.json()["fault_message"], a.json()["error"]);
 }
+
+#[test]
+fn progress_rate_and_time_left() {
+    use super::progress::rate_and_time_left;
+    let mut s = Mock::new(true).memory_status().unwrap();
+    s.requested_size = 256 * MIB;
+    s.plugged_size = 128 * MIB;
+    // Measured from the state before the PATCH (0), not from the first status seen.
+    assert_eq!(
+        client::progress_line(0, &s),
+        "[##########          ] 128/256 MiB"
+    );
+    let sec = Duration::from_secs(1);
+    assert_eq!(rate_and_time_left(0, &s, sec), "  128 MiB/s, 1 s left");
+    assert_eq!(rate_and_time_left(128 * MIB, &s, sec), "");
+    s.plugged_size = 256 * MIB;
+    assert_eq!(rate_and_time_left(0, &s, 2 * sec), "  128 MiB/s");
+}

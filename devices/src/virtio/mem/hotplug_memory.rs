@@ -5,7 +5,7 @@ use vm_memory::GuestAddress;
 
 use super::{RangeState, UnpluggedAccess};
 
-/// The hotplug memory a [`VirtioMem`] plugs and unplugs: `memory::HotplugRegion` in Tide, a fake
+/// The hotplug memory a [`VirtioMem`](super::VirtioMem) plugs and unplugs: `memory::HotplugRegion` in Tide, a fake
 /// in tests. Addresses are guest physical; ranges are block aligned.
 pub trait HotplugMemory: Send + Sync {
     /// The error of the memory operations.

@@ -41,7 +41,7 @@ pub(super) struct SizeState {
     pub(super) interrupt: Option<Arc<Interrupt>>,
 }
 
-/// The state of a [`VirtioMem`] that the vmm reads and changes without the device's lock.
+/// The state of a [`VirtioMem`](super::VirtioMem) that the vmm reads and changes without the device's lock.
 #[derive(Debug)]
 pub struct VirtioMemShared {
     /// The region's geometry (owned by `memory`: [`HotplugLayout`]).
