@@ -257,24 +257,11 @@ impl<R: HotplugMemory> Core<R> {
                 return NACK;
             }
         }
-        let Some(len) = self.check_range(addr, nb_blocks) else {
-            warn!("virtio-mem: PLUG of {nb_blocks} blocks at {addr:#x}: invalid range");
-            return ERROR;
+        let len = match self.validate("PLUG", addr, nb_blocks, RangeState::Unplugged, m) {
+            Ok(len) => len,
+            Err(response) => return response,
         };
         let gaddr = GuestAddress(addr);
-        match self.region.state(gaddr, len) {
-            Ok(RangeState::Unplugged) => {}
-            Ok(state) => {
-                warn!("virtio-mem: PLUG of {len:#x} at {addr:#x}: range is {state:?}");
-                return ERROR;
-            }
-            Err(e) => {
-                error!("virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}");
-                return self.busy();
-            }
-        }
-        m.sample.bytes = len;
-        m.validated();
         let mut times = memory::OpTimes::default();
         let result = self.region.populate_timed(gaddr, len, &mut times);
         m.add(&times);
@@ -298,25 +285,42 @@ impl<R: HotplugMemory> Core<R> {
         }
     }
 
-    fn unplug(&self, addr: u64, nb_blocks: u16, m: &mut Timing) -> Response {
+    /// The checks PLUG and UNPLUG share: a valid range whose blocks are all in state `want`.
+    /// Returns the range's length in bytes (and ends the validation time), or the answer.
+    fn validate(
+        &self,
+        op: &str,
+        addr: u64,
+        nb_blocks: u16,
+        want: RangeState,
+        m: &mut Timing,
+    ) -> std::result::Result<u64, Response> {
         let Some(len) = self.check_range(addr, nb_blocks) else {
-            warn!("virtio-mem: UNPLUG of {nb_blocks} blocks at {addr:#x}: invalid range");
-            return ERROR;
+            warn!("virtio-mem: {op} of {nb_blocks} blocks at {addr:#x}: invalid range");
+            return Err(ERROR);
         };
-        let gaddr = GuestAddress(addr);
-        match self.region.state(gaddr, len) {
-            Ok(RangeState::Plugged) => {}
+        match self.region.state(GuestAddress(addr), len) {
+            Ok(state) if state == want => {}
             Ok(state) => {
-                warn!("virtio-mem: UNPLUG of {len:#x} at {addr:#x}: range is {state:?}");
-                return ERROR;
+                warn!("virtio-mem: {op} of {len:#x} at {addr:#x}: range is {state:?}");
+                return Err(ERROR);
             }
             Err(e) => {
                 error!("virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}");
-                return self.busy();
+                return Err(self.busy());
             }
         }
         m.sample.bytes = len;
         m.validated();
+        Ok(len)
+    }
+
+    fn unplug(&self, addr: u64, nb_blocks: u16, m: &mut Timing) -> Response {
+        let len = match self.validate("UNPLUG", addr, nb_blocks, RangeState::Plugged, m) {
+            Ok(len) => len,
+            Err(response) => return response,
+        };
+        let gaddr = GuestAddress(addr);
         let mut times = memory::OpTimes::default();
         let result = self.region.discard_timed(gaddr, len, &mut times);
         m.add(&times);
