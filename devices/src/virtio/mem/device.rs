@@ -275,7 +275,7 @@ impl<R: HotplugMemory> Core<R> {
                 warn!("virtio-mem: cannot back {len:#x} at {addr:#x}, answering BUSY: {e}");
                 // Leave nothing of the failed plug behind (the region should have rolled back).
                 if !matches!(self.region.state(gaddr, len), Ok(RangeState::Unplugged)) {
-                    if let Err(e) = self.region.discard(gaddr, len) {
+                    if let Err(e) = self.region.discard_timed(gaddr, len, &mut times) {
                         error!("virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}");
                     }
                 }

@@ -16,40 +16,27 @@ pub trait HotplugMemory: Send + Sync {
     fn size(&self) -> u64;
     /// Size of a block in bytes: a power of two dividing the base and the size.
     fn block_size(&self) -> u64;
-    /// Backs `[addr, addr + len)` with host memory and marks its blocks plugged.
-    fn populate(&self, addr: GuestAddress, len: u64) -> std::result::Result<(), Self::Error>;
-    /// Gives the host memory of `[addr, addr + len)` back and marks its blocks unplugged.
-    fn discard(&self, addr: GuestAddress, len: u64) -> std::result::Result<(), Self::Error>;
-    /// Unplugs every block.
-    fn discard_all(&self) -> std::result::Result<(), Self::Error>;
-    /// [`HotplugMemory::populate`], adding where its time went to `times`.
+    /// Backs `[addr, addr + len)` with host memory and marks its blocks plugged, adding where
+    /// the time went to `times`.
     fn populate_timed(
         &self,
         addr: GuestAddress,
         len: u64,
         times: &mut memory::OpTimes,
-    ) -> std::result::Result<(), Self::Error> {
-        let _ = times;
-        self.populate(addr, len)
-    }
-    /// [`HotplugMemory::discard`], adding where its time went to `times`.
+    ) -> std::result::Result<(), Self::Error>;
+    /// Gives the host memory of `[addr, addr + len)` back and marks its blocks unplugged,
+    /// adding where the time went to `times`.
     fn discard_timed(
         &self,
         addr: GuestAddress,
         len: u64,
         times: &mut memory::OpTimes,
-    ) -> std::result::Result<(), Self::Error> {
-        let _ = times;
-        self.discard(addr, len)
-    }
-    /// [`HotplugMemory::discard_all`], adding where its time went to `times`.
+    ) -> std::result::Result<(), Self::Error>;
+    /// Unplugs every block, adding where the time went to `times`.
     fn discard_all_timed(
         &self,
         times: &mut memory::OpTimes,
-    ) -> std::result::Result<(), Self::Error> {
-        let _ = times;
-        self.discard_all()
-    }
+    ) -> std::result::Result<(), Self::Error>;
     /// The plug state of `[addr, addr + len)`.
     fn state(&self, addr: GuestAddress, len: u64) -> std::result::Result<RangeState, Self::Error>;
     /// Bytes currently plugged.
@@ -81,10 +68,6 @@ impl HotplugMemory for memory::HotplugRegion {
         memory::HotplugRegion::block_size(self)
     }
 
-    fn populate(&self, addr: GuestAddress, len: u64) -> memory::Result<()> {
-        memory::HotplugRegion::populate(self, addr, len)
-    }
-
     fn populate_timed(
         &self,
         addr: GuestAddress,
@@ -105,14 +88,6 @@ impl HotplugMemory for memory::HotplugRegion {
 
     fn discard_all_timed(&self, times: &mut memory::OpTimes) -> memory::Result<()> {
         memory::HotplugRegion::discard_all_timed(self, times)
-    }
-
-    fn discard(&self, addr: GuestAddress, len: u64) -> memory::Result<()> {
-        memory::HotplugRegion::discard(self, addr, len)
-    }
-
-    fn discard_all(&self) -> memory::Result<()> {
-        memory::HotplugRegion::discard_all(self)
     }
 
     fn state(&self, addr: GuestAddress, len: u64) -> memory::Result<RangeState> {
