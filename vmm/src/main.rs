@@ -74,6 +74,8 @@ struct RunArgs {
     log_level: log::LevelFilter,
 }
 
+/// Hand-written rather than env_logger: ten lines for the one `tide: level: message` format
+/// users and tests read, where env_logger would need a custom formatter and more dependencies.
 struct StderrLogger;
 
 impl log::Log for StderrLogger {
