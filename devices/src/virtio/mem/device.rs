@@ -262,10 +262,7 @@ impl<R: HotplugMemory> Core<R> {
             Err(response) => return response,
         };
         let gaddr = GuestAddress(addr);
-        let mut times = memory::OpTimes::default();
-        let result = self.region.populate_timed(gaddr, len, &mut times);
-        m.add(&times);
-        match result {
+        match m.time(|t| self.region.populate_timed(gaddr, len, t)) {
             Ok(()) => {
                 self.publish(false);
                 self.shared.lock().busy_retry = BUSY_RETRY_MIN;
@@ -275,7 +272,9 @@ impl<R: HotplugMemory> Core<R> {
                 warn!("virtio-mem: cannot back {len:#x} at {addr:#x}, answering BUSY: {e}");
                 // Leave nothing of the failed plug behind (the region should have rolled back).
                 if !matches!(self.region.state(gaddr, len), Ok(RangeState::Unplugged)) {
-                    if let Err(e) = self.region.discard_timed(gaddr, len, &mut times) {
+                    // The roll-back's time counts as bookkeeping, not as a phase.
+                    let untimed = &mut memory::OpTimes::default();
+                    if let Err(e) = self.region.discard_timed(gaddr, len, untimed) {
                         error!("virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}");
                     }
                 }
@@ -321,9 +320,7 @@ impl<R: HotplugMemory> Core<R> {
             Err(response) => return response,
         };
         let gaddr = GuestAddress(addr);
-        let mut times = memory::OpTimes::default();
-        let result = self.region.discard_timed(gaddr, len, &mut times);
-        m.add(&times);
+        let result = m.time(|t| self.region.discard_timed(gaddr, len, t));
         self.publish(false);
         match result {
             Ok(()) => ACK,
@@ -337,9 +334,7 @@ impl<R: HotplugMemory> Core<R> {
     fn unplug_all(&self, m: &mut Timing) -> Response {
         m.sample.bytes = self.region.plugged_bytes();
         m.validated();
-        let mut times = memory::OpTimes::default();
-        let result = self.region.discard_all_timed(&mut times);
-        m.add(&times);
+        let result = m.time(|t| self.region.discard_all_timed(t));
         self.publish(true);
         match result {
             Ok(()) => ACK,
@@ -586,10 +581,14 @@ impl Timing {
         }
     }
 
-    fn add(&mut self, t: &memory::OpTimes) {
+    /// Runs a memory operation, adding where its time went to the sample.
+    fn time<T>(&mut self, op: impl FnOnce(&mut memory::OpTimes) -> T) -> T {
+        let mut t = memory::OpTimes::default();
+        let result = op(&mut t);
         self.sample.protect_ns += t.protect_ns;
         self.sample.syscall_ns += t.syscall_ns;
         self.sample.ahead_bytes += t.ahead_bytes;
+        result
     }
 }
 
