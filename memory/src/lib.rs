@@ -10,8 +10,6 @@
 //! The crate knows nothing of virtio or KVM. Ranges passed to [`HotplugRegion`] may come from
 //! a hostile guest: every one is validated and bad ones are returned as [`Error`]s.
 
-#![deny(missing_docs)]
-
 mod access;
 mod backend;
 mod backing;
