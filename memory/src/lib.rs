@@ -32,7 +32,7 @@ pub use layout::{
     create_boot_memory, HotplugLayout, MemoryLayout, GUEST_PHYS_BITS, MIN_BLOCK_SIZE, MMIO_GAP_END,
     MMIO_GAP_START,
 };
-pub use listener::{ListenerId, RamDiscardListener};
+pub use listener::{ListenerError, ListenerId, RamDiscardListener};
 pub use populate::{populate_threads, POPULATE_CHUNK_MIN, POPULATE_THREADS_MAX};
 pub use region::{HotplugRegion, OpTimes, RegionOptions};
 pub use size::parse_size;

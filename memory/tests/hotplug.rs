@@ -424,10 +424,10 @@ struct Recorder {
 }
 
 impl RamDiscardListener for Recorder {
-    fn on_populate(&self, addr: GuestAddress, len: u64) -> Result<(), String> {
+    fn on_populate(&self, addr: GuestAddress, len: u64) -> Result<(), memory::ListenerError> {
         self.events.lock().unwrap().push(('p', addr.0 - BASE, len));
         match &self.veto {
-            Some(v) => Err(v.clone()),
+            Some(v) => Err(v.clone().into()),
             None => Ok(()),
         }
     }
@@ -486,7 +486,7 @@ fn listeners() {
     match &err {
         Error::ListenerVeto { addr, len, reason } => {
             assert_eq!(
-                (*addr, *len, reason.as_str()),
+                (*addr, *len, reason.to_string().as_str()),
                 (BASE + 16 * b, 4 * b, "no slot left")
             );
         }
@@ -678,7 +678,7 @@ struct ProtectionAtDiscard {
 }
 
 impl RamDiscardListener for ProtectionAtDiscard {
-    fn on_populate(&self, _addr: GuestAddress, _len: u64) -> Result<(), String> {
+    fn on_populate(&self, _addr: GuestAddress, _len: u64) -> Result<(), memory::ListenerError> {
         if self.veto {
             Err("vetoed".into())
         } else {

@@ -55,7 +55,7 @@ impl Inner {
 struct Poker(Arc<Inner>);
 
 impl RamDiscardListener for Poker {
-    fn on_populate(&self, _: GuestAddress, _: u64) -> Result<(), String> {
+    fn on_populate(&self, _: GuestAddress, _: u64) -> Result<(), memory::ListenerError> {
         self.0.changes.fetch_add(1, Ordering::SeqCst);
         self.0.poke();
         Ok(())
