@@ -72,7 +72,7 @@ impl ApiBackend for Control {
 
     fn metrics(&self) -> Option<serde_json::Value> {
         let (_, _, metrics) = self.mem.as_ref()?;
-        serde_json::from_str(&metrics.to_json()).ok()
+        serde_json::to_value(metrics.snapshot()).ok()
     }
 
     fn resize(&self, requested_size: u64) -> std::result::Result<(), crate::api::BackendError> {
