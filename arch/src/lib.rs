@@ -2,6 +2,8 @@
 //! e820 map, the MP table, CPUID, MSRs, FPU, LAPIC, segment and page-table set-up for the Linux
 //! 64-bit boot protocol. Nothing here knows about devices or the hotplug region's contents.
 
+#![forbid(unsafe_code)]
+
 pub mod boot;
 pub mod cpu;
 pub mod mptable;

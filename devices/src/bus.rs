@@ -123,11 +123,7 @@ impl Bus {
     }
 }
 
-/// Locks a device, going on with the data of a device whose previous holder panicked: a device
-/// model keeps its state valid between accesses, so a poisoned lock is no reason to stop the VM.
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub use memory::lock;
 
 #[cfg(test)]
 mod tests {

@@ -107,10 +107,8 @@ fn raw(kind: Kind) -> (f64, f64) {
     };
     if kind == Kind::AnonThp {
         // SAFETY: inside our own mapping.
-        assert_eq!(
-            unsafe { libc::madvise(aligned, len, libc::MADV_HUGEPAGE) },
-            0
-        );
+        let r = unsafe { libc::madvise(aligned, len, libc::MADV_HUGEPAGE) };
+        assert_eq!(r, 0);
     }
     let (mut pop, mut dis) = (f64::MAX, f64::MAX);
     for _ in 0..ROUNDS {

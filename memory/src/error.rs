@@ -214,7 +214,8 @@ pub enum Error {
         /// Length of the range.
         len: u64,
         /// What the listener said.
-        reason: String,
+        #[source]
+        reason: crate::ListenerError,
     },
     /// Reading the resident memory (`fstat` or `/proc/self/smaps`) failed.
     #[error("cannot read the resident memory (fstat or /proc/self/smaps): {0}")]

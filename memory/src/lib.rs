@@ -10,24 +10,33 @@
 //! The crate knows nothing of virtio or KVM. Ranges passed to [`HotplugRegion`] may come from
 //! a hostile guest: every one is validated and bad ones are returned as [`Error`]s.
 
-#![deny(missing_docs)]
-
+mod access;
+mod backend;
 mod backing;
+mod bitmap;
+mod cgroup;
 mod error;
 mod layout;
+mod listener;
+mod populate;
 mod region;
 mod size;
+mod smaps;
+mod sync;
+mod sys;
 
+pub use access::{RangeState, UnpluggedAccess};
+pub use backend::Backend;
 pub use error::{Error, Result};
 pub use layout::{
     create_boot_memory, HotplugLayout, MemoryLayout, GUEST_PHYS_BITS, MIN_BLOCK_SIZE, MMIO_GAP_END,
     MMIO_GAP_START,
 };
-pub use region::{
-    populate_threads, Backend, HotplugRegion, ListenerId, OpTimes, RamDiscardListener, RangeState,
-    RegionOptions, UnpluggedAccess, POPULATE_CHUNK_MIN, POPULATE_THREADS_MAX,
-};
+pub use listener::{ListenerError, ListenerId, RamDiscardListener};
+pub use populate::{populate_threads, POPULATE_CHUNK_MIN, POPULATE_THREADS_MAX};
+pub use region::{HotplugRegion, OpTimes, RegionOptions};
 pub use size::parse_size;
+pub use sync::lock;
 pub use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// Whether `x` is a multiple of `pow2`, which must be a power of two.

@@ -4,9 +4,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::path::PathBuf;
-use std::str::FromStr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -15,112 +13,25 @@ use log::{debug, error, warn};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestRegionMmap};
 
+use crate::access::{RangeState, UnpluggedAccess};
+use crate::backend::Backend;
 use crate::backing::BackingFile;
+use crate::bitmap::{new_splits, Bitmap};
+use crate::cgroup::cgroup_headroom;
 use crate::layout::HotplugLayout;
+use crate::listener::{ListenerId, RamDiscardListener};
+use crate::populate::{advise_raw, populate_parallel};
+use crate::sys::{
+    create_memfd, last_err, map_none, prime_anon_vma, read_u64_file, unmap, FREE_HUGEPAGES,
+    HUGE_PAGE_SIZE, MAX_MAP_COUNT, OVERCOMMIT_MEMORY, PAGE_SIZE,
+};
 use crate::{aligned, Error, Result};
 
-const PAGE_SIZE: u64 = 4096;
-const HUGE_PAGE_SIZE: u64 = 2 << 20;
+mod ahead;
+
+use ahead::Staged;
+
 const MAX_RUN_BUDGET: u64 = 32768;
-const FREE_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
-const MAX_MAP_COUNT: &str = "/proc/sys/vm/max_map_count";
-const OVERCOMMIT_MEMORY: &str = "/proc/sys/vm/overcommit_memory";
-
-/// What backs the hotplug reservation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Backend {
-    /// Private anonymous memory (transparent huge pages when the block size allows).
-    Anon,
-    /// A shared mapping of a memfd (shmem); discarded by punching holes.
-    Memfd,
-    /// A shared mapping of a hugetlb memfd with 2 MiB pages; needs a non-empty huge page pool.
-    Hugetlb,
-    /// A shared mapping of a file, e.g. on a tmpfs mounted with `size=` to cap the memory.
-    /// Tide never truncates, resizes or unlinks a file it did not create: a directory gets an
-    /// unnamed file inside it, a path that does not exist is created (and removed when the
-    /// region is dropped), anything that exists is refused; the file is locked so a second
-    /// Tide cannot share it. Discarded by punching holes.
-    File(PathBuf),
-}
-
-impl FromStr for Backend {
-    type Err = Error;
-
-    /// Parses `"anon"`, `"memfd"`, `"hugetlb"` or `"file:/path"`.
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "anon" => Ok(Backend::Anon),
-            "memfd" => Ok(Backend::Memfd),
-            "hugetlb" => Ok(Backend::Hugetlb),
-            _ => match s.strip_prefix("file:") {
-                Some(path) if !path.is_empty() => Ok(Backend::File(PathBuf::from(path))),
-                _ => Err(Error::BadBackend {
-                    input: s.to_string(),
-                }),
-            },
-        }
-    }
-}
-
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Backend::Anon => f.write_str("anon"),
-            Backend::Memfd => f.write_str("memfd"),
-            Backend::Hugetlb => f.write_str("hugetlb"),
-            Backend::File(p) => write!(f, "file:{}", p.display()),
-        }
-    }
-}
-
-/// How unplugged blocks of the reservation are protected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum UnpluggedAccess {
-    /// `PROT_NONE`: any access to an unplugged block faults (the default).
-    #[default]
-    Inaccessible,
-    /// `PROT_READ`: unplugged blocks read as zeros (anonymous memory maps the shared zero page;
-    /// shared backends may allocate page cache on read).
-    Readable,
-}
-
-impl UnpluggedAccess {
-    fn prot(self) -> libc::c_int {
-        match self {
-            UnpluggedAccess::Inaccessible => libc::PROT_NONE,
-            UnpluggedAccess::Readable => libc::PROT_READ,
-        }
-    }
-}
-
-/// The plug state of a range of blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RangeState {
-    /// Every block is plugged.
-    Plugged,
-    /// Every block is unplugged.
-    Unplugged,
-    /// Some blocks are plugged, some are not.
-    Mixed,
-}
-
-/// Something that must follow what is plugged (memory slots, DMA mappings, ...).
-///
-/// Callbacks run while the region's internal lock is held: they must not call the region's
-/// `populate`, `discard`, `state`, listener or protection methods (the plain getters and
-/// [`HotplugRegion::plugged_bytes`] are fine).
-pub trait RamDiscardListener: Send + Sync {
-    /// `[addr, addr + len)` has been populated and is about to be reported plugged. Returning
-    /// an error vetoes the populate, which is then rolled back (listeners that already accepted
-    /// it get [`RamDiscardListener::on_discard`]) and fails with [`Error::ListenerVeto`].
-    fn on_populate(&self, addr: GuestAddress, len: u64) -> std::result::Result<(), String>;
-    /// `[addr, addr + len)` is about to be discarded; its memory goes away after this returns.
-    fn on_discard(&self, addr: GuestAddress, len: u64);
-}
-
-/// Identifies a listener registered with [`HotplugRegion::add_listener`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ListenerId(u64);
 
 /// Options for [`HotplugRegion::with_options`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,135 +45,6 @@ impl Default for RegionOptions {
     fn default() -> Self {
         RegionOptions { thp: true }
     }
-}
-
-/// One bit per block: set = plugged. Range operations work a 64-bit word at a time, so that
-/// their cost follows the length of the range, not the size of the region.
-struct Bitmap {
-    words: Vec<u64>,
-    len: usize,
-}
-
-/// The bits `[a, b)` of one word (`a < b <= 64`).
-fn word_mask(a: usize, b: usize) -> u64 {
-    let high = if b == 64 { u64::MAX } else { (1u64 << b) - 1 };
-    high & !((1u64 << a) - 1)
-}
-
-impl Bitmap {
-    fn new(len: usize) -> Self {
-        Bitmap {
-            words: vec![0; len.div_ceil(64)],
-            len,
-        }
-    }
-
-    fn get(&self, i: usize) -> bool {
-        self.words[i / 64] & (1 << (i % 64)) != 0
-    }
-
-    fn set(&mut self, i: usize, v: bool) {
-        if v {
-            self.words[i / 64] |= 1 << (i % 64);
-        } else {
-            self.words[i / 64] &= !(1 << (i % 64));
-        }
-    }
-
-    /// Calls `f(word index, mask)` for the words covering bits `[a, b)`.
-    fn for_words(a: usize, b: usize, mut f: impl FnMut(usize, u64)) {
-        let mut i = a;
-        while i < b {
-            let w = i / 64;
-            let end = b.min((w + 1) * 64);
-            f(w, word_mask(i % 64, end - w * 64));
-            i = end;
-        }
-    }
-
-    fn set_range(&mut self, a: usize, b: usize, v: bool) {
-        let words = &mut self.words;
-        Self::for_words(a, b, |w, m| {
-            if v {
-                words[w] |= m;
-            } else {
-                words[w] &= !m;
-            }
-        });
-    }
-
-    fn count(&self, a: usize, b: usize) -> usize {
-        let mut n = 0;
-        Self::for_words(a, b, |w, m| n += (self.words[w] & m).count_ones() as usize);
-        n
-    }
-
-    /// Number of adjacent pairs `(i, i + 1)` with different bits, for `i` in `[a - 1, b)`.
-    fn window_transitions(&self, a: usize, b: usize) -> u64 {
-        let lo = a.saturating_sub(1);
-        let hi = b.min(self.len - 1);
-        (lo..hi).filter(|&i| self.get(i) != self.get(i + 1)).count() as u64
-    }
-
-    /// Same as [`Bitmap::window_transitions`], as if `[a, b)` were all set to `v`.
-    fn window_transitions_if(&self, a: usize, b: usize, v: bool) -> u64 {
-        let left = a > 0 && self.get(a - 1) != v;
-        let right = b < self.len && self.get(b) != v;
-        u64::from(left) + u64::from(right)
-    }
-
-    /// The first index in `[i, end)` whose bit is `v`, or `end`.
-    fn find(&self, mut i: usize, end: usize, v: bool) -> usize {
-        while i < end {
-            if i & 63 == 0 && i + 64 <= end {
-                let w = self.words[i / 64];
-                if (v && w == 0) || (!v && w == u64::MAX) {
-                    i += 64;
-                    continue;
-                }
-            }
-            if self.get(i) == v {
-                return i;
-            }
-            i += 1;
-        }
-        end
-    }
-
-    /// Maximal runs `[start, end)` of blocks whose bit is `v`.
-    fn runs(&self, v: bool) -> Vec<(usize, usize)> {
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < self.len {
-            // Skip whole words that cannot start a run.
-            if i & 63 == 0 {
-                let w = self.words[i / 64];
-                if (v && w == 0) || (!v && w == u64::MAX) {
-                    i += 64;
-                    continue;
-                }
-            }
-            if self.get(i) == v {
-                let start = i;
-                while i < self.len && self.get(i) == v {
-                    i += 1;
-                }
-                out.push((start, i));
-            } else {
-                i += 1;
-            }
-        }
-        out
-    }
-}
-
-/// How many of the boundaries of blocks `[a, b)` are not split yet (`splits` has one bit per
-/// block boundary; the outer edges never count).
-fn new_splits(splits: &Bitmap, a: usize, b: usize) -> u64 {
-    [a, b]
-        .into_iter()
-        .filter(|&i| i > 0 && i < splits.len - 1 && !splits.get(i))
-        .count() as u64
 }
 
 struct State {
@@ -296,9 +78,8 @@ const HEADROOM_REUSE: Duration = Duration::from_millis(50);
 /// Unplugged blocks hold no host memory and are protected per [`UnpluggedAccess`]; plugged
 /// blocks are read-write. All methods take `&self`; the region is `Send + Sync`.
 pub struct HotplugRegion {
-    base: u64,
-    size: u64,
-    block_size: u64,
+    /// Where the region is and its block size: the one record of the region's geometry.
+    layout: HotplugLayout,
     backend: Backend,
     host: usize,
     fd: Option<File>,
@@ -320,135 +101,15 @@ pub struct HotplugRegion {
 impl fmt::Debug for HotplugRegion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HotplugRegion")
-            .field("base", &format_args!("{:#x}", self.base))
-            .field("size", &format_args!("{:#x}", self.size))
-            .field("block_size", &format_args!("{:#x}", self.block_size))
+            .field("base", &format_args!("{:#x}", self.layout.base.0))
+            .field("size", &format_args!("{:#x}", self.layout.size))
+            .field("block_size", &format_args!("{:#x}", self.layout.block_size))
             .field("backend", &self.backend)
             .field("host", &format_args!("{:#x}", self.host))
             .field("thp", &self.thp)
             .field("plugged_bytes", &self.plugged_bytes())
             .finish()
     }
-}
-
-fn last_err() -> io::Error {
-    io::Error::last_os_error()
-}
-
-fn read_u64_file(path: &str) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-/// Bytes the memory cgroups of this process (and their ancestors), v1 or v2, can still charge
-/// before one reaches its limit; `None` when no limit can be read.
-fn cgroup_headroom() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let mut room: Option<u64> = None;
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(_), Some(ctls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        let (mount, limit_file, usage_file) = if ctls.is_empty() {
-            let unified = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-                .into_iter()
-                .find(|m| std::path::Path::new(m).join("cgroup.controllers").exists());
-            match unified {
-                Some(m) => (m, "memory.max", "memory.current"),
-                None => continue,
-            }
-        } else if ctls.split(',').any(|c| c == "memory") {
-            (
-                "/sys/fs/cgroup/memory",
-                "memory.limit_in_bytes",
-                "memory.usage_in_bytes",
-            )
-        } else {
-            continue;
-        };
-        let mut dir = PathBuf::from(mount).join(path.trim_start_matches('/'));
-        loop {
-            let file = |f: &str| read_u64_file(&dir.join(f).to_string_lossy());
-            // v2's "max" does not parse: no limit at that level.
-            if let (Some(limit), Some(usage)) = (file(limit_file), file(usage_file)) {
-                let r = limit.saturating_sub(usage);
-                room = Some(room.map_or(r, |old| old.min(r)));
-            }
-            if dir.as_os_str().len() <= mount.len() || !dir.pop() {
-                break;
-            }
-        }
-    }
-    room
-}
-
-/// Most threads one populate uses.
-pub const POPULATE_THREADS_MAX: usize = 16;
-/// Each populate thread gets at least this much of a range. Why (measured here, 2 cores): two
-/// threads populate 128 MiB in about half the time of one for 4 KiB pages and THP alike, and a
-/// thread start and join costs ~30-60 us, under 5% of populating 16 MiB of THP (~0.8 ms).
-pub const POPULATE_CHUNK_MIN: u64 = 16 << 20;
-
-/// The CPUs this process may run on, read once (`available_parallelism` reads cgroup files).
-fn cpus() -> usize {
-    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// How many threads populate `bytes`: one per CPU, each with at least [`POPULATE_CHUNK_MIN`].
-pub fn populate_threads(bytes: u64) -> usize {
-    cpus()
-        .min(POPULATE_THREADS_MAX)
-        .min((bytes / POPULATE_CHUNK_MIN).max(1) as usize)
-}
-
-/// `madvise(addr, len, advice)`, retried on EINTR and EAGAIN.
-fn advise_raw(addr: usize, len: usize, advice: libc::c_int) -> io::Result<()> {
-    loop {
-        // SAFETY: callers pass ranges of mappings this crate owns; the advice either faults
-        // pages in or drops them, both only within that range.
-        if unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) } == 0 {
-            return Ok(());
-        }
-        let e = last_err();
-        if !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
-            return Err(e);
-        }
-    }
-}
-
-/// `MADV_POPULATE_WRITE` over `[addr, addr + len)`, split into [`populate_threads`] pieces
-/// (2 MiB aligned) populated at once: the kernel zeroes pages on the faulting CPU, so this
-/// scales with cores. The first error wins; the caller rolls the whole range back.
-fn populate_parallel(addr: usize, len: usize) -> io::Result<()> {
-    let threads = populate_threads(len as u64);
-    if threads <= 1 {
-        return advise_raw(addr, len, libc::MADV_POPULATE_WRITE);
-    }
-    let per = len
-        .div_ceil(threads)
-        .next_multiple_of(HUGE_PAGE_SIZE as usize);
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = (addr..addr + len)
-            .step_by(per)
-            .skip(1)
-            .map(|s| {
-                let e = (s + per).min(addr + len);
-                scope.spawn(move || advise_raw(s, e - s, libc::MADV_POPULATE_WRITE))
-            })
-            .collect();
-        // The first piece on this thread.
-        let mut result = advise_raw(addr, per.min(len), libc::MADV_POPULATE_WRITE);
-        for w in workers {
-            let r = w
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("populate thread panicked")));
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        result
-    })
 }
 
 /// Where the time of one populate or discard went (nanoseconds), for the device's metrics.
@@ -464,86 +125,6 @@ pub struct OpTimes {
 
 fn ns_since(t: Instant) -> u64 {
     t.elapsed().as_nanos() as u64
-}
-
-/// Memory populated ahead for blocks `[a, b)` of an anonymous region, in a separate mapping
-/// (never the guest's) at `host`, moved into place by the PLUG that takes it.
-struct Staged {
-    a: usize,
-    b: usize,
-    host: usize,
-}
-
-/// `mmap(NULL, len, PROT_NONE, flags, fd, 0)`.
-fn map_none(len: usize, flags: libc::c_int, fd: libc::c_int) -> io::Result<usize> {
-    // SAFETY: a fresh mapping at a kernel-chosen address (no MAP_FIXED) cannot alias any
-    // existing memory; the result is checked.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, flags, fd, 0) };
-    if p == libc::MAP_FAILED {
-        Err(last_err())
-    } else {
-        Ok(p as usize)
-    }
-}
-
-/// `munmap(addr, len)` of a range this crate mapped and nothing else refers to.
-fn unmap(addr: usize, len: usize) {
-    if len == 0 {
-        return;
-    }
-    // SAFETY: callers only pass ranges of mappings this crate created and owns.
-    if unsafe { libc::munmap(addr as *mut libc::c_void, len) } != 0 {
-        error!("munmap({addr:#x}, {len:#x}) failed: {}", last_err());
-    }
-}
-
-fn create_memfd(size: u64, hugetlb: bool) -> io::Result<File> {
-    let mut flags = libc::MFD_CLOEXEC;
-    if hugetlb {
-        flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
-    }
-    // SAFETY: the name is a valid NUL-terminated string; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"tide-hotplug".as_ptr(), flags) };
-    if fd < 0 {
-        return Err(last_err());
-    }
-    // SAFETY: fd is a freshly created descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)?;
-    Ok(file)
-}
-
-/// Gives the whole anonymous reservation one anon_vma while it is still a single mapping, so
-/// that the pieces later split off by `mprotect` can merge back. Without it every block that is
-/// written first gets its own anon_vma and neighbouring pieces never merge again. Returns
-/// whether it worked. Skipped with `vm.overcommit_memory=2`, where making the whole mapping
-/// writable would charge its full size.
-fn prime_anon_vma(host: usize, len: usize) -> bool {
-    if read_u64_file(OVERCOMMIT_MEMORY) == Some(2) {
-        return false;
-    }
-    let p = host as *mut libc::c_void;
-    let page = PAGE_SIZE as usize;
-    // SAFETY: [host, host + len) is our own fresh, unshared reservation; we make it writable,
-    // fault in and drop its first page, and make it inaccessible again. No Rust reference
-    // points into it.
-    let ok = unsafe {
-        libc::mprotect(p, len, libc::PROT_READ | libc::PROT_WRITE) == 0
-            && libc::madvise(p, page, libc::MADV_POPULATE_WRITE) == 0
-            && libc::madvise(p, len.min(HUGE_PAGE_SIZE as usize), libc::MADV_DONTNEED) == 0
-    };
-    if !ok {
-        debug!(
-            "priming the anon_vma of the hotplug reservation failed: {}",
-            last_err()
-        );
-    }
-    // SAFETY: as above; back to PROT_NONE, which cannot fail for lack of memory on a whole VMA.
-    if unsafe { libc::mprotect(p, len, libc::PROT_NONE) } != 0 {
-        error!("cannot re-protect the hotplug reservation: {}", last_err());
-        return false;
-    }
-    ok
 }
 
 impl HotplugRegion {
@@ -687,9 +268,7 @@ impl HotplugRegion {
             "hotplug region [{base:#x}, +{size:#x}) block {block_size:#x} backend {backend} at host {host:#x} thp {thp}"
         );
         Ok(HotplugRegion {
-            base,
-            size,
-            block_size,
+            layout: *layout,
             backend,
             host,
             fd,
@@ -717,17 +296,22 @@ impl HotplugRegion {
 
     /// First guest physical address of the region.
     pub fn base(&self) -> GuestAddress {
-        GuestAddress(self.base)
+        self.layout.base
+    }
+
+    /// The region's geometry: base, size and block size.
+    pub fn layout(&self) -> HotplugLayout {
+        self.layout
     }
 
     /// Size of the region in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.layout.size
     }
 
     /// Plug granularity in bytes.
     pub fn block_size(&self) -> u64 {
-        self.block_size
+        self.layout.block_size
     }
 
     /// The backend the region was created with.
@@ -756,44 +340,48 @@ impl HotplugRegion {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.state)
     }
 
     /// Checks a guest range and returns its block indices `[first, end)`.
     fn check(&self, addr: GuestAddress, len: u64) -> Result<(usize, usize)> {
         let addr = addr.0;
         let end = addr.checked_add(len);
-        let inside = addr >= self.base && end.is_some_and(|e| e <= self.base + self.size);
+        let inside = addr >= self.layout.base.0
+            && end.is_some_and(|e| e <= self.layout.base.0 + self.layout.size);
         if !inside {
             return Err(Error::OutOfRange {
                 addr,
                 len,
-                base: self.base,
-                size: self.size,
+                base: self.layout.base.0,
+                size: self.layout.size,
             });
         }
-        if len == 0 || !aligned(addr, self.block_size) || !aligned(len, self.block_size) {
+        if len == 0
+            || !aligned(addr, self.layout.block_size)
+            || !aligned(len, self.layout.block_size)
+        {
             return Err(Error::Misaligned {
                 addr,
                 len,
-                block_size: self.block_size,
+                block_size: self.layout.block_size,
             });
         }
         // Both fit in usize: they are at most size / block_size, which fit when created.
-        let first = ((addr - self.base) / self.block_size) as usize;
-        Ok((first, first + (len / self.block_size) as usize))
+        let first = ((addr - self.layout.base.0) / self.layout.block_size) as usize;
+        Ok((first, first + (len / self.layout.block_size) as usize))
     }
 
     fn host_ptr(&self, a: usize) -> *mut libc::c_void {
-        (self.host + a * self.block_size as usize) as *mut libc::c_void
+        (self.host + a * self.layout.block_size as usize) as *mut libc::c_void
     }
 
     fn byte_len(&self, a: usize, b: usize) -> usize {
-        (b - a) * self.block_size as usize
+        (b - a) * self.layout.block_size as usize
     }
 
     fn guest_addr(&self, a: usize) -> u64 {
-        self.base + a as u64 * self.block_size
+        self.layout.base.0 + a as u64 * self.layout.block_size
     }
 
     fn protect(&self, a: usize, b: usize, prot: libc::c_int) -> io::Result<()> {
@@ -820,7 +408,7 @@ impl HotplugRegion {
         match &self.fd {
             None => self.advise(a, b, libc::MADV_DONTNEED),
             Some(file) => {
-                let off = (a as u64 * self.block_size) as libc::off_t;
+                let off = (a as u64 * self.layout.block_size) as libc::off_t;
                 let len = self.byte_len(a, b) as libc::off_t;
                 // SAFETY: plain syscall on our own descriptor; punching a hole also unmaps the
                 // freed pages from every shared mapping of the file.
@@ -900,7 +488,7 @@ impl HotplugRegion {
         if st.bitmap.count(a, b) != 0 {
             return Err(Error::NotUnplugged { addr: addr.0, len });
         }
-        let ahead = st.ahead.count(a, b) as u64 * self.block_size;
+        let ahead = st.ahead.count(a, b) as u64 * self.layout.block_size;
         // Staged memory moved in keeps mapping boundaries the kernel never merges: count them.
         let moved_edges = 2 * st.staged.iter().filter(|s| s.a < b && a < s.b).count() as u64;
         let transitions = self.check_budget(&st, a, b, true, moved_edges)?;
@@ -939,7 +527,7 @@ impl HotplugRegion {
         st.ahead.set_range(a, b, false);
         self.ahead.fetch_sub(ahead, Ordering::AcqRel);
         times.ahead_bytes += ahead;
-        let pieces = Self::take_staged(&mut st, self.block_size as usize, a, b);
+        let pieces = Self::take_staged(&mut st, self.layout.block_size as usize, a, b);
         if !pieces.is_empty() {
             Self::ensure_splits(&mut st);
         }
@@ -994,99 +582,13 @@ impl HotplugRegion {
         Ok(())
     }
 
-    /// Backs blocks `[a, b)`, already read-write: moves the staged `pieces` into place (a piece
-    /// that cannot be moved is dropped and populated like the rest) and populates the rest.
-    fn fill(
-        &self,
-        st: &mut State,
-        a: usize,
-        b: usize,
-        pieces: &[(usize, usize, usize)],
-    ) -> io::Result<()> {
-        if self.fd.is_some() {
-            // Blocks populated ahead are in the file already: this only maps them.
-            return self.populate_blocks(a, b);
-        }
-        let mut moved = Vec::with_capacity(pieces.len());
-        for &(x, y, host) in pieces {
-            let len = self.byte_len(x, y);
-            // SAFETY: [host, host + len) is a staging mapping this region owns and nothing
-            // else refers to; the destination is blocks [x, y) of our own reservation, whose
-            // old (empty) mapping MREMAP_FIXED replaces.
-            let r = unsafe {
-                libc::mremap(
-                    host as *mut libc::c_void,
-                    len,
-                    len,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    self.host_ptr(x),
-                )
-            };
-            if r == libc::MAP_FAILED {
-                debug!("moving memory populated ahead failed: {}", last_err());
-                unmap(host, len);
-            } else {
-                moved.push((x, y));
-                if let Some((splits, n)) = &mut st.splits {
-                    for i in [x, y] {
-                        if i > 0 && i < splits.len - 1 && !splits.get(i) {
-                            splits.set(i, true);
-                            *n += 1;
-                        }
-                    }
-                }
-            }
-        }
-        moved.sort_unstable();
-        let mut i = a;
-        for (x, y) in moved.into_iter().chain(std::iter::once((b, b))) {
-            if i < x {
-                self.populate_blocks(i, x)?;
-            }
-            i = y;
-        }
-        Ok(())
-    }
-
-    /// Removes the staged memory of blocks `[a, b)` from `st.staged` and returns it as
-    /// `(first block, end block, host address)` pieces (the rest stays staged).
-    fn take_staged(st: &mut State, bs: usize, a: usize, b: usize) -> Vec<(usize, usize, usize)> {
-        let mut out = Vec::new();
-        let mut keep = Vec::with_capacity(st.staged.len());
-        for s in st.staged.drain(..) {
-            let (lo, hi) = (s.a.max(a), s.b.min(b));
-            if lo >= hi {
-                keep.push(s);
-                continue;
-            }
-            let host_of = |i: usize| s.host + (i - s.a) * bs;
-            out.push((lo, hi, host_of(lo)));
-            if s.a < lo {
-                keep.push(Staged {
-                    a: s.a,
-                    b: lo,
-                    host: s.host,
-                });
-            }
-            if hi < s.b {
-                keep.push(Staged {
-                    a: hi,
-                    b: s.b,
-                    host: host_of(hi),
-                });
-            }
-        }
-        st.staged = keep;
-        out
-    }
-
     /// Switches the fragmentation accounting to "boundaries never merge" (staged memory moved
     /// in has its own anon_vma), starting from the boundaries that exist now.
     fn ensure_splits(st: &mut State) {
         if st.splits.is_some() {
             return;
         }
-        let n = st.bitmap.len;
+        let n = st.bitmap.len();
         let mut splits = Bitmap::new(n + 1);
         let mut count = 0;
         for i in 1..n {
@@ -1096,178 +598,6 @@ impl HotplugRegion {
             }
         }
         st.splits = Some((splits, count));
-    }
-
-    /// Bytes populated ahead of the guest's PLUG (not plugged, not visible to the guest).
-    pub fn ahead_bytes(&self) -> u64 {
-        self.ahead.load(Ordering::Acquire)
-    }
-
-    /// Populates ahead the next blocks the guest will plug: Linux's driver plugs the lowest
-    /// unplugged blocks of the usable region first, so the candidates are the lowest
-    /// `want / block_size` unplugged blocks below `usable_end` (bytes from the base). Takes the
-    /// first run of them not populated ahead yet, at most up to the next `chunk`-aligned guest
-    /// address, and backs it outside the guest's view: a staging mapping on anonymous regions
-    /// (moved into place by the PLUG), `fallocate` on the others. The blocks stay unplugged and
-    /// inaccessible. Returns the bytes populated ahead (0: nothing left to do). Runs without
-    /// the region's lock; a PLUG of these blocks meanwhile waits for it.
-    pub fn populate_ahead_next(&self, usable_end: u64, want: u64, chunk: u64) -> Result<u64> {
-        if !self.ahead_ok {
-            return Ok(0);
-        }
-        let bs = self.block_size;
-        let (s, e) = {
-            let mut st = self.lock();
-            if st.in_progress.is_some() {
-                return Ok(0);
-            }
-            let limit = st.bitmap.len.min((usable_end / bs) as usize);
-            let chunk_blocks = (chunk / bs).max(1) as usize;
-            let mut need = (want / bs) as usize;
-            let mut found = None;
-            for (ra, rb) in st.bitmap.runs(false) {
-                if ra >= limit || need == 0 {
-                    break;
-                }
-                let rb = rb.min(limit);
-                let j = st.ahead.find(ra, rb.min(ra + need), false);
-                need -= j - ra;
-                if j < rb && need > 0 {
-                    let g = (self.base / bs) as usize + j;
-                    let boundary = j + (chunk_blocks - g % chunk_blocks);
-                    let end = st.ahead.find(j, rb.min(j + need).min(boundary), true);
-                    found = Some((j, end));
-                    break;
-                }
-            }
-            let Some((s, e)) = found else { return Ok(0) };
-            let len = self.byte_len(s, e) as u64;
-            if *self.backend() != Backend::Hugetlb {
-                if let Some(room) = self.cgroup_room(&mut st, len) {
-                    if len.saturating_add(len / 256) > room {
-                        return Err(Error::Populate {
-                            addr: self.guest_addr(s),
-                            len,
-                            source: io::Error::from_raw_os_error(libc::ENOMEM),
-                        });
-                    }
-                }
-            }
-            st.in_progress = Some((s, e));
-            (s, e)
-        };
-        let len = self.byte_len(s, e);
-        let staged = match &self.fd {
-            None => self.stage_anon(len).map(Some),
-            Some(file) => {
-                // SAFETY: plain syscall on our own descriptor: allocates the file's pages of
-                // blocks [s, e) without mapping them.
-                let r = unsafe {
-                    libc::fallocate(
-                        file.as_raw_fd(),
-                        0,
-                        (s as u64 * bs) as libc::off_t,
-                        len as libc::off_t,
-                    )
-                };
-                if r == 0 {
-                    Ok(None)
-                } else {
-                    let err = last_err();
-                    // Give back whatever the failed call left allocated.
-                    if let Err(r) = self.release(s, e) {
-                        warn!("giving back a failed populate ahead failed: {r}");
-                    }
-                    Err(err)
-                }
-            }
-        };
-        let mut st = self.lock();
-        st.in_progress = None;
-        self.staging_done.notify_all();
-        match staged {
-            Ok(host) => {
-                st.ahead.set_range(s, e, true);
-                if let Some(host) = host {
-                    st.staged.push(Staged { a: s, b: e, host });
-                }
-                self.ahead.fetch_add(len as u64, Ordering::AcqRel);
-                Ok(len as u64)
-            }
-            Err(source) => Err(Error::Populate {
-                addr: self.guest_addr(s),
-                len: len as u64,
-                source,
-            }),
-        }
-    }
-
-    /// A fresh private anonymous mapping of `len` bytes, 2 MiB aligned (huge pages when the
-    /// region asks for them), populated.
-    fn stage_anon(&self, len: usize) -> io::Result<usize> {
-        let align = HUGE_PAGE_SIZE as usize;
-        let over = len + align;
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        // SAFETY: a fresh mapping at a kernel-chosen address; the result is checked.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                over,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return Err(last_err());
-        }
-        let raw = raw as usize;
-        let start = raw.next_multiple_of(align);
-        unmap(raw, start - raw);
-        unmap(start + len, raw + over - (start + len));
-        if self.thp {
-            advise_raw(start, len, libc::MADV_HUGEPAGE)?;
-        }
-        if let Err(e) = populate_parallel(start, len) {
-            unmap(start, len);
-            return Err(e);
-        }
-        Ok(start)
-    }
-
-    /// Gives back the memory populated ahead beyond the lowest `keep` bytes of it (all of it
-    /// for 0). Returns the bytes given back.
-    pub fn release_ahead(&self, keep: u64) -> u64 {
-        let mut st = self.lock();
-        let mut left = (keep / self.block_size) as usize;
-        let mut released = 0;
-        for (x, y) in st.ahead.runs(true) {
-            let k = (y - x).min(left);
-            left -= k;
-            if x + k < y {
-                released += self.drop_ahead(&mut st, x + k, y);
-            }
-        }
-        released
-    }
-
-    /// Gives back the memory populated ahead for blocks `[x, y)` (all unplugged).
-    fn drop_ahead(&self, st: &mut State, x: usize, y: usize) -> u64 {
-        let len = st.ahead.count(x, y) as u64 * self.block_size;
-        st.ahead.set_range(x, y, false);
-        self.ahead.fetch_sub(len, Ordering::AcqRel);
-        if self.fd.is_some() {
-            // Unplugged blocks are never mapped: the hole frees the file's pages only.
-            if let Err(e) = self.release(x, y) {
-                warn!("giving back memory populated ahead failed: {e}");
-            }
-        } else {
-            for (a, b, host) in Self::take_staged(st, self.block_size as usize, x, y) {
-                unmap(host, self.byte_len(a, b));
-            }
-        }
-        len
     }
 
     /// The memory cgroup headroom for a populate of `len` bytes: a recent read less what was
@@ -1293,7 +623,7 @@ impl HotplugRegion {
         if let Some((splits, n)) = &mut st.splits {
             *n += new_splits(splits, a, b);
             for i in [a, b] {
-                if i > 0 && i < splits.len - 1 {
+                if i > 0 && i < splits.len() - 1 {
                     splits.set(i, true);
                 }
             }
@@ -1399,25 +729,8 @@ impl HotplugRegion {
         if let Some(f) = &self.fd {
             return BackingFile::allocated_bytes(f).map_err(Error::Smaps);
         }
-        let text = std::fs::read_to_string("/proc/self/smaps").map_err(Error::Smaps)?;
         let start = self.host as u64;
-        let end = start + self.size;
-        let mut inside = false;
-        let mut kib = 0u64;
-        for line in text.lines() {
-            let mut words = line.split_ascii_whitespace();
-            let Some(first) = words.next() else { continue };
-            if let Some(key) = first.strip_suffix(':') {
-                if inside && matches!(key, "Rss" | "Shared_Hugetlb" | "Private_Hugetlb") {
-                    kib += words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
-                }
-            } else if let Some((s, e)) = first.split_once('-') {
-                if let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {
-                    inside = s < end && e > start;
-                }
-            }
-        }
-        Ok(kib * 1024)
+        crate::smaps::resident_bytes(start, start + self.layout.size).map_err(Error::Smaps)
     }
 
     /// Whether a read of an unplugged block would allocate host memory were unplugged blocks
@@ -1493,14 +806,18 @@ impl HotplugRegion {
     /// A vm-memory region over the whole reservation at [`HotplugRegion::base`], not owning the
     /// mapping.
     ///
-    /// The returned region (and any `GuestMemoryMmap` holding it) must not outlive `self`:
-    /// dropping the `HotplugRegion` unmaps the memory it points to. Accessing unplugged blocks
-    /// through it faults when they are [`UnpluggedAccess::Inaccessible`]; check
-    /// [`HotplugRegion::state`] first.
-    pub fn guest_region(&self) -> Result<GuestRegionMmap> {
+    /// Accessing unplugged blocks through it faults when they are
+    /// [`UnpluggedAccess::Inaccessible`]; check [`HotplugRegion::state`] first.
+    ///
+    /// # Safety
+    ///
+    /// The returned region (and any `GuestMemoryMmap` holding it) must not be used after `self`
+    /// is dropped: dropping the `HotplugRegion` unmaps the memory it points to, and the type
+    /// system does not tie the two lifetimes.
+    pub unsafe fn guest_region(&self) -> Result<GuestRegionMmap> {
         let err = |reason: String| Error::GuestRegion {
             host: self.host as u64,
-            size: self.size,
+            size: self.layout.size,
             reason,
         };
         let flags = match self.fd {
@@ -1510,7 +827,8 @@ impl HotplugRegion {
         // SAFETY: [host, host + size) is our live mapping; the documented contract is that the
         // region does not outlive `self`, which keeps it mapped.
         let builder = unsafe {
-            MmapRegionBuilder::new(self.size as usize).with_raw_mmap_pointer(self.host as *mut u8)
+            MmapRegionBuilder::new(self.layout.size as usize)
+                .with_raw_mmap_pointer(self.host as *mut u8)
         };
         let mapping = builder
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -1518,83 +836,18 @@ impl HotplugRegion {
             .with_hugetlbfs(self.backend == Backend::Hugetlb)
             .build()
             .map_err(|e| err(e.to_string()))?;
-        GuestRegionMmap::new(mapping, GuestAddress(self.base))
+        GuestRegionMmap::new(mapping, GuestAddress(self.layout.base.0))
             .ok_or_else(|| err("guest address range overflows".to_string()))
     }
 }
 
 impl Drop for HotplugRegion {
     fn drop(&mut self) {
-        let bs = self.block_size as usize;
+        let bs = self.layout.block_size as usize;
         for s in std::mem::take(&mut self.lock().staged) {
             unmap(s.host, (s.b - s.a) * bs);
         }
-        unmap(self.host, self.size as usize);
+        unmap(self.host, self.layout.size as usize);
         // Then `backing` (a field) removes a file Tide created, and `fd` closes.
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backend_strings() {
-        for s in ["anon", "memfd", "hugetlb", "file:/dev/shm/x"] {
-            let b: Backend = s.parse().unwrap();
-            assert_eq!(b.to_string(), s);
-        }
-        assert_eq!(
-            "file:/a/b".parse::<Backend>().unwrap(),
-            Backend::File(PathBuf::from("/a/b"))
-        );
-        for s in ["", "file:", "shm", "Anon"] {
-            assert!(matches!(
-                s.parse::<Backend>(),
-                Err(Error::BadBackend { .. })
-            ));
-        }
-    }
-
-    #[test]
-    fn bitmap_runs_and_transitions() {
-        let mut b = Bitmap::new(130);
-        assert_eq!(b.runs(false), vec![(0, 130)]);
-        assert!(b.runs(true).is_empty());
-        assert_eq!(b.window_transitions_if(3, 5, true), 2);
-        b.set_range(3, 5, true);
-        assert_eq!(b.window_transitions(0, 130), 2);
-        b.set_range(64, 130, true);
-        assert_eq!(b.runs(true), vec![(3, 5), (64, 130)]);
-        assert_eq!(b.runs(false), vec![(0, 3), (5, 64)]);
-        assert_eq!(b.window_transitions_if(0, 3, true), 0);
-        assert_eq!(b.window_transitions(0, 130), 3);
-        assert_eq!(b.count(0, 130), 68);
-    }
-
-    /// The word-wise range operations agree with bit-by-bit ones on every range edge case.
-    #[test]
-    fn bitmap_word_ops_match_bit_by_bit() {
-        let n = 200;
-        let mut b = Bitmap::new(n);
-        let mut naive = vec![false; n];
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        for _ in 0..2000 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let a = (seed % n as u64) as usize;
-            let e = a + ((seed >> 20) % (n - a) as u64) as usize + 1;
-            let v = seed >> 40 & 1 == 1;
-            b.set_range(a, e, v);
-            naive[a..e].fill(v);
-            let (x, y) = ((seed >> 8) as usize % n, (seed >> 30) as usize % n);
-            let (x, y) = (x.min(y), x.max(y) + 1);
-            assert_eq!(b.count(x, y), naive[x..y].iter().filter(|&&p| p).count());
-        }
-        assert!((0..n).all(|i| b.get(i) == naive[i]));
-        assert_eq!(word_mask(0, 64), u64::MAX);
-        assert_eq!(word_mask(63, 64), 1 << 63);
-        assert_eq!(word_mask(3, 5), 0b11000);
     }
 }

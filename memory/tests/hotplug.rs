@@ -61,7 +61,8 @@ fn vmas(r: &HotplugRegion) -> Vec<(u64, u64, String)> {
 
 /// Writes `pattern` at a few places of `[off, off + len)` through a vm-memory region.
 fn write_pattern(r: &HotplugRegion, off: u64, len: u64, pattern: u64) {
-    let g = r.guest_region().unwrap();
+    // SAFETY: `g` is dropped at the end of this function, before `r`.
+    let g = unsafe { r.guest_region() }.unwrap();
     for o in (off..off + len).step_by((MIB) as usize) {
         g.write_obj(pattern, MemoryRegionAddress(o)).unwrap();
         g.write_obj(pattern, MemoryRegionAddress(o + MIB - 8))
@@ -70,7 +71,8 @@ fn write_pattern(r: &HotplugRegion, off: u64, len: u64, pattern: u64) {
 }
 
 fn read_u64(r: &HotplugRegion, off: u64) -> u64 {
-    r.guest_region()
+    // SAFETY: the region is used and dropped within this expression, before `r`.
+    unsafe { r.guest_region() }
         .unwrap()
         .read_obj(MemoryRegionAddress(off))
         .unwrap()
@@ -422,10 +424,10 @@ struct Recorder {
 }
 
 impl RamDiscardListener for Recorder {
-    fn on_populate(&self, addr: GuestAddress, len: u64) -> Result<(), String> {
+    fn on_populate(&self, addr: GuestAddress, len: u64) -> Result<(), memory::ListenerError> {
         self.events.lock().unwrap().push(('p', addr.0 - BASE, len));
         match &self.veto {
-            Some(v) => Err(v.clone()),
+            Some(v) => Err(v.clone().into()),
             None => Ok(()),
         }
     }
@@ -484,7 +486,7 @@ fn listeners() {
     match &err {
         Error::ListenerVeto { addr, len, reason } => {
             assert_eq!(
-                (*addr, *len, reason.as_str()),
+                (*addr, *len, reason.to_string().as_str()),
                 (BASE + 16 * b, 4 * b, "no slot left")
             );
         }
@@ -638,7 +640,8 @@ fn plugged_bytes_while_populating_elsewhere() {
 #[test]
 fn guest_region_covers_reservation() {
     let r = HotplugRegion::new(&layout(64 * MIB, 2 * MIB), Backend::Memfd).unwrap();
-    let g = r.guest_region().unwrap();
+    // SAFETY: `g` is declared after `r`, so it is dropped first.
+    let g = unsafe { r.guest_region() }.unwrap();
     assert_eq!(g.start_addr(), ga(0));
     assert_eq!(g.len(), 64 * MIB);
     r.populate(ga(2 * MIB), 2 * MIB).unwrap();
@@ -675,7 +678,7 @@ struct ProtectionAtDiscard {
 }
 
 impl RamDiscardListener for ProtectionAtDiscard {
-    fn on_populate(&self, _addr: GuestAddress, _len: u64) -> Result<(), String> {
+    fn on_populate(&self, _addr: GuestAddress, _len: u64) -> Result<(), memory::ListenerError> {
         if self.veto {
             Err("vetoed".into())
         } else {

@@ -18,13 +18,13 @@ use vm_memory::{
 
 use crate::config::VmmConfig;
 use crate::vcpu::{HotplugWindow, RunState, Vcpu};
-use crate::virtio_mem::MemDevice;
+use crate::virtio_mem_wiring::MemDevice;
 use crate::{Error, Result};
 
 /// Base of the MMIO window for virtio-mmio devices (inside the 32-bit MMIO gap).
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
-/// Size of one virtio-mmio device window.
-pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Size of one virtio-mmio device window (owned by the transport).
+pub use devices::virtio::mmio::MMIO_SIZE as VIRTIO_MMIO_SIZE;
 /// IOAPIC pin of the first virtio-mmio device.
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 
@@ -58,15 +58,65 @@ impl Vmm {
     }
 }
 
+/// The steps of [`Vmm::new`], in order.
 fn build(config: VmmConfig) -> Result<Vmm> {
+    check_config(&config)?;
+    let kvm = Kvm::new().map_err(Error::Kvm)?;
+    let vm = create_vm(&kvm)?;
+    let (layout, boot_mem, hotplug) = setup_memory(&vm, &config)?;
+    let state = Arc::new(RunState::new().map_err(|e| Error::Io("cannot create an event fd", e))?);
+    let mut cmdline = Cmdline::new(arch::CMDLINE_MAX_SIZE).map_err(Error::Cmdline)?;
+    cmdline
+        .insert_str(&config.kernel.cmdline)
+        .map_err(Error::Cmdline)?;
+    let legacy = attach_legacy_devices(&vm)?;
+    let mut mmio = Bus::new();
+    let mem_device = match hotplug {
+        Some(region) => Some(attach_mem_device(
+            &vm,
+            &config,
+            region,
+            &boot_mem,
+            &mut mmio,
+            &mut cmdline,
+        )?),
+        None => None,
+    };
+    let (entry, cr3) = load_kernel_and_boot_structures(&config, &layout, &boot_mem, &cmdline)?;
+    let vcpus = configure_vcpus(
+        &kvm,
+        &vm,
+        &config,
+        BootEntry { entry, cr3 },
+        Arc::new(legacy.pio),
+        Arc::new(mmio),
+        mem_device.as_ref(),
+        &state,
+    )?;
+    Ok(Vmm {
+        config,
+        vm,
+        boot_mem,
+        vcpus,
+        serial: legacy.serial,
+        console: legacy.console,
+        i8042: legacy.i8042,
+        mem_device,
+        state,
+    })
+}
+
+/// Refuses what KVM and the boot structures cannot take.
+fn check_config(config: &VmmConfig) -> Result<()> {
     let m = &config.machine;
     if m.cpus == 0 || m.cpus > 254 {
-        return Err(Error::Config(format!(
-            "--cpus {} is out of range (1 to 254)",
-            m.cpus
-        )));
+        return Err(Error::Cpus(m.cpus));
     }
-    let kvm = Kvm::new().map_err(Error::Kvm)?;
+    Ok(())
+}
+
+/// Creates the KVM VM with its in-kernel irqchip and PIT.
+fn create_vm(kvm: &Kvm) -> Result<VmFd> {
     let version = kvm.get_api_version();
     if version != 12 {
         return Err(Error::KvmApiVersion(version));
@@ -84,15 +134,26 @@ fn build(config: VmmConfig) -> Result<Vmm> {
     };
     vm.create_pit2(pit)
         .map_err(|e| Error::Vm("create the PIT", e))?;
+    Ok(vm)
+}
 
-    // Memory: boot RAM slots, then the one hotplug slot.
+/// Maps boot RAM and reserves the hotplug region, each registered as KVM memory slots (boot RAM
+/// slots first, then the one hotplug slot).
+fn setup_memory(
+    vm: &VmFd,
+    config: &VmmConfig,
+) -> Result<(
+    memory::MemoryLayout,
+    GuestMemoryMmap,
+    Option<Arc<memory::HotplugRegion>>,
+)> {
     let h = &config.hotplug;
-    let layout = memory::MemoryLayout::new(m.memory, h.size, h.block_size)?;
+    let layout = memory::MemoryLayout::new(config.machine.memory, h.size, h.block_size)?;
     let boot_mem = memory::create_boot_memory(&layout)?;
     let mut slot = 0u32;
     for region in boot_mem.iter() {
         register_slot(
-            &vm,
+            vm,
             slot,
             region.start_addr().raw_value(),
             region.len(),
@@ -110,7 +171,7 @@ fn build(config: VmmConfig) -> Result<Vmm> {
             )?);
             let t = Instant::now();
             register_slot(
-                &vm,
+                vm,
                 slot,
                 region.base().raw_value(),
                 region.size(),
@@ -128,9 +189,19 @@ fn build(config: VmmConfig) -> Result<Vmm> {
         }
         None => None,
     };
+    Ok((layout, boot_mem, hotplug))
+}
 
-    // Devices.
-    let state = Arc::new(RunState::new().map_err(|e| Error::Io("cannot create an event fd", e))?);
+/// The legacy devices on the port-I/O bus, and the console they write to.
+struct LegacyDevices {
+    pio: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    console: crate::console::ConsoleOut,
+}
+
+/// Creates the serial port and the i8042 with their irqfds, on a new port-I/O bus.
+fn attach_legacy_devices(vm: &VmFd) -> Result<LegacyDevices> {
     let irq = || EventFdTrigger::new().map_err(|e| Error::Io("cannot create an event fd", e));
     // Guest output never blocks a vCPU: bounded buffer, dropped and counted when unread.
     let console = crate::console::ConsoleOut::stdout()
@@ -145,55 +216,64 @@ fn build(config: VmmConfig) -> Result<Vmm> {
     vm.register_irqfd(devices::bus::lock(&i8042).kbd_irq_evt(), legacy::KBD_IRQ)
         .map_err(|e| Error::Vm("register the keyboard irqfd", e))?;
     let mut pio = Bus::new();
-    let dev_err = |e: devices::bus::BusError| Error::Device(e.to_string());
     pio.insert(serial.clone(), legacy::COM1_PORT, legacy::COM1_LEN)
-        .map_err(dev_err)?;
+        .map_err(Error::Bus)?;
     pio.insert(i8042.clone(), legacy::I8042_PORT, legacy::I8042_LEN)
-        .map_err(dev_err)?;
-    let mut mmio = Bus::new();
+        .map_err(Error::Bus)?;
+    Ok(LegacyDevices {
+        pio,
+        serial,
+        i8042,
+        console,
+    })
+}
 
-    let mut cmdline = Cmdline::new(arch::CMDLINE_MAX_SIZE).map_err(Error::Cmdline)?;
+/// Puts the virtio-mem device over `region` on the MMIO bus and names it on the command line.
+fn attach_mem_device(
+    vm: &VmFd,
+    config: &VmmConfig,
+    region: Arc<memory::HotplugRegion>,
+    boot_mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    cmdline: &mut Cmdline,
+) -> Result<MemDevice> {
+    let h = &config.hotplug;
+    let dev = MemDevice::new(
+        vm,
+        region,
+        h.requested,
+        boot_mem.clone(),
+        VIRTIO_MMIO_BASE,
+        VIRTIO_IRQ_BASE,
+        h.populate_ahead,
+    )?;
+    mmio.insert(dev.bus_device(), VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE)
+        .map_err(Error::Bus)?;
     cmdline
-        .insert_str(&config.kernel.cmdline)
+        .add_virtio_mmio_device(
+            VIRTIO_MMIO_SIZE,
+            GuestAddress(VIRTIO_MMIO_BASE),
+            VIRTIO_IRQ_BASE,
+            None,
+        )
         .map_err(Error::Cmdline)?;
-    let mem_device = match hotplug {
-        Some(region) => {
-            let dev = MemDevice::new(
-                &vm,
-                region,
-                h.requested,
-                boot_mem.clone(),
-                VIRTIO_MMIO_BASE,
-                VIRTIO_IRQ_BASE,
-                h.populate_ahead,
-            )?;
-            mmio.insert(dev.bus_device(), VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE)
-                .map_err(dev_err)?;
-            cmdline
-                .add_virtio_mmio_device(
-                    VIRTIO_MMIO_SIZE,
-                    GuestAddress(VIRTIO_MMIO_BASE),
-                    VIRTIO_IRQ_BASE,
-                    None,
-                )
-                .map_err(Error::Cmdline)?;
-            Some(dev)
-        }
-        None => None,
-    };
+    Ok(dev)
+}
 
-    // Kernel, initramfs, command line and boot structures.
-    let (entry, setup_header, kernel_end) = load_kernel(&boot_mem, &config.kernel.path)?;
+/// Loads the kernel, the initramfs and the command line, and writes the boot structures (zero
+/// page and e820, MP table, GDT, page tables). Returns the entry point and the page table root.
+fn load_kernel_and_boot_structures(
+    config: &VmmConfig,
+    layout: &memory::MemoryLayout,
+    boot_mem: &GuestMemoryMmap,
+    cmdline: &Cmdline,
+) -> Result<(GuestAddress, u64)> {
+    let (entry, setup_header, kernel_end) = load_kernel(boot_mem, &config.kernel.path)?;
     let initrd = match &config.kernel.initrd {
-        Some(p) => Some(load_initrd(
-            &boot_mem,
-            p,
-            kernel_end,
-            setup_header.as_ref(),
-        )?),
+        Some(p) => Some(load_initrd(boot_mem, p, kernel_end, setup_header.as_ref())?),
         None => None,
     };
-    linux_loader::loader::load_cmdline(&boot_mem, GuestAddress(arch::CMDLINE_ADDR), &cmdline)
+    linux_loader::loader::load_cmdline(boot_mem, GuestAddress(arch::CMDLINE_ADDR), cmdline)
         .map_err(Error::CmdlineLoad)?;
     let cmdline_size = cmdline
         .as_cstring()
@@ -205,33 +285,52 @@ fn build(config: VmmConfig) -> Result<Vmm> {
         cmdline_size,
         initrd,
     };
-    arch::boot::write_zero_page(&boot_mem, &info, &arch::boot::e820_map(&layout.boot_ranges))?;
-    arch::mptable::write(&boot_mem, m.cpus)?;
-    arch::cpu::write_gdt(&boot_mem)?;
-    let cr3 = arch::boot::write_page_tables(&boot_mem)?;
+    arch::boot::write_zero_page(boot_mem, &info, &arch::boot::e820_map(&layout.boot_ranges))?;
+    arch::mptable::write(boot_mem, config.machine.cpus)?;
+    arch::cpu::write_gdt(boot_mem)?;
+    let cr3 = arch::boot::write_page_tables(boot_mem)?;
+    Ok((entry, cr3))
+}
 
-    // vCPUs.
+/// Where the vCPUs start: the kernel's 64-bit entry point and the page table root.
+struct BootEntry {
+    entry: GuestAddress,
+    cr3: u64,
+}
+
+/// Creates the vCPUs, each with CPUID, MSRs and registers set for a 64-bit boot, and the buses
+/// and hotplug window its exits need.
+#[allow(clippy::too_many_arguments)]
+fn configure_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    config: &VmmConfig,
+    boot: BootEntry,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    mem_device: Option<&MemDevice>,
+    state: &Arc<RunState>,
+) -> Result<Vec<Vcpu>> {
+    let cpus = config.machine.cpus;
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(Error::Kvm)?;
-    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
-    let window = mem_device.as_ref().map(|d| {
+    let window = mem_device.map(|d| {
         // The vCPU fault path learns which ranges are plugged from the region's events.
         let plugged = Arc::new(crate::plug_tracker::PlugTracker::new());
         d.region().add_listener(plugged.clone());
         HotplugWindow {
-            base: d.region().base().raw_value(),
-            size: d.region().size(),
+            layout: d.region().layout(),
             plugged,
         }
     });
-    let mut vcpus = Vec::with_capacity(usize::from(m.cpus));
-    for id in 0..m.cpus {
+    let mut vcpus = Vec::with_capacity(usize::from(cpus));
+    for id in 0..cpus {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(|e| Error::Vm("create a vCPU", e))?;
-        let cpuid = arch::cpu::cpuid_for(&supported, id, m.cpus);
-        arch::cpu::configure_vcpu(&fd, id, &cpuid, entry.raw_value(), cr3)?;
+        let cpuid = arch::cpu::cpuid_for(&supported, id, cpus);
+        arch::cpu::configure_vcpu(&fd, id, &cpuid, boot.entry.raw_value(), boot.cr3)?;
         vcpus.push(Vcpu {
             id,
             fd,
@@ -241,18 +340,7 @@ fn build(config: VmmConfig) -> Result<Vmm> {
             state: state.clone(),
         });
     }
-
-    Ok(Vmm {
-        config,
-        vm,
-        boot_mem,
-        vcpus,
-        serial,
-        console,
-        i8042,
-        mem_device,
-        state,
-    })
+    Ok(vcpus)
 }
 
 fn register_slot(vm: &VmFd, slot: u32, guest: u64, size: u64, host: u64) -> Result<()> {
@@ -309,9 +397,9 @@ fn load_initrd(
     kernel_end: u64,
     hdr: Option<&linux_loader::bootparam::setup_header>,
 ) -> Result<(GuestAddress, u32)> {
-    let err = |m: String| Error::Initrd(path.to_owned(), m);
-    let mut f = File::open(path).map_err(|e| err(e.to_string()))?;
-    let size = f.metadata().map_err(|e| err(e.to_string()))?.len();
+    let err = |e| Error::Initrd(path.to_owned(), e);
+    let mut f = File::open(path).map_err(err)?;
+    let size = f.metadata().map_err(err)?.len();
     let max = hdr
         .map(|h| u64::from(h.initrd_addr_max))
         .filter(|&m| m != 0)
@@ -326,14 +414,14 @@ fn load_initrd(
         .checked_sub(size)
         .map(|s| s & !0xfff)
         .filter(|&s| s >= kernel_end && size <= u64::from(u32::MAX))
-        .ok_or_else(|| {
-            err(format!(
-                "{size} bytes do not fit between the kernel and {top:#x}"
-            ))
+        .ok_or_else(|| Error::InitrdTooLarge {
+            path: path.to_owned(),
+            size,
+            top,
         })?;
     let mut buf = vec![0u8; size as usize];
-    f.read_exact(&mut buf).map_err(|e| err(e.to_string()))?;
+    f.read_exact(&mut buf).map_err(err)?;
     mem.write_slice(&buf, GuestAddress(start))
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| Error::InitrdWrite(path.to_owned(), e))?;
     Ok((GuestAddress(start), size as u32))
 }

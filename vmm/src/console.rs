@@ -33,7 +33,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Buf> {
-        self.buf.lock().unwrap_or_else(|e| e.into_inner())
+        memory::lock(&self.buf)
     }
 }
 

@@ -13,7 +13,7 @@ pub mod resident;
 pub mod runner;
 pub mod signals;
 pub mod vcpu;
-pub mod virtio_mem;
+pub mod virtio_mem_wiring;
 
 pub use builder::Vmm;
 pub use config::{HotplugConfig, KernelConfig, MachineConfig, VmmConfig};
@@ -41,9 +41,22 @@ pub enum Error {
     /// The kernel is neither a loadable bzImage nor ELF.
     #[error("cannot load kernel {}: not a usable bzImage or 64-bit ELF", .0.display())]
     KernelLoad(PathBuf, #[source] linux_loader::loader::Error),
-    /// The initramfs cannot be read or placed.
-    #[error("cannot load initramfs {}: {}", .0.display(), .1)]
-    Initrd(PathBuf, String),
+    /// The initramfs cannot be read.
+    #[error("cannot load initramfs {}", .0.display())]
+    Initrd(PathBuf, #[source] std::io::Error),
+    /// The initramfs does not fit between the kernel and the highest address it may use.
+    #[error("cannot load initramfs {}: {size} bytes do not fit between the kernel and {top:#x}", .path.display())]
+    InitrdTooLarge {
+        /// The initramfs.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+        /// The end of the memory it may occupy.
+        top: u64,
+    },
+    /// The initramfs cannot be written into guest memory.
+    #[error("cannot load initramfs {}", .0.display())]
+    InitrdWrite(PathBuf, #[source] vm_memory::GuestMemoryError),
     /// The kernel command line is invalid or too long.
     #[error("invalid kernel command line")]
     Cmdline(#[source] linux_loader::cmdline::Error),
@@ -53,12 +66,15 @@ pub enum Error {
     /// x86_64 boot set-up failed.
     #[error("boot set-up")]
     Arch(#[from] arch::Error),
-    /// A device could not be set up.
-    #[error("device set-up: {0}")]
-    Device(String),
-    /// The configuration is invalid.
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    /// A device could not be put on its bus.
+    #[error("device set-up")]
+    Bus(#[source] devices::bus::BusError),
+    /// The virtio-mem device or its transport could not be set up.
+    #[error("device set-up: virtio-mem")]
+    VirtioMem(#[source] devices::virtio::Error),
+    /// A vCPU count KVM and the MP table cannot take.
+    #[error("invalid configuration: --cpus {0} is out of range (1 to 254)")]
+    Cpus(u8),
     /// An event fd, epoll or thread operation failed.
     #[error("{0}")]
     Io(&'static str, #[source] std::io::Error),
@@ -66,8 +82,8 @@ pub enum Error {
     #[error("event loop")]
     EventManager(#[source] event_manager::Error),
     /// The API socket cannot be served.
-    #[error("API socket {}: {}", .0.display(), .1)]
-    ApiSocket(PathBuf, String),
+    #[error("API socket {}", .0.display())]
+    ApiSocket(PathBuf, #[source] api::ApiError),
     /// The guest was stopped because of a fault (reported with its cause).
     #[error("guest stopped: {0}")]
     GuestFault(String),

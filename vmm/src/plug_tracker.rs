@@ -36,7 +36,7 @@ impl PlugTracker {
 }
 
 impl RamDiscardListener for PlugTracker {
-    fn on_populate(&self, addr: GuestAddress, len: u64) -> Result<(), String> {
+    fn on_populate(&self, addr: GuestAddress, len: u64) -> Result<(), memory::ListenerError> {
         let (mut start, mut end) = (addr.0, addr.0.saturating_add(len));
         let mut r = lock(&self.ranges);
         // Merge with a range ending at or after `start` that begins before it, and with ranges

@@ -47,7 +47,7 @@ struct Inner {
 
 impl Inner {
     fn poke(&self) {
-        self.want.lock().unwrap_or_else(|e| e.into_inner()).dirty = true;
+        memory::lock(&self.want).dirty = true;
         self.cv.notify_all();
     }
 }
@@ -55,7 +55,7 @@ impl Inner {
 struct Poker(Arc<Inner>);
 
 impl RamDiscardListener for Poker {
-    fn on_populate(&self, _: GuestAddress, _: u64) -> Result<(), String> {
+    fn on_populate(&self, _: GuestAddress, _: u64) -> Result<(), memory::ListenerError> {
         self.0.changes.fetch_add(1, Ordering::SeqCst);
         self.0.poke();
         Ok(())
@@ -106,7 +106,7 @@ impl ResidentSampler {
     /// The latest reading; with `refresh`, asks for a new one if it is older than [`MAX_AGE`].
     pub fn get(&self, refresh: bool) -> u64 {
         if refresh {
-            let taken = *self.inner.taken.lock().unwrap_or_else(|e| e.into_inner());
+            let taken = *memory::lock(&self.inner.taken);
             if taken.is_none_or(|t| t.elapsed() > MAX_AGE) {
                 self.inner.poke();
             }
@@ -132,7 +132,7 @@ fn sample(i: &Inner, region: &HotplugRegion) {
     let mut pause = MIN_PAUSE;
     loop {
         {
-            let mut w = i.want.lock().unwrap_or_else(|e| e.into_inner());
+            let mut w = memory::lock(&i.want);
             loop {
                 if w.stop {
                     return;
@@ -159,18 +159,14 @@ fn sample(i: &Inner, region: &HotplugRegion) {
         i.seen.store(changes, Ordering::SeqCst);
         pause = (now.elapsed() * 4).clamp(MIN_PAUSE, MIN_INTERVAL);
         last = Some(Instant::now());
-        *i.taken.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+        *memory::lock(&i.taken) = Some(now);
     }
 }
 
 impl Drop for ResidentSampler {
     fn drop(&mut self) {
         self.region.remove_listener(self.listener);
-        self.inner
-            .want
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .stop = true;
+        memory::lock(&self.inner.want).stop = true;
         self.inner.cv.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -72,14 +72,12 @@ impl ApiBackend for Control {
 
     fn metrics(&self) -> Option<serde_json::Value> {
         let (_, _, metrics) = self.mem.as_ref()?;
-        serde_json::from_str(&metrics.to_json()).ok()
+        serde_json::to_value(metrics.snapshot()).ok()
     }
 
-    fn resize(&self, requested_size: u64) -> std::result::Result<(), String> {
+    fn resize(&self, requested_size: u64) -> std::result::Result<(), crate::api::BackendError> {
         match &self.mem {
-            Some((shared, _, _)) => shared
-                .set_requested_size(requested_size)
-                .map_err(|e| e.to_string()),
+            Some((shared, _, _)) => Ok(shared.set_requested_size(requested_size)?),
             None => Err("this VM has no hotplug region (start it with --hotplug-size)".into()),
         }
     }
@@ -158,7 +156,7 @@ impl Vmm {
         let mut api_stop = None;
         if let Some(path) = &self.config.api_socket {
             let mut server = crate::api::server::ApiServer::bind(path, control.clone())
-                .map_err(|e| Error::ApiSocket(path.clone(), e.to_string()))?;
+                .map_err(|e| Error::ApiSocket(path.clone(), e))?;
             if let Some(dev) = &self.mem_device {
                 server = server.with_wakeup(dev.changed_evt()?);
             }

@@ -87,17 +87,16 @@ impl RunState {
 /// emulating KVM) or an EFAULT (hardware KVM) means the guest touched unplugged memory.
 #[derive(Debug, Clone)]
 pub struct HotplugWindow {
-    /// First guest physical address.
-    pub base: u64,
-    /// Size in bytes.
-    pub size: u64,
+    /// Where the window is (the region's own geometry).
+    pub layout: memory::HotplugLayout,
     /// Which ranges are plugged, from the region's populate/discard events.
     pub plugged: Arc<crate::plug_tracker::PlugTracker>,
 }
 
 impl HotplugWindow {
     fn contains(&self, addr: u64) -> bool {
-        addr >= self.base && addr - self.base < self.size
+        let base = self.layout.base.0;
+        addr >= base && addr - base < self.layout.size
     }
 }
 

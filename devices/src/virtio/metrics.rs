@@ -7,8 +7,9 @@
 //! state checks), protection changes (`mprotect`), the memory system calls (`madvise`,
 //! `fallocate`, `mremap`) and bookkeeping (the rest: bitmap, listeners, config, used ring).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
 
 /// The time of one request, by phase (nanoseconds), and what it was.
 #[derive(Debug, Clone, Copy, Default)]
@@ -59,9 +60,6 @@ impl Default for RequestMetrics {
     }
 }
 
-/// The names of the answers, in the order of their virtio codes (ACK, NACK, BUSY, ERROR).
-const ANSWERS: [&str; 4] = ["ack", "nack", "busy", "error"];
-
 impl RequestMetrics {
     /// Records one request answered `answer` (a virtio-mem response code) after `total_ns`.
     pub fn record(&self, s: &Sample, answer: u16, total_ns: u64) {
@@ -92,35 +90,94 @@ impl RequestMetrics {
         self.total_ns.load(Relaxed)
     }
 
-    fn json(&self, out: &mut String) {
+    fn snapshot(&self) -> RequestSnapshot {
         let count = self.count();
-        let total = self.total_ns();
-        let min = match self.min_ns.load(Relaxed) {
-            u64::MAX => 0,
-            m => m,
-        };
-        let _ = write!(
-            out,
-            "{{\"count\":{count},\"bytes\":{},",
-            self.bytes.load(Relaxed)
-        );
-        for (name, n) in ANSWERS.iter().zip(&self.answers) {
-            let _ = write!(out, "\"{name}\":{},", n.load(Relaxed));
+        let total_ns = self.total_ns();
+        let answer = |i: usize| self.answers[i].load(Relaxed);
+        RequestSnapshot {
+            count,
+            bytes: self.bytes.load(Relaxed),
+            ack: answer(0),
+            nack: answer(1),
+            busy: answer(2),
+            error: answer(3),
+            total_ns,
+            min_ns: match self.min_ns.load(Relaxed) {
+                u64::MAX => 0,
+                m => m,
+            },
+            avg_ns: total_ns.checked_div(count).unwrap_or(0),
+            max_ns: self.max_ns.load(Relaxed),
+            validate_ns: self.validate_ns.load(Relaxed),
+            protect_ns: self.protect_ns.load(Relaxed),
+            syscall_ns: self.syscall_ns.load(Relaxed),
+            bookkeeping_ns: self.bookkeeping_ns.load(Relaxed),
+            ahead_bytes: self.ahead_bytes.load(Relaxed),
         }
-        let _ = write!(
-            out,
-            "\"total_ns\":{total},\"min_ns\":{min},\"avg_ns\":{},\"max_ns\":{},\
-             \"validate_ns\":{},\"protect_ns\":{},\"syscall_ns\":{},\"bookkeeping_ns\":{},\
-             \"ahead_bytes\":{}}}",
-            total.checked_div(count).unwrap_or(0),
-            self.max_ns.load(Relaxed),
-            self.validate_ns.load(Relaxed),
-            self.protect_ns.load(Relaxed),
-            self.syscall_ns.load(Relaxed),
-            self.bookkeeping_ns.load(Relaxed),
-            self.ahead_bytes.load(Relaxed),
-        );
     }
+}
+
+/// One request type's metrics as served (`GET /metrics`), times in nanoseconds.
+#[derive(Debug, Serialize)]
+pub struct RequestSnapshot {
+    /// Requests.
+    pub count: u64,
+    /// Bytes they covered.
+    pub bytes: u64,
+    /// Answered ACK.
+    pub ack: u64,
+    /// Answered NACK.
+    pub nack: u64,
+    /// Answered BUSY (the host could not back a plug).
+    pub busy: u64,
+    /// Answered ERROR (malformed requests).
+    pub error: u64,
+    /// Sum of the service times.
+    pub total_ns: u64,
+    /// Shortest service time (0 before the first request).
+    pub min_ns: u64,
+    /// Mean service time.
+    pub avg_ns: u64,
+    /// Longest service time.
+    pub max_ns: u64,
+    /// Time in validation.
+    pub validate_ns: u64,
+    /// Time in protection changes.
+    pub protect_ns: u64,
+    /// Time in memory system calls.
+    pub syscall_ns: u64,
+    /// The rest: bitmap, listeners, config, used ring.
+    pub bookkeeping_ns: u64,
+    /// Bytes found populated ahead.
+    pub ahead_bytes: u64,
+}
+
+/// What was populated ahead, as served.
+#[derive(Debug, Serialize)]
+pub struct AheadSnapshot {
+    /// Bytes populated ahead.
+    pub populated_bytes: u64,
+    /// Bytes given back unused.
+    pub released_bytes: u64,
+    /// Time spent populating ahead.
+    pub ns: u64,
+}
+
+/// The metrics of one virtio-mem device as served (`GET /metrics`).
+#[derive(Debug, Serialize)]
+pub struct MetricsSnapshot {
+    /// PLUG requests.
+    pub plug: RequestSnapshot,
+    /// UNPLUG requests.
+    pub unplug: RequestSnapshot,
+    /// UNPLUG_ALL requests.
+    pub unplug_all: RequestSnapshot,
+    /// STATE requests.
+    pub state: RequestSnapshot,
+    /// Malformed chains and unknown request types.
+    pub invalid: RequestSnapshot,
+    /// Populate ahead.
+    pub ahead: AheadSnapshot,
 }
 
 /// The metrics of one virtio-mem device.
@@ -159,26 +216,23 @@ impl VirtioMemMetrics {
     /// The metrics as one JSON object: `{"plug": {...}, "unplug": {...}, "unplug_all": {...},
     /// "state": {...}, "invalid": {...}, "ahead": {...}}`, times in nanoseconds.
     pub fn to_json(&self) -> String {
-        let mut out = String::from("{");
-        for (name, m) in [
-            ("plug", &self.plug),
-            ("unplug", &self.unplug),
-            ("unplug_all", &self.unplug_all),
-            ("state", &self.state),
-            ("invalid", &self.invalid),
-        ] {
-            let _ = write!(out, "\"{name}\":");
-            m.json(&mut out);
-            out.push(',');
+        serde_json::to_string(&self.snapshot()).unwrap_or_default()
+    }
+
+    /// The metrics now.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            plug: self.plug.snapshot(),
+            unplug: self.unplug.snapshot(),
+            unplug_all: self.unplug_all.snapshot(),
+            state: self.state.snapshot(),
+            invalid: self.invalid.snapshot(),
+            ahead: AheadSnapshot {
+                populated_bytes: self.ahead_populated_bytes.load(Relaxed),
+                released_bytes: self.ahead_released_bytes.load(Relaxed),
+                ns: self.ahead_ns.load(Relaxed),
+            },
         }
-        let _ = write!(
-            out,
-            "\"ahead\":{{\"populated_bytes\":{},\"released_bytes\":{},\"ns\":{}}}}}",
-            self.ahead_populated_bytes.load(Relaxed),
-            self.ahead_released_bytes.load(Relaxed),
-            self.ahead_ns.load(Relaxed),
-        );
-        out
     }
 }
 

@@ -418,7 +418,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 self.device_failed(&format!("queue {index} has invalid addresses or size"));
                 return;
             }
-            match copy_queue(queue) {
+            // virtio-queue's own state snapshot, restored into a fresh queue.
+            match Queue::try_from(queue.state()).map_err(Error::Queue) {
                 Ok(copy) => copies.push(copy),
                 Err(e) => {
                     self.device_failed(&format!("cannot copy queue {index}: {e}"));
@@ -549,23 +550,6 @@ impl<D: VirtioDevice> MmioTransport<D> {
             set(q);
         }
     }
-}
-
-/// A fresh queue with the same configuration as `queue` (the `Queue` type is not `Clone`).
-fn copy_queue(queue: &Queue) -> Result<Queue> {
-    let mut copy = Queue::new(queue.max_size()).map_err(Error::Queue)?;
-    copy.try_set_size(queue.size()).map_err(Error::Queue)?;
-    copy.try_set_desc_table_address(vm_memory::GuestAddress(queue.desc_table()))
-        .map_err(Error::Queue)?;
-    copy.try_set_avail_ring_address(vm_memory::GuestAddress(queue.avail_ring()))
-        .map_err(Error::Queue)?;
-    copy.try_set_used_ring_address(vm_memory::GuestAddress(queue.used_ring()))
-        .map_err(Error::Queue)?;
-    copy.set_next_avail(queue.next_avail());
-    copy.set_next_used(queue.next_used());
-    copy.set_event_idx(queue.event_idx_enabled());
-    copy.set_ready(queue.ready());
-    Ok(copy)
 }
 
 impl<D: VirtioDevice> BusDevice for MmioTransport<D> {

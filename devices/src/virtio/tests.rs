@@ -99,7 +99,12 @@ impl HotplugMemory for FakeRegion {
     fn block_size(&self) -> u64 {
         BS
     }
-    fn populate(&self, addr: GuestAddress, len: u64) -> Result<(), FakeError> {
+    fn populate_timed(
+        &self,
+        addr: GuestAddress,
+        len: u64,
+        _: &mut memory::OpTimes,
+    ) -> Result<(), FakeError> {
         let r = self.blocks(addr, len)?;
         if let Some((started, release)) = &*self.populate_gate.lock().unwrap() {
             started.send(()).unwrap();
@@ -115,7 +120,12 @@ impl HotplugMemory for FakeRegion {
         b[r].fill(true);
         Ok(())
     }
-    fn discard(&self, addr: GuestAddress, len: u64) -> Result<(), FakeError> {
+    fn discard_timed(
+        &self,
+        addr: GuestAddress,
+        len: u64,
+        _: &mut memory::OpTimes,
+    ) -> Result<(), FakeError> {
         let r = self.blocks(addr, len)?;
         let mut b = self.blocks.lock().unwrap();
         if !b[r.clone()].iter().all(|&p| p) {
@@ -124,7 +134,7 @@ impl HotplugMemory for FakeRegion {
         b[r].fill(false);
         Ok(())
     }
-    fn discard_all(&self) -> Result<(), FakeError> {
+    fn discard_all_timed(&self, _: &mut memory::OpTimes) -> Result<(), FakeError> {
         self.blocks.lock().unwrap().fill(false);
         Ok(())
     }

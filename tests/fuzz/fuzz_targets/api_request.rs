@@ -40,9 +40,9 @@ impl ApiBackend for Mock {
         })
     }
 
-    fn resize(&self, requested_size: u64) -> Result<(), String> {
+    fn resize(&self, requested_size: u64) -> Result<(), vmm::api::BackendError> {
         if !requested_size.is_multiple_of(2 * MIB) || requested_size > 4 * GIB {
-            return Err(format!("bad size {requested_size}"));
+            return Err(format!("bad size {requested_size}").into());
         }
         self.requested.store(requested_size, Ordering::SeqCst);
         Ok(())

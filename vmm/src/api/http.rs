@@ -140,9 +140,12 @@ impl Response {
         }
     }
 
-    /// An error answer with body `{"error": msg}`.
+    /// An error answer with body `{"error": msg, "fault_message": msg}` (the second is what
+    /// Firecracker's clients read).
     pub fn error(status: u16, msg: &str) -> Self {
-        let body = serde_json::json!({ "error": msg }).to_string().into_bytes();
+        let body = serde_json::json!({ "error": msg, "fault_message": msg })
+            .to_string()
+            .into_bytes();
         Response {
             status,
             body: Some(body),
@@ -299,8 +302,8 @@ mod tests {
     fn serializes_responses() {
         let r = String::from_utf8(Response::error(404, "nope").to_bytes()).unwrap_or_default();
         assert!(r.starts_with("HTTP/1.1 404 Not Found\r\n"));
-        assert!(r.contains("Content-Type: application/json\r\nContent-Length: 16\r\n\r\n"));
-        assert!(r.ends_with("{\"error\":\"nope\"}"));
+        assert!(r.contains("Content-Type: application/json\r\nContent-Length: 39\r\n\r\n"));
+        assert!(r.ends_with("{\"error\":\"nope\",\"fault_message\":\"nope\"}"));
         let r = String::from_utf8(Response::no_content().to_bytes()).unwrap_or_default();
         assert!(r.starts_with("HTTP/1.1 204 No Content\r\n") && r.ends_with("\r\n\r\n"));
         assert!(!r.contains("Content-Length"));

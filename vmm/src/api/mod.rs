@@ -11,17 +11,22 @@
 //! |---------|-------------------|--------|
 //! | `GET`   | `/hotplug/memory` | 200 [`MemoryStatus`]; 404 if the VM has no hotplug region |
 //! | `GET`   | `/hotplug/memory?wait_for=plugged_size&timeout_ms=N` | long poll, see below |
-//! | `PATCH` | `/hotplug/memory` | body `{"requested_size": BYTES}`; 204, or 400 `{"error": ...}` |
+//! | `PATCH` | `/hotplug/memory` | body `{"requested_size": BYTES}` or `{"requested_size_mib": MIB}`; 204, or 400 |
 //! | `GET`   | `/vm`             | 200 [`VmInfo`] |
 //! | `PUT`   | `/vm/shutdown`    | 204, then [`ApiBackend::shutdown`] |
 //! | `GET`   | `/metrics`        | 200 the virtio-mem device's per-request metrics; 404 without one |
+//! | `GET`   | `/version`        | 200 `{"tide_version": "..."}` |
+//!
+//! The same API is described in `openapi.yaml` beside this file; a test checks that the server
+//! and the document list the same paths and methods (`routes::ROUTES`).
 //!
 //! The long poll answers 200 as soon as `plugged_size == requested_size`, or when `timeout_ms`
 //! (default 30000, at most 600000; larger values are clamped) has passed. Its body is the
 //! [`MemoryStatus`] with one more field, `"settled": true|false`, telling which of the two
 //! happened. A plain `GET /hotplug/memory` has no `settled` field.
 //!
-//! Every error answer has a JSON body `{"error": "..."}`: 400 malformed request or bad body,
+//! Every error answer has a JSON body `{"error": "...", "fault_message": "..."}` (the same
+//! message; `fault_message` as Firecracker names it): 400 malformed request or bad body,
 //! 404 unknown path, 405 wrong method (with `Allow`), 408 request not received in time, 411
 //! `Transfer-Encoding` (only `Content-Length` bodies are accepted), 413 body over 64 KiB, 431
 //! header section over 8 KiB, 503 too many connections (64 besides parked long polls), too many
@@ -30,13 +35,21 @@
 
 pub mod client;
 mod http;
+mod http_client;
+mod progress;
+mod routes;
 pub mod server;
+mod socket;
 #[cfg(test)]
 mod tests;
+mod units;
 
 pub use server::{ApiError, ApiServer, StopHandle};
 
 use serde::{Deserialize, Serialize};
+
+/// Why an [`ApiBackend`] refused a request, with its cause chain.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The state of the VM's hotpluggable (virtio-mem) memory region, in bytes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -90,9 +103,9 @@ pub trait ApiBackend: Send + Sync {
     fn resident_current(&self) -> bool {
         true
     }
-    /// Asks the guest to have `requested_size` bytes plugged. `Err(msg)` is answered as
-    /// 400 `{"error": msg}`.
-    fn resize(&self, requested_size: u64) -> Result<(), String>;
+    /// Asks the guest to have `requested_size` bytes plugged. An error is answered as 400
+    /// `{"error": ...}` with its cause chain.
+    fn resize(&self, requested_size: u64) -> Result<(), BackendError>;
     /// The VM's general state.
     fn vm_info(&self) -> VmInfo;
     /// Starts an ordered stop of the VM.

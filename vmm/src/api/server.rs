@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,13 +18,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use serde::Deserialize;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::http::{parse_request, query_pairs, Parse, Request, Response};
+use super::http::{parse_request, Parse, Response};
+use super::routes::{handle, long_poll_answer, no_hotplug, settled, shutting_down, Outcome};
+use super::socket;
 use super::{ApiBackend, MemoryStatus};
+
+pub use super::routes::{DEFAULT_WAIT_MS, MAX_WAIT_MS};
+pub use super::socket::ApiError;
 
 /// Epoll data of the listening socket.
 const LISTENER: u32 = 0;
@@ -52,45 +55,8 @@ const IDLE_TICK: Duration = Duration::from_millis(250);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to read its whole answer (the connection is dropped after that).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default long-poll timeout.
-pub const DEFAULT_WAIT_MS: u64 = 30_000;
-/// Largest long-poll timeout; larger values are clamped to it.
-pub const MAX_WAIT_MS: u64 = 600_000;
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 4096;
-
-/// Errors setting up the API socket.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// Another process listens on the socket.
-    #[error("API socket {0} is in use by another process")]
-    InUse(PathBuf),
-    /// The path exists and is not a socket.
-    #[error("{0} exists and is not a socket")]
-    NotASocket(PathBuf),
-    /// Inspecting the existing path failed.
-    #[error("cannot inspect {0}: {1}")]
-    Inspect(PathBuf, #[source] io::Error),
-    /// Removing a stale socket failed.
-    #[error("cannot remove stale API socket {0}: {1}")]
-    RemoveStale(PathBuf, #[source] io::Error),
-    /// Binding failed.
-    #[error("cannot bind API socket {0}: {1}")]
-    Bind(PathBuf, #[source] io::Error),
-    /// Setting up the bound socket (mode, non-blocking) failed.
-    #[error("cannot set up API socket {0}: {1}")]
-    Setup(PathBuf, #[source] io::Error),
-    /// Creating the timer failed.
-    #[error("cannot create the API timer: {0}")]
-    Timer(#[source] io::Error),
-}
-
-/// Body of `PATCH /hotplug/memory`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ResizeRequest {
-    requested_size: u64,
-}
 
 /// Where a connection is in its single request/answer exchange.
 enum State {
@@ -111,16 +77,6 @@ struct Conn {
     rbuf: Vec<u8>,
     state: State,
     opened: Instant,
-}
-
-/// What handling a request asks for.
-enum Outcome {
-    /// Send this.
-    Answer(Response),
-    /// Send this, then stop the VM.
-    AnswerThenShutdown(Response),
-    /// Park the connection as a long poll until the deadline.
-    Wait(Instant),
 }
 
 /// The API server. Register it with the VMM's `EventManager`; see the [module](super) docs for
@@ -188,42 +144,7 @@ impl ApiServer {
     /// somebody listens on gives [`ApiError::InUse`]; anything else at `path` gives
     /// [`ApiError::NotASocket`]. The socket file is removed when the server is dropped.
     pub fn bind(path: &Path, backend: Arc<dyn ApiBackend>) -> Result<Self, ApiError> {
-        match std::fs::symlink_metadata(path) {
-            Ok(md) if md.file_type().is_socket() => match UnixStream::connect(path) {
-                Ok(_) => return Err(ApiError::InUse(path.to_path_buf())),
-                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                    log::info!("removing stale API socket {}", path.display());
-                    std::fs::remove_file(path)
-                        .map_err(|e| ApiError::RemoveStale(path.to_path_buf(), e))?;
-                }
-                Err(e) => return Err(ApiError::Inspect(path.to_path_buf(), e)),
-            },
-            Ok(_) => return Err(ApiError::NotASocket(path.to_path_buf())),
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(ApiError::Inspect(path.to_path_buf(), e)),
-        }
-        // Bound under a temporary name, made 0600, then renamed into place: the socket never
-        // appears at `path` with another mode.
-        let mut tmp_name = path.as_os_str().to_owned();
-        tmp_name.push(format!(".{}.tmp", std::process::id()));
-        let tmp = PathBuf::from(tmp_name);
-        let _ = std::fs::remove_file(&tmp);
-        let listener =
-            UnixListener::bind(&tmp).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
-        let setup = || -> io::Result<(u64, u64)> {
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-            listener.set_nonblocking(true)?;
-            rename_noreplace(&tmp, path)?;
-            let md = std::fs::symlink_metadata(path)?;
-            Ok((md.dev(), md.ino()))
-        };
-        let ident = match setup() {
-            Ok(ident) => ident,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(ApiError::Setup(path.to_path_buf(), e));
-            }
-        };
+        let (listener, ident) = socket::bind(path)?;
         let server = ApiServer {
             listener,
             path: path.to_path_buf(),
@@ -598,37 +519,7 @@ impl MutEventSubscriber for ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        // Remove the socket file only if it still is the one we bound.
-        if let Ok(md) = std::fs::symlink_metadata(&self.path) {
-            if (md.dev(), md.ino()) == self.ident {
-                let _ = std::fs::remove_file(&self.path);
-            }
-        }
-    }
-}
-
-/// Renames `from` to `to`, failing (EEXIST) rather than replacing anything at `to`.
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-    };
-    let (from, to) = (c(from)?, c(to)?);
-    // SAFETY: both paths are valid NUL-terminated strings; no memory is written.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+        socket::remove_if_ours(&self.path, self.ident);
     }
 }
 
@@ -646,117 +537,4 @@ fn set_nonblocking_fd(fd: &impl AsRawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-fn settled(s: &MemoryStatus) -> bool {
-    s.plugged_size == s.requested_size
-}
-
-fn shutting_down() -> Response {
-    Response::error(503, "the VM is shutting down")
-}
-
-fn no_hotplug() -> Response {
-    Response::error(404, "this VM has no hotplug memory region")
-}
-
-fn long_poll_answer(s: &MemoryStatus, is_settled: bool) -> Response {
-    match serde_json::to_value(s) {
-        Ok(serde_json::Value::Object(mut map)) => {
-            map.insert("settled".into(), serde_json::Value::Bool(is_settled));
-            Response::json(200, &map)
-        }
-        _ => Response::error(500, "cannot serialize the memory status"),
-    }
-}
-
-/// Routes and answers one request.
-fn handle(backend: &dyn ApiBackend, req: &Request) -> Outcome {
-    let m = req.method.as_str();
-    match req.path.as_str() {
-        "/hotplug/memory" => match m {
-            "GET" => get_memory(backend, req.query.as_deref()),
-            "PATCH" => Outcome::Answer(patch_memory(backend, &req.body)),
-            _ => Outcome::Answer(Response::method_not_allowed(m, "GET, PATCH")),
-        },
-        "/vm" => match m {
-            "GET" => Outcome::Answer(Response::json(200, &backend.vm_info())),
-            _ => Outcome::Answer(Response::method_not_allowed(m, "GET")),
-        },
-        "/metrics" => match m {
-            "GET" => Outcome::Answer(get_metrics(backend)),
-            _ => Outcome::Answer(Response::method_not_allowed(m, "GET")),
-        },
-        "/vm/shutdown" => match m {
-            "PUT" => Outcome::AnswerThenShutdown(Response::no_content()),
-            _ => Outcome::Answer(Response::method_not_allowed(m, "PUT")),
-        },
-        p => Outcome::Answer(Response::error(404, &format!("no such endpoint: {p}"))),
-    }
-}
-
-fn get_memory(backend: &dyn ApiBackend, query: Option<&str>) -> Outcome {
-    let mut wait = false;
-    let mut timeout_ms = DEFAULT_WAIT_MS;
-    for (k, v) in query_pairs(query.unwrap_or("")) {
-        match k {
-            "wait_for" if v == "plugged_size" => wait = true,
-            "wait_for" => {
-                return Outcome::Answer(Response::error(
-                    400,
-                    &format!("wait_for={v}: only wait_for=plugged_size is supported"),
-                ))
-            }
-            "timeout_ms" => match v.parse::<u64>() {
-                Ok(n) => timeout_ms = n.min(MAX_WAIT_MS),
-                Err(_) => {
-                    return Outcome::Answer(Response::error(
-                        400,
-                        &format!("timeout_ms={v}: not a number of milliseconds"),
-                    ))
-                }
-            },
-            _ => {} // unknown parameters are ignored
-        }
-    }
-    let Some(status) = backend.memory_status() else {
-        return Outcome::Answer(no_hotplug());
-    };
-    if !wait {
-        return Outcome::Answer(Response::json(200, &status));
-    }
-    if (settled(&status) && backend.resident_current()) || timeout_ms == 0 {
-        return Outcome::Answer(long_poll_answer(&status, settled(&status)));
-    }
-    Outcome::Wait(Instant::now() + Duration::from_millis(timeout_ms))
-}
-
-fn get_metrics(backend: &dyn ApiBackend) -> Response {
-    match backend.metrics() {
-        Some(m) => Response::json(200, &m),
-        None => no_hotplug(),
-    }
-}
-
-fn patch_memory(backend: &dyn ApiBackend, body: &[u8]) -> Response {
-    if body.is_empty() {
-        return Response::error(400, "missing body: expected {\"requested_size\": BYTES}");
-    }
-    // Through a Value: serde would also take `[1]` for the struct.
-    let req = match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(v @ serde_json::Value::Object(_)) => serde_json::from_value::<ResizeRequest>(v),
-        Ok(_) => return Response::error(400, "invalid body: expected {\"requested_size\": BYTES}"),
-        Err(e) => Err(e),
-    };
-    let req = match req {
-        Ok(r) => r,
-        Err(e) => return Response::error(400, &format!("invalid body: {e}")),
-    };
-    if backend.memory_sizes().is_none() {
-        return no_hotplug();
-    }
-    match backend.resize(req.requested_size) {
-        Ok(()) => Response::no_content(),
-        Err(msg) => Response::error(400, &msg),
-    }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use devices::bus::{lock, SharedDevice};
 use devices::virtio::mem::{VirtioMem, VirtioMemQueue, VirtioMemShared};
 use devices::virtio::metrics::VirtioMemMetrics;
-use devices::virtio::mmio::MmioTransport;
+use devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use memory::HotplugRegion;
@@ -30,8 +30,6 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::{Error, Result};
 
-/// Offset of the QueueNotify register in a virtio-mmio window.
-const QUEUE_NOTIFY: u64 = 0x50;
 /// What is populated ahead at a time, aligned in guest physical memory: Linux's memory block
 /// on x86_64, which its driver plugs in one request.
 pub const AHEAD_CHUNK: u64 = 128 << 20;
@@ -66,14 +64,17 @@ impl MemDevice {
         irq: u32,
         populate_ahead: bool,
     ) -> Result<Self> {
-        let dev_err = |e: devices::virtio::Error| Error::Device(format!("virtio-mem: {e}"));
-        let mem = VirtioMem::new(region.clone(), requested).map_err(dev_err)?;
+        let mem = VirtioMem::new(region.clone(), requested).map_err(Error::VirtioMem)?;
         let shared = mem.shared();
         let metrics = mem.metrics();
-        let transport = MmioTransport::new(mem, boot_mem).map_err(dev_err)?;
+        let transport = MmioTransport::new(mem, boot_mem).map_err(Error::VirtioMem)?;
         for (i, evt) in transport.queue_evts().iter().enumerate() {
-            vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), i as u32)
-                .map_err(|e| Error::Vm("register the virtio-mem ioeventfd", e))?;
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
+                i as u32,
+            )
+            .map_err(|e| Error::Vm("register the virtio-mem ioeventfd", e))?;
         }
         vm.register_irqfd(transport.interrupt().evt(), irq)
             .map_err(|e| Error::Vm("register the virtio-mem irqfd", e))?;

@@ -1,0 +1,27 @@
+//! virtio-mem (virtio 1.2 section 5.15): a device that plugs and unplugs blocks of a hotplug
+//! region on the driver's request, growing or shrinking guest memory toward the size the host
+//! asks for.
+//!
+//! The device answers requests the way QEMU does, since that is what Linux's driver is tested
+//! against: ERROR only for malformed requests, NACK when a plug would exceed the requested size,
+//! BUSY when the host cannot back a plug (the driver retries later).
+//!
+//! The sizes live in [`VirtioMemShared`] so that the vmm's API thread can read them and change
+//! the requested size without taking the device's lock.
+//!
+//! One file per job: [`spec`] the numbers of the specification, `hotplug_memory` what the
+//! device plugs into, `shared` the sizes the vmm reads, `request` the request and response
+//! codec, `device` the device and its queue.
+
+mod device;
+mod hotplug_memory;
+mod request;
+mod shared;
+pub mod spec;
+
+pub use memory::{RangeState, UnpluggedAccess};
+
+pub use device::{VirtioMem, VirtioMemQueue};
+pub use hotplug_memory::HotplugMemory;
+pub use shared::{VirtioMemShared, BUSY_RETRY_MAX, BUSY_RETRY_MIN};
+pub use spec::*;

@@ -1,0 +1,179 @@
+//! Routing and the handlers of the API's endpoints: what each request is answered, with no I/O
+//! of its own (the server does the reading, writing and parking).
+
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::http::{query_pairs, Request, Response};
+use super::{ApiBackend, MemoryStatus};
+
+/// Default long-poll timeout.
+pub const DEFAULT_WAIT_MS: u64 = 30_000;
+/// Largest long-poll timeout; larger values are clamped to it.
+pub const MAX_WAIT_MS: u64 = 600_000;
+
+/// Every endpoint and the methods it takes, as `Allow` lists them: the one list that routing,
+/// 405 answers and the OpenAPI document's test (`openapi.yaml`) read.
+pub(crate) const ROUTES: &[(&str, &str)] = &[
+    ("/hotplug/memory", "GET, PATCH"),
+    ("/vm", "GET"),
+    ("/vm/shutdown", "PUT"),
+    ("/metrics", "GET"),
+    ("/version", "GET"),
+];
+
+/// Body of `PATCH /hotplug/memory`: bytes, or Firecracker's MiB.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeRequest {
+    requested_size: Option<u64>,
+    requested_size_mib: Option<u64>,
+}
+
+impl ResizeRequest {
+    /// The requested size in bytes, or why the body does not give exactly one.
+    fn bytes(&self) -> Result<u64, &'static str> {
+        match (self.requested_size, self.requested_size_mib) {
+            (Some(b), None) => Ok(b),
+            (None, Some(mib)) => mib
+                .checked_mul(1 << 20)
+                .ok_or("invalid body: requested_size_mib is too large"),
+            _ => Err(EXPECTED_BODY),
+        }
+    }
+}
+
+/// What a `PATCH /hotplug/memory` body must look like.
+const EXPECTED_BODY: &str =
+    "invalid body: expected {\"requested_size\": BYTES} or {\"requested_size_mib\": MIB}";
+
+/// What handling a request asks for.
+pub(crate) enum Outcome {
+    /// Send this.
+    Answer(Response),
+    /// Send this, then stop the VM.
+    AnswerThenShutdown(Response),
+    /// Park the connection as a long poll until the deadline.
+    Wait(Instant),
+}
+
+pub(crate) fn settled(s: &MemoryStatus) -> bool {
+    s.plugged_size == s.requested_size
+}
+
+pub(crate) fn shutting_down() -> Response {
+    Response::error(503, "the VM is shutting down")
+}
+
+pub(crate) fn no_hotplug() -> Response {
+    Response::error(404, "this VM has no hotplug memory region")
+}
+
+pub(crate) fn long_poll_answer(s: &MemoryStatus, is_settled: bool) -> Response {
+    match serde_json::to_value(s) {
+        Ok(serde_json::Value::Object(mut map)) => {
+            map.insert("settled".into(), serde_json::Value::Bool(is_settled));
+            Response::json(200, &map)
+        }
+        _ => Response::error(500, "cannot serialize the memory status"),
+    }
+}
+
+/// Routes and answers one request.
+pub(crate) fn handle(backend: &dyn ApiBackend, req: &Request) -> Outcome {
+    let m = req.method.as_str();
+    let Some(&(path, allow)) = ROUTES.iter().find(|(p, _)| *p == req.path) else {
+        let p = &req.path;
+        return Outcome::Answer(Response::error(404, &format!("no such endpoint: {p}")));
+    };
+    if !allow.split(", ").any(|a| a == m) {
+        return Outcome::Answer(Response::method_not_allowed(m, allow));
+    }
+    match (path, m) {
+        ("/hotplug/memory", "GET") => get_memory(backend, req.query.as_deref()),
+        ("/hotplug/memory", _) => Outcome::Answer(patch_memory(backend, &req.body)),
+        ("/vm", _) => Outcome::Answer(Response::json(200, &backend.vm_info())),
+        ("/vm/shutdown", _) => Outcome::AnswerThenShutdown(Response::no_content()),
+        ("/metrics", _) => Outcome::Answer(get_metrics(backend)),
+        _ => Outcome::Answer(get_version()),
+    }
+}
+
+fn get_memory(backend: &dyn ApiBackend, query: Option<&str>) -> Outcome {
+    let mut wait = false;
+    let mut timeout_ms = DEFAULT_WAIT_MS;
+    for (k, v) in query_pairs(query.unwrap_or("")) {
+        match k {
+            "wait_for" if v == "plugged_size" => wait = true,
+            "wait_for" => {
+                return Outcome::Answer(Response::error(
+                    400,
+                    &format!("wait_for={v}: only wait_for=plugged_size is supported"),
+                ))
+            }
+            "timeout_ms" => match v.parse::<u64>() {
+                Ok(n) => timeout_ms = n.min(MAX_WAIT_MS),
+                Err(_) => {
+                    return Outcome::Answer(Response::error(
+                        400,
+                        &format!("timeout_ms={v}: not a number of milliseconds"),
+                    ))
+                }
+            },
+            _ => {} // unknown parameters are ignored
+        }
+    }
+    let Some(status) = backend.memory_status() else {
+        return Outcome::Answer(no_hotplug());
+    };
+    if !wait {
+        return Outcome::Answer(Response::json(200, &status));
+    }
+    if (settled(&status) && backend.resident_current()) || timeout_ms == 0 {
+        return Outcome::Answer(long_poll_answer(&status, settled(&status)));
+    }
+    Outcome::Wait(Instant::now() + Duration::from_millis(timeout_ms))
+}
+
+/// `GET /version`: Tide's version, named as Firecracker names its own.
+fn get_version() -> Response {
+    Response::json(
+        200,
+        &serde_json::json!({ "tide_version": env!("CARGO_PKG_VERSION") }),
+    )
+}
+
+fn get_metrics(backend: &dyn ApiBackend) -> Response {
+    match backend.metrics() {
+        Some(m) => Response::json(200, &m),
+        None => no_hotplug(),
+    }
+}
+
+fn patch_memory(backend: &dyn ApiBackend, body: &[u8]) -> Response {
+    if body.is_empty() {
+        return Response::error(400, &EXPECTED_BODY.replace("invalid body", "missing body"));
+    }
+    // Through a Value: serde would also take `[1]` for the struct.
+    let req = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v @ serde_json::Value::Object(_)) => serde_json::from_value::<ResizeRequest>(v),
+        Ok(_) => return Response::error(400, EXPECTED_BODY),
+        Err(e) => Err(e),
+    };
+    let req = match req {
+        Ok(r) => r,
+        Err(e) => return Response::error(400, &format!("invalid body: {e}")),
+    };
+    if backend.memory_sizes().is_none() {
+        return no_hotplug();
+    }
+    let bytes = match req.bytes() {
+        Ok(b) => b,
+        Err(msg) => return Response::error(400, msg),
+    };
+    match backend.resize(bytes) {
+        Ok(()) => Response::no_content(),
+        Err(e) => Response::error(400, &crate::error_chain(&*e)),
+    }
+}

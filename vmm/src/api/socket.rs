@@ -1,0 +1,112 @@
+//! Binding the API socket: replacing a stale socket, refusing one in use, mode 0600 from the
+//! start, and removing only the file this process made.
+
+use std::io::{self, ErrorKind};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+/// Errors setting up the API socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Another process listens on the socket.
+    #[error("API socket {0} is in use by another process")]
+    InUse(PathBuf),
+    /// The path exists and is not a socket.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// Inspecting the existing path failed.
+    #[error("cannot inspect {0}: {1}")]
+    Inspect(PathBuf, #[source] io::Error),
+    /// Removing a stale socket failed.
+    #[error("cannot remove stale API socket {0}: {1}")]
+    RemoveStale(PathBuf, #[source] io::Error),
+    /// Binding failed.
+    #[error("cannot bind API socket {0}: {1}")]
+    Bind(PathBuf, #[source] io::Error),
+    /// Setting up the bound socket (mode, non-blocking) failed.
+    #[error("cannot set up API socket {0}: {1}")]
+    Setup(PathBuf, #[source] io::Error),
+    /// Creating the timer failed.
+    #[error("cannot create the API timer: {0}")]
+    Timer(#[source] io::Error),
+}
+
+/// Binds a UNIX socket at `path` (mode 0600, non-blocking) and returns it with the device and
+/// inode of its file, so that [`remove_if_ours`] removes only that file.
+///
+/// An existing socket nobody listens on (connecting is refused) is stale and replaced; one
+/// somebody listens on gives [`ApiError::InUse`]; anything else at `path` gives
+/// [`ApiError::NotASocket`].
+pub(crate) fn bind(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => return Err(ApiError::InUse(path.to_path_buf())),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                log::info!("removing stale API socket {}", path.display());
+                std::fs::remove_file(path)
+                    .map_err(|e| ApiError::RemoveStale(path.to_path_buf(), e))?;
+            }
+            Err(e) => return Err(ApiError::Inspect(path.to_path_buf(), e)),
+        },
+        Ok(_) => return Err(ApiError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(ApiError::Inspect(path.to_path_buf(), e)),
+    }
+    // Bound under a temporary name, made 0600, then renamed into place: the socket never
+    // appears at `path` with another mode.
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
+    let setup = || -> io::Result<(u64, u64)> {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        rename_noreplace(&tmp, path)?;
+        let md = std::fs::symlink_metadata(path)?;
+        Ok((md.dev(), md.ino()))
+    };
+    let ident = match setup() {
+        Ok(ident) => ident,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(ApiError::Setup(path.to_path_buf(), e));
+        }
+    };
+    Ok((listener, ident))
+}
+
+/// Removes the socket file at `path` if it still is the one [`bind`] made (`ident`).
+pub(crate) fn remove_if_ours(path: &Path, ident: (u64, u64)) {
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        if (md.dev(), md.ino()) == ident {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Renames `from` to `to`, failing (EEXIST) rather than replacing anything at `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: both paths are valid NUL-terminated strings; no memory is written.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
