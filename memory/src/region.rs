@@ -721,13 +721,16 @@ impl HotplugRegion {
         self.fd.is_some()
     }
 
-    /// Resident host memory of the reservation. For fd backends (memfd, hugetlb, file) the
-    /// storage allocated to the file (`fstat` blocks), which costs one syscall. For anon the
-    /// `Rss` of the `/proc/self/smaps` entries that overlap it, which walks the region's page
+    /// Resident host memory of the reservation, without what is populated ahead
+    /// ([`Self::ahead_bytes`], reported apart). For fd backends (memfd, hugetlb, file) the
+    /// storage allocated to the file (`fstat` blocks) less the part allocated ahead, which costs
+    /// one syscall. For anon the `Rss` of the `/proc/self/smaps` entries that overlap it (memory
+    /// populated ahead waits in a separate staging mapping), which walks the region's page
     /// tables under the mmap lock: tens of milliseconds with gigabytes plugged in 4 KiB pages.
     pub fn resident_bytes(&self) -> Result<u64> {
         if let Some(f) = &self.fd {
-            return BackingFile::allocated_bytes(f).map_err(Error::Smaps);
+            let allocated = BackingFile::allocated_bytes(f).map_err(Error::Smaps)?;
+            return Ok(allocated.saturating_sub(self.ahead_bytes()));
         }
         let start = self.host as u64;
         crate::smaps::resident_bytes(start, start + self.layout.size).map_err(Error::Smaps)

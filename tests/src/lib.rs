@@ -261,8 +261,18 @@ impl Tide {
     /// Current number of threads and open file descriptors of the tide process.
     pub fn threads_and_fds(&self) -> (u64, usize) {
         let threads = proc_status_kib(self.pid(), "Threads:").unwrap_or(0);
+        // Not counted: the smaps file the `resident` thread holds open for a moment while it reads
+        // an anon region's resident memory (it may or may not be open at either count).
         let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .map(|d| d.count())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        std::fs::read_link(e.path())
+                            .map(|t| !t.to_string_lossy().ends_with("/smaps"))
+                            .unwrap_or(false)
+                    })
+                    .count()
+            })
             .unwrap_or(0);
         (threads, fds)
     }
