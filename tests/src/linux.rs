@@ -69,11 +69,11 @@ impl LinuxGuest {
     /// Boots the guest of `dir` with 128 MiB of boot RAM, an API socket and `extra` arguments to
     /// `tide run` (hotplug region, vCPUs, backend), and waits for its shell.
     ///
-    /// The shell reads the console line by line without echo and writes through a pipe, which
-    /// keeps it non-interactive: an interactive busybox shell reads and echoes each typed
-    /// character with a system call of its own, seconds per line on an emulating KVM. Kernel
-    /// messages stop going to the console once the shell starts (`dmesg -n 1`), so they never
-    /// split a command's output; the tests read them with `dmesg`.
+    /// The guest's init runs each line typed on the console in its own shell
+    /// (`tide.console=lines`): no line editing (an interactive busybox shell reads and echoes each
+    /// character with a system call of its own, seconds per line on an emulating KVM), no process
+    /// started for it, and kernel messages kept off the console so that they never split a
+    /// command's output (the tests read them with `dmesg`).
     pub fn boot(dir: &Path, tag: &str, extra: &[&str]) -> LinuxGuest {
         let tmp = TempDir::new(tag);
         let sock = tmp.0.join("api.sock");
@@ -88,17 +88,14 @@ impl LinuxGuest {
             "--api-socket",
             &sock.display().to_string(),
             "--cmdline",
-            &format!(
-                "{} tide.cmd=\"dmesg -n 1; stty -echo; sh 2>&1 | cat\"",
-                kernel_cmdline(dir)
-            ),
+            &format!("{} tide.console=lines", kernel_cmdline(dir)),
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut tide = Tide::spawn_console(args);
-        tide.wait_for("TIDE-CMD-BEGIN", BOOT_TIMEOUT);
+        tide.wait_for("TIDE-LINES-READY", BOOT_TIMEOUT);
         println!(
             "linux: {tag} booted to its shell in {:.0} s",
             tide.started.elapsed().as_secs_f64()
@@ -113,6 +110,9 @@ impl LinuxGuest {
         };
         // Helpers made of shell builtins: every exec costs seconds of emulated kernel work here.
         g.sh("mt() { while read k v u; do [ \"$k\" = MemTotal: ] && { echo $v; return; }; done </proc/meminfo; }");
+        // tick: waits a second with shell builtins only (a read that times out on a FIFO nobody
+        // writes), where `sleep` would cost an exec.
+        g.sh("mkfifo /tmp/tick; tick() { read -t 1 _ <>/tmp/tick; true; }");
         // blocks FIRST END: the state of each memory block FIRST..END-1 on one line.
         g.sh("blocks() { i=$1; l=; while [ $i -lt $2 ]; do f=/sys/devices/system/memory/memory$i/state; \
               s=absent; [ -f $f ] && read s <$f; l=\"$l $s\"; i=$((i+1)); done; echo $l; }");
@@ -164,7 +164,7 @@ impl LinuxGuest {
     pub fn wait_mem_total(&mut self, kib: u64) {
         let tries = COMMAND_TIMEOUT.as_secs();
         let out = self.sh_rc(&format!(
-            "i=0; while [ \"$(mt)\" != {kib} ] && [ $i -lt {tries} ]; do i=$((i+1)); sleep 1; done; mt"
+            "i=0; while [ \"$(mt)\" != {kib} ] && [ $i -lt {tries} ]; do i=$((i+1)); tick; done; mt"
         ));
         assert_eq!(
             out.1.trim(),
@@ -188,7 +188,7 @@ impl LinuxGuest {
         let want = states.join(" ");
         let tries = COMMAND_TIMEOUT.as_secs();
         let out = self.sh(&format!(
-            "i=0; while [ \"$(blocks {first} {end})\" != '{want}' ] && [ $i -lt {tries} ]; do i=$((i+1)); sleep 1; done; blocks {first} {end}"
+            "i=0; while [ \"$(blocks {first} {end})\" != '{want}' ] && [ $i -lt {tries} ]; do i=$((i+1)); tick; done; blocks {first} {end}"
         ));
         out.split_whitespace().map(str::to_string).collect()
     }
@@ -211,9 +211,10 @@ impl LinuxGuest {
             .collect()
     }
 
-    /// Ends the shell: init syncs and resets through the i8042 (`reboot=k`); returns tide's status.
+    /// Ends the session: init syncs and resets through the i8042 (`reboot=k`); returns tide's
+    /// status.
     pub fn power_off(mut self) -> std::process::ExitStatus {
-        self.tide.send("exit\n");
+        self.tide.send("tide-poweroff\n");
         self.tide.wait_for("TIDE-POWEROFF", COMMAND_TIMEOUT);
         self.tide.wait_exit(COMMAND_TIMEOUT)
     }
