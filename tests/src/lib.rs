@@ -22,8 +22,12 @@ pub fn test_guest() -> PathBuf {
 /// command runs first). Builds it if it is missing.
 pub fn tide_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/tide
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (the bench) ->
+    // target/<profile>/tide
+    let mut profile_dir = exe.parent().expect("target dir");
+    if profile_dir.ends_with("deps") {
+        profile_dir = profile_dir.parent().expect("target dir");
+    }
     let bin = profile_dir.join("tide");
     if !bin.exists() {
         let release = profile_dir.ends_with("release");

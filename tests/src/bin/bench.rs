@@ -1041,7 +1041,7 @@ fn linux_driver(rows: &mut Vec<Row>) -> Res<Vec<String>> {
         let bytes = field("bytes").saturating_sub(before[kind]["bytes"].as_u64().unwrap_or(0));
         let per_request = bytes / d.count.max(1);
         let line = format!(
-            "Linux driver, {kind} to {}: {} requests of {} on average; service time per request              min {} / avg {} / max {} (since boot); {:.0}% of the service time in the memory              system calls, {:.0}% in mprotect; device done {} after the PATCH, guest's MemTotal              {} after it (the rest is Linux's own work, emulated here)",
+            "Linux driver, {kind} to {}: {} requests of {} on average; service time per request min {} / avg {} / max {} (since boot); {:.0}% of the service time in the memory system calls, {:.0}% in mprotect; device done {} after the PATCH, guest's MemTotal {} after it (the rest is Linux's own work, emulated here)",
             size_str(target),
             d.count,
             mib(per_request),
