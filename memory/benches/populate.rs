@@ -11,23 +11,11 @@ const GIB: u64 = 1 << 30;
 const SIZE: u64 = GIB;
 const ROUNDS: usize = 3;
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Anon4k,
-    AnonThp,
-    Memfd,
-    Hugetlb,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Anon4k => "anon 4K",
-            Kind::AnonThp => "anon THP",
-            Kind::Memfd => "memfd",
-            Kind::Hugetlb => "hugetlb",
-        }
-    }
+/// One measured backend: the crate's `Backend` and whether anon memory asks for huge pages.
+struct Case {
+    name: &'static str,
+    backend: Backend,
+    thp: bool,
 }
 
 fn gib_s(secs: f64) -> f64 {
@@ -41,20 +29,15 @@ fn time<F: FnOnce()>(f: F) -> f64 {
 }
 
 /// Best (populate, discard) seconds through `HotplugRegion`.
-fn through_region(kind: Kind) -> (f64, f64) {
-    let (backend, thp) = match kind {
-        Kind::Anon4k => (Backend::Anon, false),
-        Kind::AnonThp => (Backend::Anon, true),
-        Kind::Memfd => (Backend::Memfd, false),
-        Kind::Hugetlb => (Backend::Hugetlb, false),
-    };
+fn through_region(case: &Case) -> (f64, f64) {
+    let (backend, thp) = (case.backend.clone(), case.thp);
     let layout = HotplugLayout {
         base: GuestAddress(4 * GIB),
         size: SIZE,
         block_size: 2 * MIB,
     };
     let r = HotplugRegion::with_options(&layout, backend, RegionOptions { thp }).unwrap();
-    assert_eq!(r.thp(), kind == Kind::AnonThp);
+    assert_eq!(r.thp(), thp);
     let (mut pop, mut dis) = (f64::MAX, f64::MAX);
     for _ in 0..ROUNDS {
         pop = pop.min(time(|| r.populate(layout.base, SIZE).unwrap()));
@@ -64,13 +47,13 @@ fn through_region(kind: Kind) -> (f64, f64) {
 }
 
 /// Best (populate, discard) seconds with raw syscalls on a fresh read-write mapping.
-fn raw(kind: Kind) -> (f64, f64) {
+fn raw(case: &Case) -> (f64, f64) {
     let len = SIZE as usize;
-    let (flags, fd, file) = match kind {
-        Kind::Anon4k | Kind::AnonThp => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, None),
-        Kind::Memfd | Kind::Hugetlb => {
+    let (flags, fd, file) = match case.backend {
+        Backend::Anon => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, None),
+        _ => {
             let mut mfd = libc::MFD_CLOEXEC;
-            if kind == Kind::Hugetlb {
+            if case.backend == Backend::Hugetlb {
                 mfd |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
             }
             // SAFETY: valid NUL-terminated name; result checked.
@@ -105,7 +88,7 @@ fn raw(kind: Kind) -> (f64, f64) {
     } else {
         (p as usize).next_multiple_of(2 * MIB as usize) as *mut libc::c_void
     };
-    if kind == Kind::AnonThp {
+    if case.thp {
         // SAFETY: inside our own mapping.
         let r = unsafe { libc::madvise(aligned, len, libc::MADV_HUGEPAGE) };
         assert_eq!(r, 0);
@@ -219,9 +202,14 @@ fn main() {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
-    let mut kinds = vec![Kind::Anon4k, Kind::AnonThp, Kind::Memfd];
+    let case = |name, backend, thp| Case { name, backend, thp };
+    let mut cases = vec![
+        case("anon 4K", Backend::Anon, false),
+        case("anon THP", Backend::Anon, true),
+        case("memfd", Backend::Memfd, false),
+    ];
     if free_huge >= SIZE / (2 * MIB) {
-        kinds.push(Kind::Hugetlb);
+        cases.push(case("hugetlb", Backend::Hugetlb, false));
     } else {
         println!("hugetlb: skipped, {free_huge} free 2 MiB pages (need 512)");
     }
@@ -230,12 +218,12 @@ fn main() {
         "{:<10} {:>14} {:>14} {:>14} {:>14}",
         "backend", "region pop", "raw pop", "region discard", "raw discard"
     );
-    for kind in kinds {
-        let (rp, rd) = through_region(kind);
-        let (wp, wd) = raw(kind);
+    for c in &cases {
+        let (rp, rd) = through_region(c);
+        let (wp, wd) = raw(c);
         println!(
             "{:<10} {:>14.2} {:>14.2} {:>14.2} {:>14.2}",
-            kind.name(),
+            c.name,
             gib_s(rp),
             gib_s(wp),
             gib_s(rd),
