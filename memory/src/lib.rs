@@ -33,7 +33,9 @@ pub use layout::{
     MMIO_GAP_START,
 };
 pub use listener::{ListenerError, ListenerId, RamDiscardListener};
-pub use populate::{populate_threads, POPULATE_CHUNK_MIN, POPULATE_THREADS_MAX};
+pub use populate::{
+    populate_threads, PIECE_MIN_HUGE_PAGES, PIECE_MIN_SMALL_PAGES, POPULATE_THREADS_MAX,
+};
 pub use region::{HotplugRegion, OpTimes, RegionOptions};
 pub use size::parse_size;
 pub use sync::lock;

@@ -244,7 +244,7 @@ impl HotplugRegion {
         if self.thp {
             advise_raw(start, len, libc::MADV_HUGEPAGE)?;
         }
-        if let Err(e) = populate_parallel(start, len) {
+        if let Err(e) = populate_parallel(start, len, self.thp) {
             unmap(start, len);
             return Err(e);
         }
