@@ -588,6 +588,7 @@ impl Timing {
         self.sample.protect_ns += t.protect_ns;
         self.sample.syscall_ns += t.syscall_ns;
         self.sample.ahead_bytes += t.ahead_bytes;
+        self.sample.ahead_wait_ns += t.ahead_wait_ns;
         result
     }
 }
