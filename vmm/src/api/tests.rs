@@ -900,14 +900,28 @@ fn client_helpers() {
         client::progress_line(0, &s),
         "[##########          ] 512/1024 MiB"
     );
+    // A shrink counts what it has unplugged, and ends on the whole change, not on 0/0.
     s.requested_size = 0;
     assert_eq!(
         client::progress_line(GIB, &s),
-        "[##########          ] 512/0 MiB"
+        "[##########          ] 512/1024 MiB"
     );
     s.plugged_size = 0;
     assert_eq!(
-        client::progress_line(0, &s),
+        client::progress_line(GIB, &s),
+        "[####################] 1024/1024 MiB"
+    );
+    // A growth from a plugged size counts from there.
+    s.requested_size = 640 * MIB;
+    s.plugged_size = 384 * MIB;
+    assert_eq!(
+        client::progress_line(128 * MIB, &s),
+        "[##########          ] 256/512 MiB"
+    );
+    // Nothing to change: done at once.
+    s.plugged_size = 640 * MIB;
+    assert_eq!(
+        client::progress_line(640 * MIB, &s),
         "[####################] 0/0 MiB"
     );
 
