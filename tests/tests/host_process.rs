@@ -372,7 +372,13 @@ fn options_without_effect_are_refused_and_sizes_parse_alike() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot connect"), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    // One line with the cause chain: what failed, where, and why.
+    assert_eq!(
+        err,
+        "tide ctl: error: cannot connect to the API socket /nonexistent.sock: \
+         No such file or directory (os error 2)\n"
+    );
     // --timeout without --wait has no effect: refused.
     let out = Command::new(tide_bin())
         .args([

@@ -171,9 +171,9 @@ fn main() -> ExitCode {
             }
         }
         Command::Ctl(a) => match vmm::api::client::run(a) {
-            Ok(code) => ExitCode::from(code),
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("tide ctl: error: {e}");
+                eprintln!("tide ctl: error: {}", vmm::error_chain(&e));
                 ExitCode::FAILURE
             }
         },

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 pub(crate) use super::http_client::call;
+pub use super::http_client::CtlError;
 use super::http_client::{decode, REQUEST_TIMEOUT};
 #[cfg(test)]
 pub(crate) use super::progress::progress_line;
@@ -58,30 +59,28 @@ pub enum CtlCommand {
     Shutdown,
 }
 
-/// Runs `tide ctl`. Returns the exit status: 0 done, 1 `resize --wait` timed out. Errors are
-/// one-line messages.
-pub fn run(args: CtlArgs) -> Result<u8, String> {
+/// Runs `tide ctl`. A `resize --wait` that runs out of time is [`CtlError::WaitTimedOut`].
+pub fn run(args: CtlArgs) -> Result<(), CtlError> {
     let sock = args.api_socket.as_path();
     match args.cmd {
         CtlCommand::Status { json } => {
             println!("{}", status(sock, json)?);
-            Ok(0)
+            Ok(())
         }
         CtlCommand::Info { json } => {
             println!("{}", info(sock, json)?);
-            Ok(0)
+            Ok(())
         }
         CtlCommand::Shutdown => {
             call(sock, "PUT", "/vm/shutdown", None, REQUEST_TIMEOUT)?;
-            Ok(0)
+            Ok(())
         }
         CtlCommand::Resize {
             size,
             wait,
             timeout,
         } => {
-            let timeout = timeout.unwrap_or(60);
-            let wait = wait.then(|| Duration::from_secs(timeout));
+            let wait = wait.then(|| Duration::from_secs(timeout.unwrap_or(60)));
             // The bar measures from the state before the PATCH: the first long poll may come
             // after the guest already plugged part of the way.
             let before = match wait {
@@ -94,28 +93,9 @@ pub fn run(args: CtlArgs) -> Result<u8, String> {
             let mut bar = ProgressBar::new(before);
             let res = resize(sock, size, wait, &mut |s| bar.show(s));
             bar.finish();
-            match res? {
-                Waited::Done => Ok(0),
-                Waited::TimedOut(s) => {
-                    eprintln!(
-                        "tide ctl: timed out after {timeout} s: the guest has plugged {} of {}",
-                        fmt_bytes(s.plugged_size),
-                        fmt_bytes(s.requested_size)
-                    );
-                    Ok(1)
-                }
-            }
+            res
         }
     }
-}
-
-/// How a resize ended.
-#[derive(Debug, PartialEq)]
-pub(crate) enum Waited {
-    /// Requested (and, with a wait, reached).
-    Done,
-    /// The wait ran out; the last status seen.
-    TimedOut(MemoryStatus),
 }
 
 /// A long-poll answer.
@@ -127,7 +107,7 @@ struct LongPoll {
 }
 
 /// `status`: the hotplug region as a table, or the raw JSON.
-pub(crate) fn status(sock: &Path, json: bool) -> Result<String, String> {
+pub(crate) fn status(sock: &Path, json: bool) -> Result<String, CtlError> {
     let body = call(sock, "GET", "/hotplug/memory", None, REQUEST_TIMEOUT)?;
     if json {
         return Ok(String::from_utf8_lossy(&body).trim().to_string());
@@ -159,7 +139,7 @@ pub(crate) fn status(sock: &Path, json: bool) -> Result<String, String> {
 }
 
 /// `info`: the VM's state as a table, or the raw JSON.
-pub(crate) fn info(sock: &Path, json: bool) -> Result<String, String> {
+pub(crate) fn info(sock: &Path, json: bool) -> Result<String, CtlError> {
     let body = call(sock, "GET", "/vm", None, REQUEST_TIMEOUT)?;
     if json {
         return Ok(String::from_utf8_lossy(&body).trim().to_string());
@@ -184,13 +164,14 @@ pub(crate) fn info(sock: &Path, json: bool) -> Result<String, String> {
 }
 
 /// `resize`: requests `size`; with `wait`, long-polls until the guest has plugged the requested
-/// size or `wait` has passed, calling `progress` with every status seen.
+/// size ([`CtlError::WaitTimedOut`] once `wait` has passed), calling `progress` with every
+/// status seen.
 pub(crate) fn resize(
     sock: &Path,
     size: u64,
     wait: Option<Duration>,
     progress: &mut dyn FnMut(&MemoryStatus),
-) -> Result<Waited, String> {
+) -> Result<(), CtlError> {
     let body = format!("{{\"requested_size\":{size}}}");
     call(
         sock,
@@ -200,7 +181,7 @@ pub(crate) fn resize(
         REQUEST_TIMEOUT,
     )?;
     let Some(wait) = wait else {
-        return Ok(Waited::Done);
+        return Ok(());
     };
     // A wait too long for the clock is a wait without end.
     let deadline = Instant::now().checked_add(wait);
@@ -216,10 +197,13 @@ pub(crate) fn resize(
         let poll: LongPoll = decode(&answer)?;
         progress(&poll.status);
         if poll.settled {
-            return Ok(Waited::Done);
+            return Ok(());
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Ok(Waited::TimedOut(poll.status));
+            return Err(CtlError::WaitTimedOut {
+                after: wait,
+                last: poll.status,
+            });
         }
     }
 }

@@ -1,43 +1,114 @@
-//! A small blocking HTTP/1.1 client for the API socket: one request per connection.
+//! A small blocking HTTP/1.1 client for the API socket: one request per connection, and
+//! [`CtlError`], everything that can go wrong in `tide ctl`.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use super::units::fmt_bytes;
+use super::MemoryStatus;
 
 /// How long a plain request may take.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest answer accepted.
 const MAX_ANSWER: usize = 1 << 20;
 
-/// Decodes a JSON answer.
-pub(crate) fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
-    serde_json::from_slice(body).map_err(|e| format!("unexpected answer from the VMM: {e}"))
+/// What can go wrong in `tide ctl`: reaching the API socket, the exchange on it, the server's
+/// answer, or a `resize --wait` that runs out of time. The binary prints it with its causes on
+/// one line through [`crate::error_chain`], as it prints a [`crate::Error`] of `tide run`.
+///
+/// Its own enum rather than a variant of [`crate::Error`]: `tide ctl` is another process that
+/// never builds or runs a VM, and no failure of one can happen in the other, so each enum lists
+/// only the cases its caller can meet. Every variant is made in this file, where the requests are.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// The API socket cannot be connected to (no VM serves it, or no permission).
+    #[error("cannot connect to the API socket {}", .0.display())]
+    Connect(PathBuf, #[source] io::Error),
+    /// Setting up, writing or reading the connection failed.
+    #[error("API socket {}", .0.display())]
+    Io(PathBuf, #[source] io::Error),
+    /// No whole answer came within the request's timeout.
+    #[error("no answer on {} within {} s", .socket.display(), .timeout.as_secs())]
+    NoAnswer {
+        /// The API socket.
+        socket: PathBuf,
+        /// How long the client waited.
+        timeout: Duration,
+    },
+    /// The VMM closed the connection before a whole answer came.
+    #[error("the VMM closed {} before answering", .0.display())]
+    Closed(PathBuf),
+    /// The answer is larger than the client accepts.
+    #[error("answer on {} too large (over {MAX_ANSWER} bytes)", .0.display())]
+    TooLarge(PathBuf),
+    /// The answer is not HTTP/1.1.
+    #[error("malformed answer from the VMM")]
+    Http(#[source] httparse::Error),
+    /// The answer's `Content-Length` is not a number.
+    #[error("malformed Content-Length in the answer")]
+    ContentLength,
+    /// The server answered with a status other than 2xx.
+    #[error("{method} {path}: {status} {}: {message}", super::http::reason(*.status))]
+    Status {
+        /// The request's method.
+        method: String,
+        /// The request's path.
+        path: String,
+        /// The answer's HTTP status.
+        status: u16,
+        /// The server's `error` message (the body itself if it has none).
+        message: String,
+    },
+    /// The body is not the JSON expected.
+    #[error("unexpected answer from the VMM")]
+    Decode(#[source] serde_json::Error),
+    /// `resize --wait` ran out of time before the guest plugged the requested size.
+    #[error(
+        "timed out after {} s: the guest has plugged {} of {}",
+        .after.as_secs(),
+        fmt_bytes(.last.plugged_size),
+        fmt_bytes(.last.requested_size)
+    )]
+    WaitTimedOut {
+        /// How long it waited.
+        after: Duration,
+        /// The last status seen.
+        last: MemoryStatus,
+    },
 }
 
-/// Sends one request and returns the body of a 2xx answer; other answers become errors
-/// carrying the server's `error` message.
+/// Decodes a JSON answer.
+pub(crate) fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, CtlError> {
+    serde_json::from_slice(body).map_err(CtlError::Decode)
+}
+
+/// Sends one request and returns the body of a 2xx answer; other answers become
+/// [`CtlError::Status`] with the server's `error` message.
 pub(crate) fn call(
     sock: &Path,
     method: &str,
     path: &str,
     body: Option<&str>,
     timeout: Duration,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, CtlError> {
     let (status, body) = request(sock, method, path, body, timeout)?;
     if (200..300).contains(&status) {
         return Ok(body);
     }
-    let msg = serde_json::from_slice::<serde_json::Value>(&body)
+    let message = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
         .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
-    Err(format!(
-        "{method} {path}: {status} {}: {msg}",
-        super::http::reason(status)
-    ))
+    Err(CtlError::Status {
+        method: method.to_string(),
+        path: path.to_string(),
+        status,
+        message,
+    })
 }
 
 /// Sends one HTTP/1.1 request on a fresh connection; returns the status and body.
@@ -47,11 +118,10 @@ pub(crate) fn request(
     path: &str,
     body: Option<&str>,
     timeout: Duration,
-) -> Result<(u16, Vec<u8>), String> {
-    let where_ = || sock.display().to_string();
-    let mut stream = UnixStream::connect(sock)
-        .map_err(|e| format!("cannot connect to the API socket {}: {e}", where_()))?;
-    let io_err = |e: std::io::Error| format!("API socket {}: {e}", where_());
+) -> Result<(u16, Vec<u8>), CtlError> {
+    let socket = || sock.to_path_buf();
+    let mut stream = UnixStream::connect(sock).map_err(|e| CtlError::Connect(socket(), e))?;
+    let io_err = |e: io::Error| CtlError::Io(socket(), e);
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
 
@@ -85,11 +155,10 @@ pub(crate) fn request(
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(format!(
-                    "no answer on {} within {} s",
-                    where_(),
-                    timeout.as_secs()
-                ))
+                return Err(CtlError::NoAnswer {
+                    socket: socket(),
+                    timeout,
+                })
             }
             Err(e) => return Err(io_err(sent.err().unwrap_or(e))),
         };
@@ -102,22 +171,22 @@ pub(crate) fn request(
             return Ok(done);
         }
         if eof {
-            return Err(format!("the VMM closed {} before answering", where_()));
+            return Err(CtlError::Closed(socket()));
         }
         if buf.len() > MAX_ANSWER {
-            return Err(format!("answer on {} too large", where_()));
+            return Err(CtlError::TooLarge(socket()));
         }
     }
 }
 
 /// Parses an answer; `None` while incomplete. Without `Content-Length` the body runs to EOF.
-fn parse_response(buf: &[u8], eof: bool) -> Result<Option<(u16, Vec<u8>)>, String> {
+fn parse_response(buf: &[u8], eof: bool) -> Result<Option<(u16, Vec<u8>)>, CtlError> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     let head = match resp.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(e) => return Err(format!("malformed answer from the VMM: {e}")),
+        Err(e) => return Err(CtlError::Http(e)),
     };
     let status = resp.code.unwrap_or(0);
     let len = resp
@@ -128,7 +197,7 @@ fn parse_response(buf: &[u8], eof: bool) -> Result<Option<(u16, Vec<u8>)>, Strin
             std::str::from_utf8(h.value)
                 .ok()
                 .and_then(|v| v.trim().parse::<usize>().ok())
-                .ok_or_else(|| "malformed Content-Length in the answer".to_string())
+                .ok_or(CtlError::ContentLength)
         })
         .transpose()?;
     let rest = &buf[head..];

@@ -11,8 +11,9 @@ use super::MemoryStatus;
 /// Width of the progress bar, in characters.
 const BAR_WIDTH: usize = 20;
 
-/// Shows `\r[#####     ] 512/1024 MiB  128 MiB/s, 4 s left` on stderr, progress measured from
-/// the plugged size before the resize was asked for.
+/// Shows `\r[#####     ] 512/1024 MiB  128 MiB/s, 4 s left` on stderr: 512 MiB of a 1024 MiB
+/// change done (growth and shrink alike), measured from the plugged size before the resize was
+/// asked for.
 pub(crate) struct ProgressBar {
     /// Plugged bytes before the PATCH.
     start: u64,
@@ -46,12 +47,19 @@ impl ProgressBar {
     }
 }
 
+/// The change from `start` bytes plugged to `s.requested_size`, as (bytes done, bytes in all):
+/// what is left is the distance from `s.plugged_size` to the request, at most the whole change.
+fn change(start: u64, s: &MemoryStatus) -> (u64, u64) {
+    let total = start.abs_diff(s.requested_size);
+    let left = s.plugged_size.abs_diff(s.requested_size).min(total);
+    (total - left, total)
+}
+
 /// `  128 MiB/s, 4 s left` for a change from `start` bytes plugged that has run `elapsed`;
 /// empty until something moved.
 pub(crate) fn rate_and_time_left(start: u64, s: &MemoryStatus, elapsed: Duration) -> String {
-    let total = start.abs_diff(s.requested_size);
-    let left = s.plugged_size.abs_diff(s.requested_size).min(total);
-    let done = total - left;
+    let (done, total) = change(start, s);
+    let left = total - done;
     let secs = elapsed.as_secs_f64();
     if done == 0 || secs <= 0.0 {
         return String::new();
@@ -64,20 +72,20 @@ pub(crate) fn rate_and_time_left(start: u64, s: &MemoryStatus, elapsed: Duration
     format!("  {mib_s:.0} MiB/s, {:.0} s left", left as f64 / rate)
 }
 
-/// The progress line for a wait that started at `start` bytes plugged.
+/// The progress line for a wait that started at `start` bytes plugged: the bar and `done/total
+/// MiB` of the change.
 pub(crate) fn progress_line(start: u64, s: &MemoryStatus) -> String {
-    let total = start.abs_diff(s.requested_size);
-    let left = s.plugged_size.abs_diff(s.requested_size).min(total);
+    let (done, total) = change(start, s);
     let filled = if total == 0 {
         BAR_WIDTH
     } else {
-        ((total - left) as f64 / total as f64 * BAR_WIDTH as f64).round() as usize
+        (done as f64 / total as f64 * BAR_WIDTH as f64).round() as usize
     };
     format!(
         "[{}{}] {}/{} MiB",
         "#".repeat(filled),
         " ".repeat(BAR_WIDTH - filled),
-        s.plugged_size >> 20,
-        s.requested_size >> 20
+        done >> 20,
+        total >> 20
     )
 }

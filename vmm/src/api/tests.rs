@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
-use super::client::{self, CtlArgs, CtlCommand, Waited};
+use super::client::{self, CtlArgs, CtlCommand, CtlError};
 use super::server::{ApiError, ApiServer, StopHandle, MAX_CONNECTIONS, MAX_WAITERS};
 use super::{ApiBackend, MemoryStatus, VmInfo};
 
@@ -811,24 +811,39 @@ fn client_status_info_and_shutdown() {
         api_socket: h.sock.clone(),
         cmd: CtlCommand::Shutdown,
     };
-    assert_eq!(client::run(args), Ok(0));
+    client::run(args).unwrap();
     assert_eq!(h.mock.shutdowns.load(Ordering::SeqCst), 1);
 
     let none = Harness::start(Mock::new(false));
-    let err = client::status(&none.sock, false).unwrap_err();
-    assert!(err.contains("404") && err.contains("no hotplug"), "{err}");
-    let err = client::status(&h._dir.0.join("nothing.sock"), false).unwrap_err();
-    assert!(err.contains("cannot connect"), "{err}");
+    match client::status(&none.sock, false) {
+        Err(CtlError::Status {
+            status: 404,
+            message,
+            ..
+        }) => assert!(message.contains("no hotplug"), "{message}"),
+        other => panic!("expected a 404, got {other:?}"),
+    }
+    let nothing = h._dir.0.join("nothing.sock");
+    let err = client::status(&nothing, false).unwrap_err();
+    match &err {
+        CtlError::Connect(p, e) => assert_eq!((p, e.kind()), (&nothing, ErrorKind::NotFound)),
+        other => panic!("expected a connect error, got {other:?}"),
+    }
+    // What `tide ctl` prints: what failed, where, and why.
+    assert_eq!(
+        crate::error_chain(&err),
+        format!(
+            "cannot connect to the API socket {}: No such file or directory (os error 2)",
+            nothing.display()
+        )
+    );
 }
 
 #[test]
 fn client_resize() {
     let h = Harness::start(Mock::new(true));
     let mut seen = Vec::new();
-    assert_eq!(
-        client::resize(&h.sock, 512 * MIB, None, &mut |s| seen.push(s.clone())),
-        Ok(Waited::Done)
-    );
+    client::resize(&h.sock, 512 * MIB, None, &mut |s| seen.push(s.clone())).unwrap();
     assert_eq!(h.mock.requested(), 512 * MIB);
     assert!(seen.is_empty());
 
@@ -837,7 +852,7 @@ fn client_resize() {
     let r = client::resize(&h.sock, GIB, Some(Duration::from_secs(10)), &mut |s| {
         seen.push(s.clone())
     });
-    assert_eq!(r, Ok(Waited::Done));
+    r.unwrap();
     assert_eq!(seen.last().map(|s| s.plugged_size), Some(GIB));
 
     // --wait, timed out.
@@ -850,7 +865,10 @@ fn client_resize() {
         &mut |_| {},
     );
     match r {
-        Ok(Waited::TimedOut(s)) => assert_eq!((s.plugged_size, s.requested_size), (GIB, 2 * GIB)),
+        Err(CtlError::WaitTimedOut { after, last }) => {
+            assert_eq!(after, Duration::from_millis(700));
+            assert_eq!((last.plugged_size, last.requested_size), (GIB, 2 * GIB));
+        }
         other => panic!("expected a timeout, got {other:?}"),
     }
     assert!(t.elapsed() >= Duration::from_millis(700) && t.elapsed() < Duration::from_secs(3));
@@ -862,13 +880,22 @@ fn client_resize() {
             timeout: Some(0),
         },
     };
-    assert_eq!(client::run(args), Ok(1));
+    let err = client::run(args).unwrap_err();
+    assert!(matches!(err, CtlError::WaitTimedOut { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "timed out after 0 s: the guest has plugged 1 GiB of 3 GiB"
+    );
 
-    // Backend error.
+    // Backend error: the server's message is what the user reads.
     let err = client::resize(&h.sock, 8 * GIB, None, &mut |_| {}).unwrap_err();
     assert!(
-        err.contains("400") && err.contains("beyond the region"),
-        "{err}"
+        matches!(&err, CtlError::Status { status: 400, message, .. } if message.contains("beyond the region")),
+        "{err:?}"
+    );
+    assert_eq!(
+        crate::error_chain(&err),
+        "PATCH /hotplug/memory: 400 Bad Request: requested size beyond the region"
     );
 }
 
@@ -900,14 +927,28 @@ fn client_helpers() {
         client::progress_line(0, &s),
         "[##########          ] 512/1024 MiB"
     );
+    // A shrink counts what it has unplugged, and ends on the whole change, not on 0/0.
     s.requested_size = 0;
     assert_eq!(
         client::progress_line(GIB, &s),
-        "[##########          ] 512/0 MiB"
+        "[##########          ] 512/1024 MiB"
     );
     s.plugged_size = 0;
     assert_eq!(
-        client::progress_line(0, &s),
+        client::progress_line(GIB, &s),
+        "[####################] 1024/1024 MiB"
+    );
+    // A growth from a plugged size counts from there.
+    s.requested_size = 640 * MIB;
+    s.plugged_size = 384 * MIB;
+    assert_eq!(
+        client::progress_line(128 * MIB, &s),
+        "[##########          ] 256/512 MiB"
+    );
+    // Nothing to change: done at once.
+    s.plugged_size = 640 * MIB;
+    assert_eq!(
+        client::progress_line(640 * MIB, &s),
         "[####################] 0/0 MiB"
     );
 
@@ -951,10 +992,7 @@ fn client_takes_any_timeout_and_the_run_size_syntax() {
     let h = Harness::start(Mock::new(true));
     h.mock.step.store(usize::MAX, Ordering::SeqCst);
     let forever = Duration::from_secs(u64::MAX);
-    assert_eq!(
-        client::resize(&h.sock, 2 * MIB, Some(forever), &mut |_| {}),
-        Ok(Waited::Done)
-    );
+    client::resize(&h.sock, 2 * MIB, Some(forever), &mut |_| {}).unwrap();
     for s in ["1P", "2MiB", "3 GB", "16383P"] {
         assert_eq!(
             client::parse_size(s),
@@ -985,7 +1023,12 @@ fn client_shows_a_503_as_the_servers_message() {
         )
         .unwrap_err();
         assert!(
-            err.contains("503") && err.contains("too many API connections"),
+            matches!(err, CtlError::Status { status: 503, .. }),
+            "{err:?}"
+        );
+        // The user reads the server's reason, not "Broken pipe".
+        assert!(
+            crate::error_chain(&err).ends_with("503 Service Unavailable: too many API connections"),
             "{err}"
         );
     }
