@@ -34,7 +34,9 @@ pub use layout::{
 };
 pub use listener::{ListenerError, ListenerId, RamDiscardListener};
 pub use populate::{
-    populate_threads, PIECE_MIN_HUGE_PAGES, PIECE_MIN_SMALL_PAGES, POPULATE_THREADS_MAX,
+    lower_thread_priority, populate_threads, Priority, BACKGROUND_NICE,
+    BACKGROUND_PIECE_HUGE_PAGES, BACKGROUND_PIECE_SMALL_PAGES, PIECE_MIN_HUGE_PAGES,
+    PIECE_MIN_SMALL_PAGES, POPULATE_THREADS_MAX,
 };
 pub use region::{HotplugRegion, OpTimes, RegionOptions};
 pub use size::parse_size;

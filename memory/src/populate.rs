@@ -28,6 +28,27 @@ pub const PIECE_MIN_SMALL_PAGES: u64 = 1 << 20;
 /// (0.45 ms either way) and two win from 32 MiB (0.96 against 1.21 ms).
 pub const PIECE_MIN_HUGE_PAGES: u64 = 16 << 20;
 
+/// Who waits for a populate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// A guest's request waits for it: the pool at the process's own priority, each thread
+    /// one piece.
+    Foreground,
+    /// Populate ahead, which nobody waits for yet: a pool of threads at nice
+    /// [`BACKGROUND_NICE`] (so that a PLUG being answered, the guest's vCPUs and the API win
+    /// the CPU from it), in pieces of about a millisecond ([`BACKGROUND_PIECE_SMALL_PAGES`],
+    /// [`BACKGROUND_PIECE_HUGE_PAGES`]): `MADV_POPULATE_WRITE` holds the mmap lock for reading
+    /// through each call, and a PLUG's `mprotect` or `mremap` waits for it.
+    Background,
+}
+
+/// The nice value of the background populate threads.
+pub const BACKGROUND_NICE: i32 = 10;
+/// Largest background piece of 4 KiB pages (about 1.2 ms of one core here).
+pub const BACKGROUND_PIECE_SMALL_PAGES: u64 = 4 << 20;
+/// Largest background piece of 2 MiB pages (about 0.8 ms of one core here).
+pub const BACKGROUND_PIECE_HUGE_PAGES: u64 = 16 << 20;
+
 /// The CPUs this process may run on, read once.
 fn allowed_cpus() -> Vec<usize> {
     // SAFETY: `set` is a plain bitmask the call fills; its size is passed.
@@ -54,7 +75,7 @@ pub fn populate_threads(bytes: u64, huge_pages: bool) -> usize {
     } else {
         PIECE_MIN_SMALL_PAGES
     };
-    pool()
+    pool(Priority::Foreground)
         .map_or(1, |p| p.workers.len())
         .min((bytes / piece_min).max(1) as usize)
 }
@@ -87,11 +108,28 @@ struct Pool {
     workers: Vec<Mutex<Sender<Job>>>,
 }
 
-/// The pool, started on first use; `None` when not even one thread could be started (the
-/// caller then populates alone).
-fn pool() -> Option<&'static Pool> {
-    static POOL: OnceLock<Option<Pool>> = OnceLock::new();
-    POOL.get_or_init(|| {
+/// The pool of `priority`, started on first use; `None` when not even one thread could be
+/// started (the caller then populates alone).
+fn pool(priority: Priority) -> Option<&'static Pool> {
+    static FOREGROUND: OnceLock<Option<Pool>> = OnceLock::new();
+    static BACKGROUND: OnceLock<Option<Pool>> = OnceLock::new();
+    let cell = match priority {
+        Priority::Foreground => &FOREGROUND,
+        Priority::Background => &BACKGROUND,
+    };
+    cell.get_or_init(|| start_pool(priority)).as_ref()
+}
+
+/// Starts both pools now (called when a region is created, so that the threads exist before
+/// the VM runs rather than appearing at its first plug).
+pub(crate) fn start_pools() {
+    let _ = pool(Priority::Foreground);
+    let _ = pool(Priority::Background);
+}
+
+/// Starts one thread per allowed CPU (at most [`POPULATE_THREADS_MAX`]), pinned to it.
+fn start_pool(priority: Priority) -> Option<Pool> {
+    {
         let mut workers = Vec::new();
         for (i, cpu) in allowed_cpus()
             .into_iter()
@@ -100,9 +138,15 @@ fn pool() -> Option<&'static Pool> {
         {
             let (tx, rx) = mpsc::channel::<Job>();
             let started = std::thread::Builder::new()
-                .name(format!("populate-{i}"))
+                .name(match priority {
+                    Priority::Foreground => format!("populate-{i}"),
+                    Priority::Background => format!("populate-bg-{i}"),
+                })
                 .spawn(move || {
                     pin_to(cpu);
+                    if priority == Priority::Background {
+                        lower_thread_priority();
+                    }
                     for job in rx {
                         let _ =
                             job.done
@@ -118,8 +162,22 @@ fn pool() -> Option<&'static Pool> {
             }
         }
         (!workers.is_empty()).then_some(Pool { workers })
-    })
-    .as_ref()
+    }
+}
+
+/// Sets the calling thread's nice value to [`BACKGROUND_NICE`] (background memory work: the
+/// populate-ahead pool, the VMM's resident-memory reading); a failure only costs priority, so
+/// it is logged.
+pub fn lower_thread_priority() {
+    // SAFETY: plain syscalls on the calling thread's own id (PRIO_PROCESS with a thread id
+    // sets that thread's nice value on Linux).
+    let r = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE)
+    };
+    if r != 0 {
+        debug!("cannot lower a thread's priority: {}", last_err());
+    }
 }
 
 /// Pins the calling thread to `cpu`; a failure only costs placement, so it is logged.
@@ -136,11 +194,16 @@ fn pin_to(cpu: usize) {
 }
 
 /// `MADV_POPULATE_WRITE` over `[addr, addr + len)`, split into [`populate_threads`] pieces
-/// (2 MiB aligned for huge pages) that the pool's threads populate at once while the caller waits: the
-/// kernel zeroes pages on the faulting CPU, so this scales with cores. `huge_pages`: the
-/// range is backed by 2 MiB pages (THP or hugetlb). The first error wins; the caller rolls
-/// the whole range back.
-pub(crate) fn populate_parallel(addr: usize, len: usize, huge_pages: bool) -> io::Result<()> {
+/// (2 MiB aligned for huge pages; background pieces at most about a millisecond each) that the
+/// pool of `priority` populates at once while the caller waits: the kernel zeroes pages on the
+/// faulting CPU, so this scales with cores. `huge_pages`: the range is backed by 2 MiB pages
+/// (THP or hugetlb). The first error wins; the caller rolls the whole range back.
+pub(crate) fn populate_parallel(
+    addr: usize,
+    len: usize,
+    huge_pages: bool,
+    priority: Priority,
+) -> io::Result<()> {
     let threads = populate_threads(len as u64, huge_pages);
     // Pieces never split a huge page between threads.
     let align = if huge_pages {
@@ -148,14 +211,31 @@ pub(crate) fn populate_parallel(addr: usize, len: usize, huge_pages: bool) -> io
     } else {
         PAGE_SIZE
     } as usize;
-    let per = len.div_ceil(threads).next_multiple_of(align);
-    let Some(pool) = pool().filter(|_| len > per) else {
+    let mut per = len.div_ceil(threads).next_multiple_of(align);
+    if priority == Priority::Background {
+        let max = if huge_pages {
+            BACKGROUND_PIECE_HUGE_PAGES
+        } else {
+            BACKGROUND_PIECE_SMALL_PAGES
+        };
+        per = per.min(max as usize);
+    }
+    // A foreground populate of one piece runs on the caller; a background one always on the
+    // low-priority pool.
+    let pool = pool(priority).filter(|_| priority == Priority::Background || len > per);
+    let Some(pool) = pool else {
         return advise_raw(addr, len, libc::MADV_POPULATE_WRITE);
     };
     let (done, results) = mpsc::channel();
     let mut sent = 0;
     let mut result = Ok(());
-    for (worker, start) in pool.workers.iter().zip((addr..addr + len).step_by(per)) {
+    // Piece k goes to worker k mod n; each worker runs its pieces in order.
+    for (worker, start) in pool
+        .workers
+        .iter()
+        .cycle()
+        .zip((addr..addr + len).step_by(per))
+    {
         let job = Job {
             addr: start,
             len: per.min(addr + len - start),
@@ -190,7 +270,7 @@ mod tests {
         assert_eq!(populate_threads(PIECE_MIN_SMALL_PAGES, false), 1);
         assert_eq!(populate_threads(PIECE_MIN_HUGE_PAGES, true), 1);
         assert_eq!(populate_threads(PIECE_MIN_HUGE_PAGES * 2 - 1, true), 1);
-        let n = pool().map_or(1, |p| p.workers.len());
+        let n = pool(Priority::Foreground).map_or(1, |p| p.workers.len());
         assert_eq!(populate_threads(128 << 20, false), n.min(128));
         assert_eq!(populate_threads(128 << 20, true), n.min(8));
         assert!(n <= POPULATE_THREADS_MAX);
@@ -204,7 +284,7 @@ mod tests {
         let r = unsafe { libc::mprotect(addr as _, len, libc::PROT_READ | libc::PROT_WRITE) };
         assert_eq!(r, 0);
         advise_raw(addr, len, libc::MADV_NOHUGEPAGE).unwrap();
-        populate_parallel(addr, len, false).unwrap();
+        populate_parallel(addr, len, false, Priority::Foreground).unwrap();
         let mut vec = vec![0u8; len / 4096];
         // SAFETY: `vec` has one byte per page of the mapping.
         let r = unsafe { libc::mincore(addr as _, len, vec.as_mut_ptr()) };
@@ -214,7 +294,18 @@ mod tests {
         // SAFETY: our own mapping.
         let r = unsafe { libc::mprotect(addr as _, len, libc::PROT_NONE) };
         assert_eq!(r, 0);
-        assert!(populate_parallel(addr, len, false).is_err());
+        assert!(populate_parallel(addr, len, false, Priority::Foreground).is_err());
+        assert!(populate_parallel(addr, len, false, Priority::Background).is_err());
+        // SAFETY: our own mapping.
+        let r = unsafe { libc::mprotect(addr as _, len, libc::PROT_READ | libc::PROT_WRITE) };
+        assert_eq!(r, 0);
+        advise_raw(addr, len, libc::MADV_DONTNEED).unwrap();
+        // Background: two 4 MiB pieces on the low-priority pool.
+        populate_parallel(addr, len, false, Priority::Background).unwrap();
+        // SAFETY: `vec` has one byte per page of the mapping.
+        let r = unsafe { libc::mincore(addr as _, len, vec.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        assert!(vec.iter().all(|&v| v & 1 == 1), "every page resident");
         crate::sys::unmap(addr, len);
     }
 }

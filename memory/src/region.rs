@@ -20,7 +20,7 @@ use crate::bitmap::{new_splits, Bitmap};
 use crate::cgroup::cgroup_headroom;
 use crate::layout::HotplugLayout;
 use crate::listener::{ListenerId, RamDiscardListener};
-use crate::populate::{advise_raw, populate_parallel};
+use crate::populate::{advise_raw, populate_parallel, Priority};
 use crate::sys::{
     create_memfd, last_err, map_none, prime_anon_vma, read_u64_file, unmap, FREE_HUGEPAGES,
     HUGE_PAGE_SIZE, MAX_MAP_COUNT, OVERCOMMIT_MEMORY, PAGE_SIZE,
@@ -29,7 +29,7 @@ use crate::{aligned, Error, Result};
 
 mod ahead;
 
-use ahead::Staged;
+use ahead::{Fill, Staged};
 
 const MAX_RUN_BUDGET: u64 = 32768;
 
@@ -266,6 +266,10 @@ impl HotplugRegion {
             }
         };
         let ahead_ok = fd.is_some() || read_u64_file(OVERCOMMIT_MEMORY) != Some(2);
+        // What a PLUG uses, ready before the first one: the populate threads and the open
+        // cgroup files.
+        crate::populate::start_pools();
+        crate::cgroup::prepare();
         debug!(
             "hotplug region [{base:#x}, +{size:#x}) block {block_size:#x} backend {backend} at host {host:#x} thp {thp}"
         );
@@ -406,6 +410,7 @@ impl HotplugRegion {
             self.host_ptr(a) as usize,
             self.byte_len(a, b),
             self.huge_pages(),
+            Priority::Foreground,
         )
     }
 
@@ -546,29 +551,19 @@ impl HotplugRegion {
         if !pieces.is_empty() {
             Self::ensure_splits(&mut st);
         }
-        let t = Instant::now();
-        let protected = self.protect(a, b, libc::PROT_READ | libc::PROT_WRITE);
-        times.protect_ns += ns_since(t);
-        if let Err(source) = protected {
-            for &(x, y, host) in &pieces {
-                unmap(host, self.byte_len(x, y));
-            }
+        if let Err(e) = self.fill(&mut st, a, b, &pieces, times) {
             self.roll_back(a, b, st.access);
-            return Err(Error::Protect {
-                addr: addr.0,
-                len,
-                source,
-            });
-        }
-        let t = Instant::now();
-        let filled = self.fill(&mut st, a, b, &pieces);
-        times.syscall_ns += ns_since(t);
-        if let Err(source) = filled {
-            self.roll_back(a, b, st.access);
-            return Err(Error::Populate {
-                addr: addr.0,
-                len,
-                source,
+            return Err(match e {
+                Fill::Protect(source) => Error::Protect {
+                    addr: addr.0,
+                    len,
+                    source,
+                },
+                Fill::Populate(source) => Error::Populate {
+                    addr: addr.0,
+                    len,
+                    source,
+                },
             });
         }
         for (i, (_, l)) in st.listeners.iter().enumerate() {

@@ -138,7 +138,7 @@ impl Vmm {
 
         let sampler = match &self.mem_device {
             Some(d) if !d.region().resident_bytes_is_cheap() => Some(
-                ResidentSampler::start(d.region().clone())
+                ResidentSampler::start(d.region().clone(), Some(d.changed_evt()?))
                     .map_err(|e| Error::Io("cannot start the resident-memory thread", e))?,
             ),
             _ => None,

@@ -308,6 +308,9 @@ impl Ahead {
     }
 
     fn run(self) {
+        // Nobody waits for this thread's work yet (fd backends allocate here, anon ones on the
+        // background populate pool): a PLUG being answered and the vCPUs win the CPU from it.
+        memory::lower_thread_priority();
         // `more`: populate the next chunk without waiting (cleared when nothing is left to do
         // or a populate ahead failed: that is not an error, the PLUG then populates itself).
         let (mut more, mut last_requested, mut last_plugged) = (false, 0, u64::MAX);

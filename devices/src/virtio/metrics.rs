@@ -3,7 +3,8 @@
 //! Firecracker's virtio-mem `metrics`.
 //!
 //! A request's service time runs from the moment the device takes its chain off the queue to
-//! the moment its answer is on the used ring, and is split into validation (parsing, range and
+//! the moment its answer is on the used ring (the interrupt that follows is timed apart), and
+//! is split into validation (parsing, range and
 //! state checks), protection changes (`mprotect`), the memory system calls (`madvise`,
 //! `fallocate`, `mremap`), the wait for a populate ahead of the range still under way when the
 //! PLUG came, and bookkeeping (the rest: bitmap, listeners, config, used ring).
@@ -43,6 +44,7 @@ pub struct RequestMetrics {
     syscall_ns: AtomicU64,
     ahead_wait_ns: AtomicU64,
     bookkeeping_ns: AtomicU64,
+    notify_ns: AtomicU64,
     ahead_bytes: AtomicU64,
 }
 
@@ -60,14 +62,17 @@ impl Default for RequestMetrics {
             syscall_ns: AtomicU64::new(0),
             ahead_wait_ns: AtomicU64::new(0),
             bookkeeping_ns: AtomicU64::new(0),
+            notify_ns: AtomicU64::new(0),
             ahead_bytes: AtomicU64::new(0),
         }
     }
 }
 
 impl RequestMetrics {
-    /// Records one request answered `answer` (a virtio-mem response code) after `total_ns`.
-    pub fn record(&self, s: &Sample, answer: u16, total_ns: u64) {
+    /// Records one request answered `answer` (a virtio-mem response code) after `total_ns`,
+    /// whose used-buffer interrupt then took `notify_ns`.
+    pub fn record(&self, s: &Sample, answer: u16, total_ns: u64, notify_ns: u64) {
+        self.notify_ns.fetch_add(notify_ns, Relaxed);
         self.count.fetch_add(1, Relaxed);
         self.bytes.fetch_add(s.bytes, Relaxed);
         if let Some(a) = self.answers.get(usize::from(answer)) {
@@ -119,6 +124,7 @@ impl RequestMetrics {
             syscall_ns: self.syscall_ns.load(Relaxed),
             ahead_wait_ns: self.ahead_wait_ns.load(Relaxed),
             bookkeeping_ns: self.bookkeeping_ns.load(Relaxed),
+            notify_ns: self.notify_ns.load(Relaxed),
             ahead_bytes: self.ahead_bytes.load(Relaxed),
         }
     }
@@ -158,6 +164,8 @@ pub struct RequestSnapshot {
     pub ahead_wait_ns: u64,
     /// The rest: bitmap, listeners, config, used ring.
     pub bookkeeping_ns: u64,
+    /// After the service time: the used-buffer interrupts (irqfd writes), summed.
+    pub notify_ns: u64,
     /// Bytes found populated ahead.
     pub ahead_bytes: u64,
 }
@@ -261,14 +269,14 @@ mod tests {
             ahead_wait_ns: 15,
             ahead_bytes: 0,
         };
-        m.of(Some(0)).record(&s, 0, 100);
-        m.of(Some(0)).record(&s, 2, 300);
-        m.of(Some(9)).record(&Sample::default(), 3, 5);
+        m.of(Some(0)).record(&s, 0, 100, 7);
+        m.of(Some(0)).record(&s, 2, 300, 7);
+        m.of(Some(9)).record(&Sample::default(), 3, 5, 0);
         assert_eq!(m.plug.count(), 2);
         assert_eq!(m.plug.total_ns(), 400);
         assert_eq!(m.invalid.count(), 1);
         let j = m.to_json();
-        assert!(j.contains("\"plug\":{\"count\":2,\"bytes\":8192,\"ack\":1,\"nack\":0,\"busy\":1,\"error\":0,\"total_ns\":400,\"min_ns\":100,\"avg_ns\":200,\"max_ns\":300,\"validate_ns\":20,\"protect_ns\":40,\"syscall_ns\":60,\"ahead_wait_ns\":30,\"bookkeeping_ns\":250"), "{j}");
+        assert!(j.contains("\"plug\":{\"count\":2,\"bytes\":8192,\"ack\":1,\"nack\":0,\"busy\":1,\"error\":0,\"total_ns\":400,\"min_ns\":100,\"avg_ns\":200,\"max_ns\":300,\"validate_ns\":20,\"protect_ns\":40,\"syscall_ns\":60,\"ahead_wait_ns\":30,\"bookkeeping_ns\":250,\"notify_ns\":14"), "{j}");
         assert!(
             j.contains("\"unplug\":{\"count\":0,") && j.contains("\"min_ns\":0"),
             "{j}"

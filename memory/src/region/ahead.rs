@@ -4,14 +4,23 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use log::{debug, warn};
 
-use super::{HotplugRegion, State};
+use super::{ns_since, HotplugRegion, OpTimes, State};
 use crate::backend::Backend;
-use crate::populate::{advise_raw, populate_parallel};
+use crate::populate::{advise_raw, populate_parallel, Priority};
 use crate::sys::{last_err, unmap, HUGE_PAGE_SIZE};
 use crate::{Error, Result};
+
+/// Why [`HotplugRegion::fill`] failed.
+pub(super) enum Fill {
+    /// Making blocks read-write.
+    Protect(io::Error),
+    /// Backing them.
+    Populate(io::Error),
+}
 
 /// Memory populated ahead for blocks `[a, b)` of an anonymous region, in a separate mapping
 /// (never the guest's) at `host`, moved into place by the PLUG that takes it.
@@ -22,19 +31,19 @@ pub(super) struct Staged {
 }
 
 impl HotplugRegion {
-    /// Backs blocks `[a, b)`, already read-write: moves the staged `pieces` into place (a piece
-    /// that cannot be moved is dropped and populated like the rest) and populates the rest.
+    /// Backs blocks `[a, b)` and makes them read-write: moves the staged `pieces` into place
+    /// (the moved mapping is read-write already, so those blocks need no `mprotect`; a piece
+    /// that cannot be moved is dropped and populated like the rest), then protects and
+    /// populates the rest. Adds where the time went to `times`.
     pub(super) fn fill(
         &self,
         st: &mut State,
         a: usize,
         b: usize,
         pieces: &[(usize, usize, usize)],
-    ) -> io::Result<()> {
-        if self.fd.is_some() {
-            // Blocks populated ahead are in the file already: this only maps them.
-            return self.populate_blocks(a, b);
-        }
+        times: &mut OpTimes,
+    ) -> std::result::Result<(), Fill> {
+        let t = Instant::now();
         let mut moved = Vec::with_capacity(pieces.len());
         for &(x, y, host) in pieces {
             let len = self.byte_len(x, y);
@@ -65,11 +74,21 @@ impl HotplugRegion {
                 }
             }
         }
+        times.syscall_ns += ns_since(t);
         moved.sort_unstable();
         let mut i = a;
         for (x, y) in moved.into_iter().chain(std::iter::once((b, b))) {
             if i < x {
-                self.populate_blocks(i, x)?;
+                let t = Instant::now();
+                let protected = self.protect(i, x, libc::PROT_READ | libc::PROT_WRITE);
+                times.protect_ns += ns_since(t);
+                protected.map_err(Fill::Protect)?;
+                // Blocks of fd backends populated ahead are in the file already: this only
+                // maps them.
+                let t = Instant::now();
+                let populated = self.populate_blocks(i, x);
+                times.syscall_ns += ns_since(t);
+                populated.map_err(Fill::Populate)?;
             }
             i = y;
         }
@@ -244,7 +263,7 @@ impl HotplugRegion {
         if self.thp {
             advise_raw(start, len, libc::MADV_HUGEPAGE)?;
         }
-        if let Err(e) = populate_parallel(start, len, self.thp) {
+        if let Err(e) = populate_parallel(start, len, self.thp, Priority::Background) {
             unmap(start, len);
             return Err(e);
         }

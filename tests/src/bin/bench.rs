@@ -1012,6 +1012,7 @@ struct Delta {
     syscall: f64,
     ahead_wait: f64,
     bookkeeping: f64,
+    notify: f64,
     ahead: u64,
 }
 
@@ -1028,6 +1029,7 @@ impl Delta {
             syscall: s("syscall_ns"),
             ahead_wait: s("ahead_wait_ns"),
             bookkeeping: s("bookkeeping_ns"),
+            notify: s("notify_ns"),
             ahead: d("ahead_bytes"),
         }
     }
@@ -1047,8 +1049,8 @@ impl Delta {
         let pct = |x: f64| 100.0 * x / self.total.max(1e-12);
         format!(
             "{} requests, service avg {} (syscalls {:.0}%, mprotect {:.0}%, waiting for populate \
-             ahead {:.0}%, validation {:.0}%, bookkeeping {:.0}%), fixed {:.1} us/request, {} \
-             populated ahead",
+             ahead {:.0}%, validation {:.0}%, bookkeeping {:.0}%), fixed {:.1} us/request, then \
+             the interrupt {:.1} us/request, {} populated ahead",
             self.count,
             secs_str(self.avg()),
             pct(self.syscall),
@@ -1057,6 +1059,7 @@ impl Delta {
             pct(self.validate),
             pct(self.bookkeeping),
             self.fixed() * 1e6,
+            self.notify / self.count.max(1) as f64 * 1e6,
             mib(self.ahead)
         )
     }
@@ -1206,6 +1209,7 @@ fn tide_pattern(
             ("validate_s", json!(d.validate)),
             ("bookkeeping_s", json!(d.bookkeeping)),
             ("ahead_wait_s", json!(d.ahead_wait)),
+            ("notify_s", json!(d.notify)),
             ("ahead_bytes", json!(d.ahead)),
         ];
         println!(
