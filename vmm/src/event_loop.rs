@@ -14,6 +14,14 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::vcpu::RunState;
 
+/// Registers `fd` for input with epoll data `data`; a failure is logged with `what` (the
+/// subscriber then misses those events, which its own logic tolerates).
+pub(crate) fn watch(ops: &mut EventOps, fd: RawFd, data: u32, what: &str) {
+    if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+        log::error!("cannot watch {what}: {e:?}");
+    }
+}
+
 /// Feeds the host's stdin to the guest's serial port. Reads the stdin fd directly (no buffering
 /// in between, so epoll sees every byte that waits), keeps what the receive FIFO cannot take yet,
 /// and stops watching stdin until the guest has read the FIFO empty (the UART's drained event):
@@ -116,9 +124,7 @@ impl MutEventSubscriber for ConsoleInput {
             }
         }
         let drained = lock(&self.serial).rx_drained_evt().as_raw_fd();
-        if let Err(e) = ops.add(Events::with_data_raw(drained, DRAINED, EventSet::IN)) {
-            log::error!("console input: cannot watch the serial receive FIFO: {e:?}");
-        }
+        watch(ops, drained, DRAINED, "the serial receive FIFO");
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -159,15 +165,10 @@ const SIGNAL: u32 = 3;
 impl MutEventSubscriber for StopWatch {
     fn init(&mut self, ops: &mut EventOps) {
         let reset: RawFd = lock(&self.i8042).reset_evt().as_raw_fd();
-        for (fd, data) in [(reset, RESET), (self.state.evt().as_raw_fd(), STOP)] {
-            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
-                log::error!("cannot watch for VM stops: {e:?}");
-            }
-        }
+        watch(ops, reset, RESET, "the guest's reset");
+        watch(ops, self.state.evt().as_raw_fd(), STOP, "VM stops");
         if let Some(evt) = self.signals {
-            if let Err(e) = ops.add(Events::with_data(evt, SIGNAL, EventSet::IN)) {
-                log::error!("cannot watch for stop signals: {e:?}");
-            }
+            watch(ops, evt.as_raw_fd(), SIGNAL, "stop signals");
         }
     }
 

@@ -25,9 +25,9 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use kvm_ioctls::{IoEventAddress, VmFd};
 use memory::HotplugRegion;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::event_loop::watch;
 use crate::{Error, Result};
 
 /// What is populated ahead at a time, aligned in guest physical memory: Linux's memory block
@@ -224,21 +224,14 @@ const STOP: u32 = u32::MAX;
 impl MutEventSubscriber for QueueWorker {
     fn init(&mut self, ops: &mut EventOps) {
         for (i, evt) in self.queue_evts.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data_raw(
-                evt.as_raw_fd(),
-                i as u32,
-                EventSet::IN,
-            )) {
-                log::error!("virtio-mem worker cannot watch queue {i}: {e:?}");
-            }
+            watch(ops, evt.as_raw_fd(), i as u32, "a virtio-mem queue");
         }
-        if let Err(e) = ops.add(Events::with_data_raw(
+        watch(
+            ops,
             self.stop.as_raw_fd(),
             STOP,
-            EventSet::IN,
-        )) {
-            log::error!("virtio-mem worker cannot watch its stop fd: {e:?}");
-        }
+            "the virtio-mem worker's stop",
+        );
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {

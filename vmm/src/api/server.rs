@@ -26,6 +26,7 @@ use super::http::{parse_request, Parse, Response};
 use super::routes::{handle, long_poll_answer, no_hotplug, settled, shutting_down, Outcome};
 use super::socket;
 use super::{ApiBackend, MemoryStatus};
+use crate::event_loop::watch;
 
 pub use super::routes::{DEFAULT_WAIT_MS, MAX_WAIT_MS};
 pub use super::socket::ApiError;
@@ -482,20 +483,12 @@ impl ApiServer {
 
 impl MutEventSubscriber for ApiServer {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.listener, LISTENER, EventSet::IN)) {
-            log::error!("API socket: cannot watch the listener: {e:?}");
-        }
+        watch(ops, self.listener.as_raw_fd(), LISTENER, "the API socket");
         if let Some(w) = &self.wake {
-            if let Err(e) = ops.add(Events::with_data(w, WAKE, EventSet::IN)) {
-                log::warn!("API socket: cannot watch the wake-up fd: {e:?}");
-            }
+            watch(ops, w.as_raw_fd(), WAKE, "the API's wake-up");
         }
-        if let Err(e) = ops.add(Events::with_data(&self.timer, TIMER, EventSet::IN)) {
-            log::error!("API socket: cannot watch the timer: {e:?}");
-        }
-        if let Err(e) = ops.add(Events::with_data(&self.stop, STOP, EventSet::IN)) {
-            log::error!("API socket: cannot watch the stop fd: {e:?}");
-        }
+        watch(ops, self.timer.as_raw_fd(), TIMER, "the API's timer");
+        watch(ops, self.stop.as_raw_fd(), STOP, "the API's stop");
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
