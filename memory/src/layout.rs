@@ -79,12 +79,11 @@ impl MemoryLayout {
         let hotplug = if hotplug_size == 0 {
             None
         } else {
-            if !block_size.is_power_of_two() || block_size < MIN_BLOCK_SIZE {
-                return Err(Error::BlockSize {
-                    block_size,
-                    reason: "must be a power of two of at least 2 MiB",
-                });
-            }
+            check_block_size(
+                block_size,
+                MIN_BLOCK_SIZE,
+                "must be a power of two of at least 2 MiB",
+            )?;
             if !aligned(hotplug_size, block_size) {
                 return Err(Error::HotplugSize {
                     size: hotplug_size,
@@ -144,6 +143,14 @@ pub fn create_boot_memory(layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
         ranges.push((*start, len));
     }
     GuestMemoryMmap::from_ranges(&ranges).map_err(Error::BootMemory)
+}
+
+/// Checks that `block_size` is a power of two of at least `min`; `reason` says so in the error.
+pub(crate) fn check_block_size(block_size: u64, min: u64, reason: &'static str) -> Result<()> {
+    if !block_size.is_power_of_two() || block_size < min {
+        return Err(Error::BlockSize { block_size, reason });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -160,12 +160,11 @@ impl HotplugRegion {
             block_size,
         } = *layout;
         let base = base.0;
-        if !block_size.is_power_of_two() || block_size < PAGE_SIZE {
-            return Err(Error::BlockSize {
-                block_size,
-                reason: "must be a power of two of at least 4 KiB",
-            });
-        }
+        crate::layout::check_block_size(
+            block_size,
+            PAGE_SIZE,
+            "must be a power of two of at least 4 KiB",
+        )?;
         if !aligned(base, block_size) {
             return Err(Error::BlockSize {
                 block_size,

@@ -24,38 +24,58 @@ const COMMAND: u64 = 4;
 /// ISA IRQ of the keyboard.
 pub const KBD_IRQ: u32 = 1;
 
-// Status register bits.
+/// Status: the output buffer holds a byte for the host.
 const STR_OBF: u8 = 0x01;
+/// Status: system flag (set after a passed self-test).
 const STR_SYS: u8 = 0x04;
+/// Status: the last write went to the command port.
 const STR_CMDDAT: u8 = 0x08;
 /// "Keyboard not inhibited" (Linux warns "Keylock active" when it is clear).
 const STR_KEYLOCK: u8 = 0x10;
 
-// Controller configuration byte bits.
+/// Configuration: keyboard interrupt (IRQ 1) enabled.
 const CTR_KBDINT: u8 = 0x01;
+/// Configuration: system flag.
 const CTR_SYS: u8 = 0x04;
+/// Configuration: keyboard clock disabled.
 const CTR_KBDDIS: u8 = 0x10;
+/// Configuration: AUX (mouse) clock disabled.
 const CTR_AUXDIS: u8 = 0x20;
+/// Configuration: scan-code set 2 to set 1 translation.
 const CTR_XLATE: u8 = 0x40;
 
-// Controller commands (written to port 0x64).
+/// Command: read the configuration byte.
 const CMD_READ_CTR: u8 = 0x20;
+/// Command: write the configuration byte (next data byte).
 const CMD_WRITE_CTR: u8 = 0x60;
+/// Command: disable the AUX port.
 const CMD_AUX_DISABLE: u8 = 0xa7;
+/// Command: enable the AUX port.
 const CMD_AUX_ENABLE: u8 = 0xa8;
+/// Command: test the AUX interface.
 const CMD_AUX_TEST: u8 = 0xa9;
+/// Command: controller self-test.
 const CMD_SELF_TEST: u8 = 0xaa;
+/// Command: test the keyboard interface.
 const CMD_KBD_TEST: u8 = 0xab;
+/// Command: disable the keyboard port.
 const CMD_KBD_DISABLE: u8 = 0xad;
+/// Command: enable the keyboard port.
 const CMD_KBD_ENABLE: u8 = 0xae;
+/// Command: write the output port (next data byte; bit 0 clear resets the CPU).
 const CMD_WRITE_OUTPUT_PORT: u8 = 0xd1;
+/// Command: echo the next data byte as if the keyboard sent it.
 const CMD_KBD_LOOP: u8 = 0xd2;
+/// Command: echo the next data byte as if the mouse sent it.
 const CMD_AUX_LOOP: u8 = 0xd3;
+/// Command: send the next data byte to the mouse.
 const CMD_AUX_SEND: u8 = 0xd4;
+/// Command: pulse the CPU reset line.
 const CMD_RESET_CPU: u8 = 0xfe;
 
-// Answers.
+/// Answer to a passed controller self-test.
 const SELF_TEST_OK: u8 = 0x55;
+/// Answer to a passed interface test.
 const PORT_TEST_OK: u8 = 0x00;
 /// AUX interface test: "clock line stuck low", i.e. no mouse port.
 const AUX_TEST_ABSENT: u8 = 0x01;
