@@ -1228,10 +1228,22 @@ fn tide_pattern(
             best.unplug_m = Delta::of(&m1, &m2, "unplug");
         }
     }
+    // Cold: the same plug 3 s after the last unplug, like the raw cold figure (the outer
+    // hypervisor takes freed memory back meanwhile; faulting it in again is slower).
+    std::thread::sleep(Duration::from_secs(3));
+    let m0 = metrics(&sock)?;
+    let t = Instant::now();
+    patch(&sock, GIB)?;
+    settle(&sock, GIB)?;
+    let cold = t.elapsed().as_secs_f64();
+    let cold_m = Delta::of(&m0, &metrics(&sock)?, "plug");
+    patch(&sock, 0)?;
+    settle(&sock, 0)?;
     vmm.stop();
     for (what, secs, d, raw_s) in [
         ("plug", best.plug, best.plug_m, raw.p1g_n),
         ("unplug", best.unplug, best.unplug_m, 8.0 * raw.d128),
+        ("plug_cold", cold, cold_m, raw.cold_1g_n),
     ] {
         let mut r = Row::new(
             &format!("tide_{what}_{name}"),
