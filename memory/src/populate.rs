@@ -8,11 +8,10 @@
 
 use std::io;
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use log::debug;
 
-use crate::sync::lock;
 use crate::sys::{last_err, HUGE_PAGE_SIZE, PAGE_SIZE};
 
 /// Most threads one populate uses.
@@ -105,11 +104,12 @@ struct Job {
 /// The populate threads: worker `i` is pinned to the `i`-th CPU this process may use. They
 /// live as long as the process and sleep on their queue between populates.
 struct Pool {
-    workers: Vec<Mutex<Sender<Job>>>,
+    workers: Vec<Sender<Job>>,
 }
 
-/// The pool of `priority`, started on first use; `None` when not even one thread could be
-/// started (the caller then populates alone).
+/// The pool of `priority`, started on first use ([`start_pools`] does that when a region is
+/// created); `None` when not even one thread could be started (the caller then populates
+/// alone).
 fn pool(priority: Priority) -> Option<&'static Pool> {
     static FOREGROUND: OnceLock<Option<Pool>> = OnceLock::new();
     static BACKGROUND: OnceLock<Option<Pool>> = OnceLock::new();
@@ -129,40 +129,38 @@ pub(crate) fn start_pools() {
 
 /// Starts one thread per allowed CPU (at most [`POPULATE_THREADS_MAX`]), pinned to it.
 fn start_pool(priority: Priority) -> Option<Pool> {
+    let mut workers = Vec::new();
+    for (i, cpu) in allowed_cpus()
+        .into_iter()
+        .take(POPULATE_THREADS_MAX)
+        .enumerate()
     {
-        let mut workers = Vec::new();
-        for (i, cpu) in allowed_cpus()
-            .into_iter()
-            .take(POPULATE_THREADS_MAX)
-            .enumerate()
-        {
-            let (tx, rx) = mpsc::channel::<Job>();
-            let started = std::thread::Builder::new()
-                .name(match priority {
-                    Priority::Foreground => format!("populate-{i}"),
-                    Priority::Background => format!("populate-bg-{i}"),
-                })
-                .spawn(move || {
-                    pin_to(cpu);
-                    if priority == Priority::Background {
-                        lower_thread_priority();
-                    }
-                    for job in rx {
-                        let _ =
-                            job.done
-                                .send(advise_raw(job.addr, job.len, libc::MADV_POPULATE_WRITE));
-                    }
-                });
-            match started {
-                Ok(_) => workers.push(Mutex::new(tx)),
-                Err(e) => {
-                    debug!("cannot start populate thread {i}: {e}");
-                    break;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let started = std::thread::Builder::new()
+            .name(match priority {
+                Priority::Foreground => format!("populate-{i}"),
+                Priority::Background => format!("populate-bg-{i}"),
+            })
+            .spawn(move || {
+                pin_to(cpu);
+                if priority == Priority::Background {
+                    lower_thread_priority();
                 }
+                for job in rx {
+                    let _ = job
+                        .done
+                        .send(advise_raw(job.addr, job.len, libc::MADV_POPULATE_WRITE));
+                }
+            });
+        match started {
+            Ok(_) => workers.push(tx),
+            Err(e) => {
+                debug!("cannot start populate thread {i}: {e}");
+                break;
             }
         }
-        (!workers.is_empty()).then_some(Pool { workers })
     }
+    (!workers.is_empty()).then_some(Pool { workers })
 }
 
 /// Sets the calling thread's nice value to [`BACKGROUND_NICE`] (background memory work: the
@@ -241,7 +239,7 @@ pub(crate) fn populate_parallel(
             len: per.min(addr + len - start),
             done: done.clone(),
         };
-        match lock(worker).send(job) {
+        match worker.send(job) {
             Ok(()) => sent += 1,
             // The worker is gone (it cannot panic, but stay correct): do its piece here.
             Err(mpsc::SendError(job)) => {
