@@ -151,6 +151,24 @@ impl Tide {
         Tide::spawn(args)
     }
 
+    /// [`Tide::run_guest`] with `--api-socket` in a new temporary directory named after `tag`,
+    /// once the socket exists (within [`API_SOCKET_WAIT`]). Returns tide, the socket's path and
+    /// the directory, which must live as long as the test uses them.
+    pub fn run_guest_with_api(
+        tag: &str,
+        cmdline: &str,
+        extra: &[&str],
+    ) -> (Tide, PathBuf, TempDir) {
+        let tmp = TempDir::new(tag);
+        let sock = tmp.0.join("api.sock");
+        let mut args = extra.to_vec();
+        let sock_arg = sock.display().to_string();
+        args.extend(["--api-socket", &sock_arg]);
+        let tide = Tide::run_guest(cmdline, &args);
+        wait_for_path(&sock, API_SOCKET_WAIT);
+        (tide, sock, tmp)
+    }
+
     /// Types `text` on the guest console; panics unless started with [`Tide::spawn_console`].
     pub fn send(&mut self, text: &str) {
         let stdin = self
@@ -320,6 +338,9 @@ pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16
         .unwrap_or_default();
     (code, body)
 }
+
+/// How long [`Tide::run_guest_with_api`] waits for the API socket.
+pub const API_SOCKET_WAIT: Duration = Duration::from_secs(120);
 
 /// Waits until `path` exists (a socket being created), panicking after `timeout`.
 pub fn wait_for_path(path: &Path, timeout: Duration) {

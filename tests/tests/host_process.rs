@@ -262,19 +262,11 @@ fn status_stays_cheap_with_2g_plugged_in_4k_pages() {
     if !require_kvm("status_stays_cheap_with_2g_plugged_in_4k_pages") {
         return;
     }
-    let tmp = TempDir::new("cheap");
-    let sock = tmp.0.join("api.sock");
-    let mut tide = Tide::run_guest(
+    let (mut tide, sock, _tmp) = Tide::run_guest_with_api(
+        "cheap",
         "console=ttyS0 tide.test=mem-follow",
-        &[
-            "--hotplug-size",
-            "4G",
-            "--no-thp",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
+        &["--hotplug-size", "4G", "--no-thp"],
     );
-    wait_for_path(&sock, T);
     tide.wait_for("tide-guest: virtio-mem: usable", T);
     patch(&sock, 2 * GIB);
     wait_settled(&sock, T);

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use tests::{field, http, require_kvm, wait_for_path, wait_settled, TempDir, Tide};
+use tests::{field, http, require_kvm, wait_settled, Tide};
 
 const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(120);
@@ -29,20 +29,11 @@ fn soak_resize_cycles_leave_no_memory_threads_or_fds_behind() {
         return;
     }
     let cycles = cycles();
-    let tmp = TempDir::new("soak");
-    let sock = tmp.0.join("api.sock");
-    let mut tide = Tide::run_guest(
+    let (mut tide, sock, _tmp) = Tide::run_guest_with_api(
+        "soak",
         "console=ttyS0 tide.test=mem-follow",
-        &[
-            "--hotplug-size",
-            "256M",
-            "--requested",
-            "0",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
+        &["--hotplug-size", "256M", "--requested", "0"],
     );
-    wait_for_path(&sock, T);
     tide.wait_for("tide-guest: virtio-mem: usable", T);
     let s = wait_settled(&sock, T);
     let resident0 = field(&s, "resident_bytes");

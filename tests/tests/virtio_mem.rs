@@ -36,20 +36,11 @@ fn guest_plugs_1g_host_rss_follows_and_unplug_returns_it() {
     if !require_kvm("guest_plugs_1g_host_rss_follows_and_unplug_returns_it") {
         return;
     }
-    let tmp = TempDir::new("plug1g");
-    let sock = tmp.0.join("api.sock");
-    let mut tide = Tide::run_guest(
+    let (mut tide, sock, _tmp) = Tide::run_guest_with_api(
+        "plug1g",
         "console=ttyS0 tide.test=mem-follow",
-        &[
-            "--hotplug-size",
-            "4G",
-            "--requested",
-            "1G",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
+        &["--hotplug-size", "4G", "--requested", "1G"],
     );
-    wait_for_path(&sock, T);
     tide.wait_for("tide-guest: plugged 1073741824 requested 1073741824", T);
     let out = tide.stdout();
     assert!(!out.contains("FAIL"), "{out}");
@@ -315,18 +306,11 @@ fn usable_region_grows_with_requested_size_and_the_guest_follows() {
     }
     // Started with nothing requested, the usable region is 1 GiB of headroom; a 3 GiB request
     // widens it and the guest, reading the config again, plugs past the old limit.
-    let tmp = TempDir::new("usable");
-    let sock = tmp.0.join("api.sock");
-    let mut tide = Tide::run_guest(
+    let (mut tide, sock, _tmp) = Tide::run_guest_with_api(
+        "usable",
         "console=ttyS0 tide.test=mem-follow",
-        &[
-            "--hotplug-size",
-            "8G",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
+        &["--hotplug-size", "8G"],
     );
-    wait_for_path(&sock, T);
     tide.wait_for("tide-guest: plugged 0 requested 0", T);
     assert_eq!(field(&status(&sock), "usable_region_size"), GIB);
     let (code, body) = http(
@@ -351,20 +335,11 @@ fn populate_ahead_is_invisible_and_given_back() {
     if !require_kvm("populate_ahead_is_invisible_and_given_back") {
         return;
     }
-    let tmp = TempDir::new("ahead");
-    let sock = tmp.0.join("api.sock");
-    let mut tide = Tide::run_guest(
+    let (mut tide, sock, _tmp) = Tide::run_guest_with_api(
+        "ahead",
         "console=ttyS0 tide.test=hang",
-        &[
-            "--hotplug-size",
-            "2G",
-            "--requested",
-            "256M",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
+        &["--hotplug-size", "2G", "--requested", "256M"],
     );
-    wait_for_path(&sock, T);
     let end = Instant::now() + T;
     let s = loop {
         let s = status(&sock);
@@ -411,18 +386,11 @@ fn linux_pattern_with_populate_ahead() {
     if !require_kvm("linux_pattern_with_populate_ahead") {
         return;
     }
-    let tmp = TempDir::new("ahead-linux");
-    let sock = tmp.0.join("api.sock");
-    let mut tide = Tide::run_guest(
+    let (mut tide, sock, _tmp) = Tide::run_guest_with_api(
+        "ahead-linux",
         "console=ttyS0 tide.test=mem-follow tide.chunk=128M",
-        &[
-            "--hotplug-size",
-            "2G",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
+        &["--hotplug-size", "2G"],
     );
-    wait_for_path(&sock, T);
     tide.wait_for("tide-guest: virtio-mem: usable", T);
     let (code, body) = http(
         &sock,
