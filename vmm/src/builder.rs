@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::bus::Bus;
+use devices::guest_channel::{self, GuestChannel};
 use devices::legacy::{self, EventFdTrigger, SerialDevice, I8042};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VmFd};
@@ -37,6 +38,7 @@ pub struct Vmm {
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
     pub(crate) console: crate::console::ConsoleOut,
     pub(crate) i8042: Arc<Mutex<I8042>>,
+    pub(crate) guest_channel: Arc<Mutex<GuestChannel>>,
     pub(crate) mem_device: Option<MemDevice>,
     pub(crate) state: Arc<RunState>,
 }
@@ -69,7 +71,8 @@ fn build(config: VmmConfig) -> Result<Vmm> {
     cmdline
         .insert_str(&config.kernel.cmdline)
         .map_err(Error::Cmdline)?;
-    let legacy = attach_legacy_devices(&vm)?;
+    let mut legacy = attach_legacy_devices(&vm)?;
+    let guest_channel = attach_guest_channel(&vm, &mut legacy.pio)?;
     let mut mmio = Bus::new();
     let mem_device = match hotplug {
         Some(region) => Some(attach_mem_device(
@@ -101,6 +104,7 @@ fn build(config: VmmConfig) -> Result<Vmm> {
         serial: legacy.serial,
         console: legacy.console,
         i8042: legacy.i8042,
+        guest_channel,
         mem_device,
         state,
     })
@@ -226,6 +230,27 @@ fn attach_legacy_devices(vm: &VmFd) -> Result<LegacyDevices> {
         i8042,
         console,
     })
+}
+
+/// Puts the guest channel (the guest's `ttyS1`, through which the project's guest init reports
+/// its own view) on the port-I/O bus with its irqfd.
+fn attach_guest_channel(vm: &VmFd, pio: &mut Bus) -> Result<Arc<Mutex<GuestChannel>>> {
+    let irq = EventFdTrigger::new().map_err(|e| Error::Io("cannot create an event fd", e))?;
+    let channel = Arc::new(Mutex::new(
+        GuestChannel::new(irq).map_err(|e| Error::Io("cannot create an event fd", e))?,
+    ));
+    vm.register_irqfd(
+        devices::bus::lock(&channel).irq_evt(),
+        guest_channel::COM2_IRQ,
+    )
+    .map_err(|e| Error::Vm("register the guest channel's irqfd", e))?;
+    pio.insert(
+        channel.clone(),
+        guest_channel::COM2_PORT,
+        guest_channel::COM2_LEN,
+    )
+    .map_err(Error::Bus)?;
+    Ok(channel)
 }
 
 /// Puts the virtio-mem device over `region` on the MMIO bus and names it on the command line.

@@ -31,6 +31,8 @@ struct Control {
     sampler: Option<ResidentSampler>,
     vcpus: u8,
     boot_memory: u64,
+    /// The guest's own view, through the guest channel.
+    guest: crate::guest_view::GuestViewControl,
 }
 
 impl Control {
@@ -51,6 +53,7 @@ impl Control {
             backend: region.backend().to_string(),
             resident_bytes,
             ahead_bytes: region.ahead_bytes(),
+            guest_online_size: self.guest.online_size(region),
         })
     }
 }
@@ -68,6 +71,15 @@ impl ApiBackend for Control {
         self.sampler
             .as_ref()
             .is_none_or(ResidentSampler::is_current)
+    }
+
+    fn guest_report_current(&self, status: &MemoryStatus) -> bool {
+        let Some((shared, _, _)) = self.mem.as_ref() else {
+            return false;
+        };
+        let agrees = status.guest_online_size == Some(status.plugged_size);
+        self.guest
+            .report_current(shared.config_generation(), agrees)
     }
 
     fn metrics(&self) -> Option<serde_json::Value> {
@@ -90,6 +102,7 @@ impl ApiBackend for Control {
             exit_reason: exit.map(|e| e.reason),
             vcpus: self.vcpus,
             boot_memory: self.boot_memory,
+            guest_ready: self.guest.ready(),
         }
     }
 
@@ -152,6 +165,7 @@ impl Vmm {
             sampler,
             vcpus: self.config.machine.cpus,
             boot_memory: self.config.machine.memory,
+            guest: crate::guest_view::GuestViewControl::new(self.guest_channel.clone()),
         });
         let mut api_stop = None;
         if let Some(path) = &self.config.api_socket {
@@ -160,6 +174,13 @@ impl Vmm {
             if let Some(dev) = &self.mem_device {
                 server = server.with_wakeup(dev.changed_evt()?);
             }
+            let guest_changed = control
+                .guest
+                .view()
+                .changed_evt()
+                .try_clone()
+                .map_err(|e| Error::Io("cannot duplicate an event fd", e))?;
+            server = server.with_wakeup(guest_changed);
             api_stop = Some(
                 server
                     .stop_handle()

@@ -16,6 +16,8 @@ use super::{MemoryStatus, VmInfo};
 
 /// Length of one long poll while `resize --wait` waits (the progress bar moves between them).
 const WAIT_SLICE: Duration = Duration::from_millis(500);
+/// The longest one long poll of `wait ready` (the server's limit).
+const MAX_POLL: Duration = Duration::from_millis(super::server::MAX_WAIT_MS);
 
 /// Arguments of `tide ctl`.
 #[derive(clap::Args, Debug)]
@@ -42,7 +44,8 @@ pub enum CtlCommand {
         /// Bytes, or with a binary suffix: 512M, 1G, 0 (K, M, G, T, P; optional "iB"/"B").
         #[arg(value_parser = parse_size)]
         size: u64,
-        /// Wait until the guest has plugged the requested size (exit status 1 on timeout).
+        /// Wait until the guest has plugged the requested size and, when the guest reports its
+        /// own view (the project's guest does), onlined all of it (exit status 1 on timeout).
         #[arg(long)]
         wait: bool,
         /// How long --wait waits, in seconds (default 60; needs --wait).
@@ -55,8 +58,26 @@ pub enum CtlCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Wait for something in the guest.
+    Wait {
+        /// What to wait for.
+        #[command(subcommand)]
+        what: WaitCommand,
+    },
     /// Stop the VM.
     Shutdown,
+}
+
+/// What `tide ctl wait` waits for.
+#[derive(clap::Subcommand, Debug)]
+pub enum WaitCommand {
+    /// The guest's user space is up (its init reported ready over the guest channel); exit
+    /// status 1 on timeout.
+    Ready {
+        /// How long to wait, in seconds (default 60).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
 }
 
 /// Runs `tide ctl`. A `resize --wait` that runs out of time is [`CtlError::WaitTimedOut`].
@@ -71,6 +92,9 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             println!("{}", info(sock, json)?);
             Ok(())
         }
+        CtlCommand::Wait {
+            what: WaitCommand::Ready { timeout },
+        } => wait_ready(sock, Duration::from_secs(timeout.unwrap_or(60))),
         CtlCommand::Shutdown => {
             call(sock, "PUT", "/vm/shutdown", None, REQUEST_TIMEOUT)?;
             Ok(())
@@ -82,20 +106,35 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
         } => {
             let wait = wait.then(|| Duration::from_secs(timeout.unwrap_or(60)));
             // The bar measures from the state before the PATCH: the first long poll may come
-            // after the guest already plugged part of the way.
-            let before = match wait {
+            // after the guest already plugged part of the way. A guest that reports its own
+            // view is waited for until it has the memory online.
+            let (before, wait_for) = match wait {
                 Some(_) => {
                     let body = call(sock, "GET", "/hotplug/memory", None, REQUEST_TIMEOUT)?;
-                    decode::<MemoryStatus>(&body)?.plugged_size
+                    let s = decode::<MemoryStatus>(&body)?;
+                    let wait_for = match s.guest_online_size {
+                        Some(_) => WaitFor::Online,
+                        None => WaitFor::Plugged,
+                    };
+                    (s.plugged_size, wait_for)
                 }
-                None => 0,
+                None => (0, WaitFor::Plugged),
             };
             let mut bar = ProgressBar::new(before);
-            let res = resize(sock, size, wait, &mut |s| bar.show(s));
+            let res = resize_until(sock, size, wait, wait_for, &mut |s| bar.show(s));
             bar.finish();
             res
         }
     }
+}
+
+/// What `resize --wait` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WaitFor {
+    /// The device plugged the requested size (`wait_for=plugged_size`).
+    Plugged,
+    /// That, and the guest reports all of it online (`wait_for=online`).
+    Online,
 }
 
 /// A long-poll answer.
@@ -113,6 +152,10 @@ pub(crate) fn status(sock: &Path, json: bool) -> Result<String, CtlError> {
         return Ok(String::from_utf8_lossy(&body).trim().to_string());
     }
     let s: MemoryStatus = decode(&body)?;
+    let online = match s.guest_online_size {
+        Some(n) => format!("{}  (the guest's own view)", fmt_bytes(n)),
+        None => "unknown (the guest does not report)".into(),
+    };
     let pct = |n: u64| match s.region_size {
         0 => String::new(),
         r => format!("  ({:.0}% of region)", n as f64 * 100.0 / r as f64),
@@ -128,6 +171,7 @@ pub(crate) fn status(sock: &Path, json: bool) -> Result<String, CtlError> {
             "plugged",
             format!("{}{}", fmt_bytes(s.plugged_size), pct(s.plugged_size)),
         ),
+        ("online", online),
         ("usable", fmt_bytes(s.usable_region_size)),
         ("resident", fmt_bytes(s.resident_bytes)),
         ("backend", s.backend.clone()),
@@ -149,6 +193,10 @@ pub(crate) fn info(sock: &Path, json: bool) -> Result<String, CtlError> {
         ("state", v.state.clone()),
         ("vcpus", v.vcpus.to_string()),
         ("boot memory", fmt_bytes(v.boot_memory)),
+        (
+            "guest ready",
+            if v.guest_ready { "yes" } else { "no" }.into(),
+        ),
     ];
     if let Some(code) = v.exit_code {
         rows.push(("exit code", code.to_string()));
@@ -166,10 +214,24 @@ pub(crate) fn info(sock: &Path, json: bool) -> Result<String, CtlError> {
 /// `resize`: requests `size`; with `wait`, long-polls until the guest has plugged the requested
 /// size ([`CtlError::WaitTimedOut`] once `wait` has passed), calling `progress` with every
 /// status seen.
+#[cfg(test)]
 pub(crate) fn resize(
     sock: &Path,
     size: u64,
     wait: Option<Duration>,
+    progress: &mut dyn FnMut(&MemoryStatus),
+) -> Result<(), CtlError> {
+    resize_until(sock, size, wait, WaitFor::Plugged, progress)
+}
+
+/// `resize`: requests `size`; with `wait`, long-polls until `wait_for` happened
+/// ([`CtlError::WaitTimedOut`] once `wait` has passed), calling `progress` with every status
+/// seen.
+pub(crate) fn resize_until(
+    sock: &Path,
+    size: u64,
+    wait: Option<Duration>,
+    wait_for: WaitFor,
     progress: &mut dyn FnMut(&MemoryStatus),
 ) -> Result<(), CtlError> {
     let body = format!("{{\"requested_size\":{size}}}");
@@ -183,6 +245,10 @@ pub(crate) fn resize(
     let Some(wait) = wait else {
         return Ok(());
     };
+    let wait_for = match wait_for {
+        WaitFor::Plugged => "plugged_size",
+        WaitFor::Online => "online",
+    };
     // A wait too long for the clock is a wait without end.
     let deadline = Instant::now().checked_add(wait);
     loop {
@@ -190,7 +256,7 @@ pub(crate) fn resize(
             .map_or(WAIT_SLICE, |d| d.saturating_duration_since(Instant::now()))
             .min(WAIT_SLICE);
         let path = format!(
-            "/hotplug/memory?wait_for=plugged_size&timeout_ms={}",
+            "/hotplug/memory?wait_for={wait_for}&timeout_ms={}",
             left.as_millis()
         );
         let answer = call(sock, "GET", &path, None, left + REQUEST_TIMEOUT)?;
@@ -204,6 +270,32 @@ pub(crate) fn resize(
                 after: wait,
                 last: poll.status,
             });
+        }
+    }
+}
+
+/// A `GET /vm?wait_for=guest_ready` answer.
+#[derive(Deserialize)]
+struct ReadyPoll {
+    settled: bool,
+}
+
+/// `wait ready`: long-polls until the guest's user space said it is ready
+/// ([`CtlError::ReadyTimedOut`] after `wait`).
+pub(crate) fn wait_ready(sock: &Path, wait: Duration) -> Result<(), CtlError> {
+    let deadline = Instant::now().checked_add(wait);
+    loop {
+        // One long poll at most as long as the server allows; the client's deadline decides.
+        let left = deadline
+            .map_or(MAX_POLL, |d| d.saturating_duration_since(Instant::now()))
+            .min(MAX_POLL);
+        let path = format!("/vm?wait_for=guest_ready&timeout_ms={}", left.as_millis());
+        let answer = call(sock, "GET", &path, None, left + REQUEST_TIMEOUT)?;
+        if decode::<ReadyPoll>(&answer)?.settled {
+            return Ok(());
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(CtlError::ReadyTimedOut(wait));
         }
     }
 }

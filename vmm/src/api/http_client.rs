@@ -66,12 +66,14 @@ pub enum CtlError {
     /// The body is not the JSON expected.
     #[error("unexpected answer from the VMM")]
     Decode(#[source] serde_json::Error),
-    /// `resize --wait` ran out of time before the guest plugged the requested size.
+    /// `resize --wait` ran out of time before the guest plugged (and, when it reports, onlined)
+    /// the requested size.
     #[error(
-        "timed out after {} s: the guest has plugged {} of {}",
+        "timed out after {} s: the guest has plugged {} of {}{}",
         .after.as_secs(),
         fmt_bytes(.last.plugged_size),
-        fmt_bytes(.last.requested_size)
+        fmt_bytes(.last.requested_size),
+        online_note(.last)
     )]
     WaitTimedOut {
         /// How long it waited.
@@ -79,6 +81,17 @@ pub enum CtlError {
         /// The last status seen.
         last: MemoryStatus,
     },
+    /// `wait ready` ran out of time before the guest's user space said it is ready.
+    #[error("timed out after {} s: the guest's user space has not reported ready", .0.as_secs())]
+    ReadyTimedOut(Duration),
+}
+
+/// ` and reports N of it online` when the guest reports what it has online.
+fn online_note(last: &MemoryStatus) -> String {
+    match last.guest_online_size {
+        Some(n) => format!(" and reports {} of it online", fmt_bytes(n)),
+        None => String::new(),
+    }
 }
 
 /// Decodes a JSON answer.

@@ -11,8 +11,10 @@
 //! |---------|-------------------|--------|
 //! | `GET`   | `/hotplug/memory` | 200 [`MemoryStatus`]; 404 if the VM has no hotplug region |
 //! | `GET`   | `/hotplug/memory?wait_for=plugged_size&timeout_ms=N` | long poll, see below |
+//! | `GET`   | `/hotplug/memory?wait_for=online&timeout_ms=N` | long poll: that, and the guest reports it all online |
 //! | `PATCH` | `/hotplug/memory` | body `{"requested_size": BYTES}` or `{"requested_size_mib": MIB}`; 204, or 400 |
 //! | `GET`   | `/vm`             | 200 [`VmInfo`] |
+//! | `GET`   | `/vm?wait_for=guest_ready&timeout_ms=N` | long poll until the guest's user space is ready |
 //! | `PUT`   | `/vm/shutdown`    | 204, then [`ApiBackend::shutdown`] |
 //! | `GET`   | `/metrics`        | 200 the virtio-mem device's per-request metrics; 404 without one |
 //! | `GET`   | `/version`        | 200 `{"tide_version": "..."}` |
@@ -23,7 +25,10 @@
 //! The long poll answers 200 as soon as `plugged_size == requested_size`, or when `timeout_ms`
 //! (default 30000, at most 600000; larger values are clamped) has passed. Its body is the
 //! [`MemoryStatus`] with one more field, `"settled": true|false`, telling which of the two
-//! happened. A plain `GET /hotplug/memory` has no `settled` field.
+//! happened. A plain `GET /hotplug/memory` has no `settled` field. `wait_for=online` also needs
+//! the guest's own report (`guest_online_size`, through the guest channel) to show exactly the
+//! plugged size online, in a report scanned after the memory last changed; `GET
+//! /vm?wait_for=guest_ready` answers the [`VmInfo`] with `settled` once `guest_ready` is true.
 //!
 //! Every error answer has a JSON body `{"error": "...", "fault_message": "..."}` (the same
 //! message; `fault_message` as Firecracker names it): 400 malformed request or bad body,
@@ -72,6 +77,10 @@ pub struct MemoryStatus {
     /// guest, not in `resident_bytes`).
     #[serde(default)]
     pub ahead_bytes: u64,
+    /// Plugged bytes inside the memory blocks the guest's own init last reported online (over
+    /// the guest channel); `null` until a guest reports.
+    #[serde(default)]
+    pub guest_online_size: Option<u64>,
 }
 
 /// General information about the VM.
@@ -87,6 +96,9 @@ pub struct VmInfo {
     pub vcpus: u8,
     /// Boot memory size in bytes.
     pub boot_memory: u64,
+    /// Whether the guest's user space said it is ready (over the guest channel).
+    #[serde(default)]
+    pub guest_ready: bool,
 }
 
 /// What the VMM provides to the API server. Called on the event loop thread: must not block.
@@ -101,6 +113,13 @@ pub trait ApiBackend: Send + Sync {
     /// Whether `resident_bytes` reflects every plug and unplug so far (it may be read off the
     /// event loop and lag): a long poll answers settled only when it does. Cheap.
     fn resident_current(&self) -> bool {
+        true
+    }
+    /// Whether the guest's last report of its online memory was scanned after the memory state
+    /// last changed (`status` is the state now); unless it was and it agrees with `status`, asks
+    /// the guest for a new one (without waiting for it, at most one question at a time).
+    /// `wait_for=online` answers settled only when it is. Cheap.
+    fn guest_report_current(&self, _status: &MemoryStatus) -> bool {
         true
     }
     /// Asks the guest to have `requested_size` bytes plugged. An error is answered as 400

@@ -48,6 +48,17 @@ impl ResizeRequest {
 const EXPECTED_BODY: &str =
     "invalid body: expected {\"requested_size\": BYTES} or {\"requested_size_mib\": MIB}";
 
+/// What a long poll waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WaitFor {
+    /// `GET /hotplug/memory?wait_for=plugged_size`: the device plugged the requested size.
+    PluggedSize,
+    /// `GET /hotplug/memory?wait_for=online`: that, and the guest reports all of it online.
+    Online,
+    /// `GET /vm?wait_for=guest_ready`: the guest's user space said it is ready.
+    GuestReady,
+}
+
 /// What handling a request asks for.
 pub(crate) enum Outcome {
     /// Send this.
@@ -55,11 +66,17 @@ pub(crate) enum Outcome {
     /// Send this, then stop the VM.
     AnswerThenShutdown(Response),
     /// Park the connection as a long poll until the deadline.
-    Wait(Instant),
+    Wait(Instant, WaitFor),
 }
 
 pub(crate) fn settled(s: &MemoryStatus) -> bool {
     s.plugged_size == s.requested_size
+}
+
+/// Whether the guest's own view agrees: it reports online exactly the plugged size, which is
+/// the requested size.
+fn online_settled(s: &MemoryStatus) -> bool {
+    settled(s) && s.guest_online_size == Some(s.plugged_size)
 }
 
 pub(crate) fn shutting_down() -> Response {
@@ -70,14 +87,56 @@ pub(crate) fn no_hotplug() -> Response {
     Response::error(404, "this VM has no hotplug memory region")
 }
 
-pub(crate) fn long_poll_answer(s: &MemoryStatus, is_settled: bool) -> Response {
-    match serde_json::to_value(s) {
+/// `value` (an object) with `"settled": is_settled` added.
+fn with_settled(value: serde_json::Result<serde_json::Value>, is_settled: bool) -> Response {
+    match value {
         Ok(serde_json::Value::Object(mut map)) => {
             map.insert("settled".into(), serde_json::Value::Bool(is_settled));
             Response::json(200, &map)
         }
-        _ => Response::error(500, "cannot serialize the memory status"),
+        _ => Response::error(500, "cannot serialize the status"),
     }
+}
+
+pub(crate) fn long_poll_answer(s: &MemoryStatus, is_settled: bool) -> Response {
+    with_settled(serde_json::to_value(s), is_settled)
+}
+
+/// The answer of a long poll waiting for `what` if it is due now: what it waits for happened,
+/// or `expired` (its deadline passed). `None`: keep waiting. Cheap: it reads the sizes only
+/// (and may ask the guest for a fresh report, without waiting for it).
+pub(crate) fn poll_answer(
+    backend: &dyn ApiBackend,
+    what: WaitFor,
+    expired: bool,
+) -> Option<Response> {
+    if what == WaitFor::GuestReady {
+        let info = backend.vm_info();
+        return (info.guest_ready || expired)
+            .then(|| with_settled(serde_json::to_value(&info), info.guest_ready));
+    }
+    let Some(s) = backend.memory_sizes() else {
+        return Some(no_hotplug());
+    };
+    let done = |s: &MemoryStatus| match what {
+        WaitFor::Online => online_settled(s),
+        _ => settled(s),
+    };
+    // Once the device settled, the guest's report must be one scanned since the memory last
+    // changed (asked for here when it is not).
+    let current = |s: &MemoryStatus| {
+        settled(s)
+            && backend.resident_current()
+            && (what != WaitFor::Online || backend.guest_report_current(s))
+    };
+    if current(&s) && done(&s) {
+        // Read again: the resident reading may be newer than `s`.
+        return Some(match backend.memory_sizes() {
+            Some(s) => long_poll_answer(&s, done(&s)),
+            None => no_hotplug(),
+        });
+    }
+    expired.then(|| long_poll_answer(&s, false))
 }
 
 /// Routes and answers one request.
@@ -93,29 +152,40 @@ pub(crate) fn handle(backend: &dyn ApiBackend, req: &Request) -> Outcome {
     match (path, m) {
         ("/hotplug/memory", "GET") => get_memory(backend, req.query.as_deref()),
         ("/hotplug/memory", _) => Outcome::Answer(patch_memory(backend, &req.body)),
-        ("/vm", _) => Outcome::Answer(Response::json(200, &backend.vm_info())),
+        ("/vm", _) => get_vm(backend, req.query.as_deref()),
         ("/vm/shutdown", _) => Outcome::AnswerThenShutdown(Response::no_content()),
         ("/metrics", _) => Outcome::Answer(get_metrics(backend)),
         _ => Outcome::Answer(get_version()),
     }
 }
 
-fn get_memory(backend: &dyn ApiBackend, query: Option<&str>) -> Outcome {
-    let mut wait = false;
+/// The long-poll parameters of a query: what `wait_for` names (one of `allowed`, by its query
+/// value) and `timeout_ms`; or the 400 answer.
+fn wait_params(
+    query: Option<&str>,
+    allowed: &[(&str, WaitFor)],
+) -> Result<(Option<WaitFor>, u64), Response> {
+    let mut wait = None;
     let mut timeout_ms = DEFAULT_WAIT_MS;
     for (k, v) in query_pairs(query.unwrap_or("")) {
         match k {
-            "wait_for" if v == "plugged_size" => wait = true,
-            "wait_for" => {
-                return Outcome::Answer(Response::error(
-                    400,
-                    &format!("wait_for={v}: only wait_for=plugged_size is supported"),
-                ))
-            }
+            "wait_for" => match allowed.iter().find(|(name, _)| *name == v) {
+                Some(&(_, w)) => wait = Some(w),
+                None => {
+                    let names: Vec<String> = allowed
+                        .iter()
+                        .map(|(n, _)| format!("wait_for={n}"))
+                        .collect();
+                    return Err(Response::error(
+                        400,
+                        &format!("wait_for={v}: only {} is supported", names.join(" or ")),
+                    ));
+                }
+            },
             "timeout_ms" => match v.parse::<u64>() {
                 Ok(n) => timeout_ms = n.min(MAX_WAIT_MS),
                 Err(_) => {
-                    return Outcome::Answer(Response::error(
+                    return Err(Response::error(
                         400,
                         &format!("timeout_ms={v}: not a number of milliseconds"),
                     ))
@@ -124,16 +194,41 @@ fn get_memory(backend: &dyn ApiBackend, query: Option<&str>) -> Outcome {
             _ => {} // unknown parameters are ignored
         }
     }
+    Ok((wait, timeout_ms))
+}
+
+/// Answers a long poll now if it is due (or its timeout is 0), or parks it.
+fn start_wait(backend: &dyn ApiBackend, what: WaitFor, timeout_ms: u64) -> Outcome {
+    match poll_answer(backend, what, timeout_ms == 0) {
+        Some(answer) => Outcome::Answer(answer),
+        None => Outcome::Wait(Instant::now() + Duration::from_millis(timeout_ms), what),
+    }
+}
+
+fn get_memory(backend: &dyn ApiBackend, query: Option<&str>) -> Outcome {
+    let allowed = [
+        ("plugged_size", WaitFor::PluggedSize),
+        ("online", WaitFor::Online),
+    ];
+    let (wait, timeout_ms) = match wait_params(query, &allowed) {
+        Ok(p) => p,
+        Err(answer) => return Outcome::Answer(answer),
+    };
     let Some(status) = backend.memory_status() else {
         return Outcome::Answer(no_hotplug());
     };
-    if !wait {
-        return Outcome::Answer(Response::json(200, &status));
+    match wait {
+        None => Outcome::Answer(Response::json(200, &status)),
+        Some(what) => start_wait(backend, what, timeout_ms),
     }
-    if (settled(&status) && backend.resident_current()) || timeout_ms == 0 {
-        return Outcome::Answer(long_poll_answer(&status, settled(&status)));
+}
+
+fn get_vm(backend: &dyn ApiBackend, query: Option<&str>) -> Outcome {
+    match wait_params(query, &[("guest_ready", WaitFor::GuestReady)]) {
+        Ok((None, _)) => Outcome::Answer(Response::json(200, &backend.vm_info())),
+        Ok((Some(what), timeout_ms)) => start_wait(backend, what, timeout_ms),
+        Err(answer) => Outcome::Answer(answer),
     }
-    Outcome::Wait(Instant::now() + Duration::from_millis(timeout_ms))
 }
 
 /// `GET /version`: Tide's version, named as Firecracker names its own.

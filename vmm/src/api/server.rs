@@ -23,9 +23,9 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::http::{parse_request, Parse, Response};
-use super::routes::{handle, long_poll_answer, no_hotplug, settled, shutting_down, Outcome};
+use super::routes::{handle, poll_answer, shutting_down, Outcome, WaitFor};
 use super::socket;
-use super::{ApiBackend, MemoryStatus};
+use super::ApiBackend;
 use crate::event_loop::watch;
 
 pub use super::routes::{DEFAULT_WAIT_MS, MAX_WAIT_MS};
@@ -63,8 +63,8 @@ const READ_CHUNK: usize = 4096;
 enum State {
     /// Reading the request.
     Reading,
-    /// A long poll waiting for `plugged_size == requested_size` until the deadline.
-    Waiting { deadline: Instant },
+    /// A long poll waiting for `what` until the deadline.
+    Waiting { deadline: Instant, what: WaitFor },
     /// Sending `buf[pos..]`; the connection is closed once it is sent.
     Writing {
         buf: Vec<u8>,
@@ -92,7 +92,8 @@ pub struct ApiServer {
     next_id: u32,
     timer: TimerFd,
     tick: Option<Duration>,
-    wake: Option<EventFd>,
+    /// Signalled when what long polls wait for may have changed.
+    wakes: Vec<EventFd>,
     /// Signalled by [`StopHandle::stop`]; afterwards every request is answered 503.
     stop: EventFd,
     stopping: bool,
@@ -155,7 +156,7 @@ impl ApiServer {
             next_id: FIRST_CONN,
             timer: TimerFd::new().map_err(|e| ApiError::Timer(e.into()))?,
             tick: None,
-            wake: None,
+            wakes: Vec::new(),
             stop: EventFd::new(libc::EFD_NONBLOCK).map_err(ApiError::Timer)?,
             stopping: false,
             open: Arc::new(AtomicUsize::new(0)),
@@ -169,8 +170,9 @@ impl ApiServer {
 
     /// Re-checks pending long polls whenever `evt` is signalled (the VMM signals it when the
     /// memory state may have changed), so they answer at once instead of at the next tick.
+    /// More than one can be given.
     pub fn with_wakeup(mut self, evt: EventFd) -> Self {
-        self.wake = Some(evt);
+        self.wakes.push(evt);
         self
     }
 
@@ -328,11 +330,11 @@ impl ApiServer {
                 self.backend.shutdown();
                 self.respond(id, resp, ops);
             }
-            Outcome::Wait(_) if self.waiters >= MAX_WAITERS => {
+            Outcome::Wait(..) if self.waiters >= MAX_WAITERS => {
                 self.respond(id, Response::error(503, "too many long polls waiting"), ops)
             }
-            Outcome::Wait(deadline) => {
-                conn.state = State::Waiting { deadline };
+            Outcome::Wait(deadline, what) => {
+                conn.state = State::Waiting { deadline, what };
                 self.waiters += 1;
                 // Only hang-ups and errors (always reported) matter while waiting; a client
                 // that half-closes after its request keeps waiting.
@@ -409,7 +411,6 @@ impl ApiServer {
         // Non-blocking timer: EAGAIN when the expirations were already consumed or reset.
         let _ = self.timer.wait();
         let now = Instant::now();
-        let mut status: Option<Option<MemoryStatus>> = None;
         let ids: Vec<u32> = self.conns.keys().copied().collect();
         for id in ids {
             let Some(conn) = self.conns.get(&id) else {
@@ -431,21 +432,8 @@ impl ApiServer {
                         self.close(id, ops);
                     }
                 }
-                State::Waiting { deadline } => {
-                    let status = status.get_or_insert_with(|| self.backend.memory_sizes());
-                    let resp = match status {
-                        None => Some(no_hotplug()),
-                        // Settled, with a resident figure that includes the last change: read
-                        // the status again, the reading may be newer than `status`.
-                        Some(s) if settled(s) && self.backend.resident_current() => self
-                            .backend
-                            .memory_sizes()
-                            .map(|s| long_poll_answer(&s, settled(&s)))
-                            .or_else(|| Some(no_hotplug())),
-                        Some(s) if now >= deadline => Some(long_poll_answer(s, false)),
-                        Some(_) => None,
-                    };
-                    if let Some(resp) = resp {
+                State::Waiting { deadline, what } => {
+                    if let Some(resp) = poll_answer(self.backend.as_ref(), what, now >= deadline) {
                         // Back to a normal registration before writing.
                         self.respond(id, resp, ops);
                     }
@@ -484,7 +472,7 @@ impl ApiServer {
 impl MutEventSubscriber for ApiServer {
     fn init(&mut self, ops: &mut EventOps) {
         watch(ops, self.listener.as_raw_fd(), LISTENER, "the API socket");
-        if let Some(w) = &self.wake {
+        for w in &self.wakes {
             watch(ops, w.as_raw_fd(), WAKE, "the API's wake-up");
         }
         watch(ops, self.timer.as_raw_fd(), TIMER, "the API's timer");
@@ -496,7 +484,7 @@ impl MutEventSubscriber for ApiServer {
             LISTENER => self.accept(ops),
             TIMER => self.on_tick(ops),
             WAKE => {
-                if let Some(w) = &self.wake {
+                for w in &self.wakes {
                     let _ = w.read();
                 }
                 self.on_tick(ops)
