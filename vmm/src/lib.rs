@@ -8,7 +8,6 @@ pub mod config;
 pub mod console;
 pub mod event_loop;
 pub mod guest_report;
-pub mod plug_tracker;
 pub mod resident;
 pub mod runner;
 pub mod signals;
