@@ -12,6 +12,7 @@
  * Command line (Linux's boot_params.hdr.cmd_line_ptr):
  *   tide.test=hang | triple | flood | mem-follow | mem-hostile | mem-touch-unplugged | mem-busy
  *             | mem-reset | mem-read-unplugged  (flood: prints lines on the console for ever)
+ *             | mem-health  (waits for a byte on the console before each step; see scenario_health)
  *   virtio_mmio.device=<size>@<addr>:<irq>   (Linux syntax; may appear several times)
  *   tide.accept_inaccessible=0               do not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
  *   tide.exit_at_zero=1                      mem-follow: power off once requested and plugged are 0
@@ -54,6 +55,13 @@ __attribute__((optimize("no-tree-loop-distribute-patterns"))) void *memcpy(void 
 static inline void outb(u16 port, u8 v)
 {
     __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline u8 inb(u16 port)
+{
+    u8 v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
 }
 
 static void putc_(char c)
@@ -1535,16 +1543,54 @@ __attribute__((noreturn)) static void scenario_read_unplugged(void)
     scenario_follow();
 }
 
+/* Waits for one byte on the serial console: the host's go-ahead for the next step. */
+static void wait_key(const char *what)
+{
+    say("waiting for a key ");
+    puts_(what);
+    nl();
+    while (!(inb(0x3fd) & 1)) /* LSR: data ready */
+        delay_tsc(1ul << 20);
+    (void)inb(0x3f8);
+}
+
+/* The driver's health as the host sees it, one step per key from the host: no driver yet (the
+ * host resizes meanwhile); the driver runs and plugs the requested size; one request answered
+ * ERROR (a misaligned UNPLUG); the driver sets FAILED; power off. */
+__attribute__((noreturn)) static void scenario_health(void)
+{
+    wait_key("before the driver starts");
+    irq_init(mmio_irq);
+    device_init();
+    unplug_all_if_needed();
+    u64 n = cfg.requested / cfg.block_size;
+    if (n > 0xffff)
+        n = 0xffff;
+    if (n && do_plug(cfg.addr, (u16)n) != RESP_ACK)
+        fail("plug of the requested size");
+    wait_key("before a misaligned unplug");
+    struct vmem_result r = vmem_request(REQ_UNPLUG, cfg.addr + 4096, 1);
+    print_req("health: misaligned unplug", cfg.addr + 4096, 1, r, 0);
+    wait_key("before FAILED");
+    mw(VM_STATUS, mr(VM_STATUS) | ST_FAILED);
+    say_line("health: the driver set FAILED");
+    wait_key("before power off");
+    power_off();
+}
+
 static void virtio_mem_main(void)
 {
     int want = param_is("tide.test", "mem-follow") || param_is("tide.test", "mem-hostile") ||
                param_is("tide.test", "mem-touch-unplugged") || param_is("tide.test", "mem-busy") ||
-               param_is("tide.test", "mem-reset") || param_is("tide.test", "mem-read-unplugged");
+               param_is("tide.test", "mem-reset") || param_is("tide.test", "mem-read-unplugged") ||
+               param_is("tide.test", "mem-health");
     if (!find_device()) {
         if (want)
             fail("no virtio-mem device (virtio_mmio.device=) on the command line");
         return;
     }
+    if (param_is("tide.test", "mem-health"))
+        scenario_health();
     irq_init(mmio_irq);
     device_init();
     if (param_is("tide.test", "mem-hostile"))

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::terminal::Terminal;
 
-use crate::api::{ApiBackend, MemoryStatus, VmInfo};
+use crate::api::{ApiBackend, DriverStatus, MemoryStatus, VmInfo};
 use crate::event_loop::{ConsoleInput, StopWatch};
 use crate::resident::ResidentSampler;
 use crate::vcpu::{self, RunState, VmExit};
@@ -56,6 +56,7 @@ impl Control {
             resident_bytes,
             ahead_bytes: region.ahead_bytes(),
             guest_online_size: self.guest.online_size(region),
+            driver: Some(DriverStatus::from_health(&shared.driver_health())),
         })
     }
 }

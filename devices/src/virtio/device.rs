@@ -54,4 +54,8 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize) -> Result<()>;
     /// The driver reset the device: go back to the state before activation.
     fn reset(&mut self);
+    /// The device status register as the driver reads it changed to `status` (0 after a
+    /// reset); `needs_reset_why` when the transport has just set `DEVICE_NEEDS_RESET`, with its
+    /// reason. For the device's record of its driver's health only: it changes nothing else.
+    fn driver_status(&mut self, _status: u32, _needs_reset_why: Option<&str>) {}
 }

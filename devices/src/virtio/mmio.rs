@@ -272,6 +272,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.device.device_type()
         );
         self.needs_reset = true;
+        let status = self.status();
+        self.device.driver_status(status, Some(why));
         if self.status & STATUS_DRIVER_OK != 0 {
             if let Err(e) = self.interrupt.trigger_config() {
                 error!("virtio-mmio: {e}");
@@ -483,7 +485,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             REG_QUEUE_READY => self.set_queue_ready(value),
             REG_QUEUE_NOTIFY => self.process(value as usize),
             REG_INTERRUPT_ACK => self.interrupt.ack(value),
-            REG_STATUS => self.set_status(value),
+            REG_STATUS => {
+                self.set_status(value);
+                let status = self.status();
+                self.device.driver_status(status, None);
+            }
             REG_QUEUE_DESC_LOW => {
                 self.set_queue_address(|q| q.set_desc_table_address(Some(value), None))
             }

@@ -172,6 +172,10 @@ pub(crate) fn status(sock: &Path, json: bool) -> Result<String, CtlError> {
             format!("{}{}", fmt_bytes(s.plugged_size), pct(s.plugged_size)),
         ),
         ("online", online),
+        (
+            "driver",
+            s.driver.as_ref().map_or("unknown".into(), driver_line),
+        ),
         ("usable", fmt_bytes(s.usable_region_size)),
         ("resident", fmt_bytes(s.resident_bytes)),
         ("backend", s.backend.clone()),
@@ -180,6 +184,24 @@ pub(crate) fn status(sock: &Path, json: bool) -> Result<String, CtlError> {
     .map(|(k, v)| format!("{k:<12}{v}"))
     .collect::<Vec<_>>()
     .join("\n"))
+}
+
+/// The driver's row of `status`: its summary, when it last sent a request, its last ERROR.
+fn driver_line(d: &super::DriverStatus) -> String {
+    let mut line = d.summary.clone();
+    if let Some(ms) = d.last_request_ms_ago {
+        line.push_str(&format!(", last request {:.1} s ago", ms as f64 / 1e3));
+    }
+    if let Some(e) = &d.last_error {
+        let req = e
+            .request
+            .as_ref()
+            .map_or("a malformed request".into(), |r| {
+                format!("{} of {} blocks at {:#x}", r.kind, r.nb_blocks, r.addr)
+            });
+        line.push_str(&format!("; last ERROR: {req}: {}", e.reason));
+    }
+    line
 }
 
 /// `info`: the VM's state as a table, or the raw JSON.
@@ -268,7 +290,7 @@ pub(crate) fn resize_until(
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(CtlError::WaitTimedOut {
                 after: wait,
-                last: poll.status,
+                last: Box::new(poll.status),
             });
         }
     }

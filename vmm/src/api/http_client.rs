@@ -79,7 +79,7 @@ pub enum CtlError {
         /// How long it waited.
         after: Duration,
         /// The last status seen.
-        last: MemoryStatus,
+        last: Box<MemoryStatus>,
     },
     /// `wait ready` ran out of time before the guest's user space said it is ready.
     #[error("timed out after {} s: the guest's user space has not reported ready", .0.as_secs())]

@@ -81,6 +81,76 @@ pub struct MemoryStatus {
     /// the guest channel); `null` until a guest reports.
     #[serde(default)]
     pub guest_online_size: Option<u64>,
+    /// The guest driver's health, as the device sees it.
+    #[serde(default)]
+    pub driver: Option<DriverStatus>,
+}
+
+/// The guest's virtio-mem driver as the device sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DriverStatus {
+    /// `absent` (no driver yet, or it reset the device), `negotiating`, `active` or `failed`.
+    pub state: String,
+    /// One line for people: `no driver yet`, `active`, `failed: the driver set FAILED`, ...
+    pub summary: String,
+    /// Why the state is `failed` (the driver set FAILED, the device needs a reset, or a request
+    /// was answered ERROR); `null` otherwise.
+    pub failure: Option<String>,
+    /// The device status register as the driver reads it.
+    pub status: u32,
+    /// Requests the driver sent.
+    pub requests: u64,
+    /// Milliseconds since the driver's last request; `null` before its first.
+    pub last_request_ms_ago: Option<u64>,
+    /// The last request answered ERROR and why; `null` if none was.
+    pub last_error: Option<DriverError>,
+}
+
+/// A request the device answered ERROR.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DriverError {
+    /// The request (`null` when the chain was too malformed to read one).
+    pub request: Option<DriverRequest>,
+    /// Why it was answered ERROR.
+    pub reason: String,
+    /// Milliseconds since the answer.
+    pub ms_ago: u64,
+}
+
+/// A virtio-mem request as the driver sent it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DriverRequest {
+    /// `plug`, `unplug`, `unplug_all`, `state`, or `type N` for an unknown type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Guest physical address.
+    pub addr: u64,
+    /// Number of blocks.
+    pub nb_blocks: u16,
+}
+
+impl DriverStatus {
+    /// The API's view of the device's record of its driver.
+    pub fn from_health(h: &devices::virtio::mem::DriverHealth) -> Self {
+        let ms = |t: std::time::Instant| t.elapsed().as_millis().min(u64::MAX.into()) as u64;
+        DriverStatus {
+            state: h.state.name().into(),
+            summary: h.summary(),
+            failure: h.failure.clone(),
+            status: h.status,
+            requests: h.requests,
+            last_request_ms_ago: h.last_request.map(ms),
+            last_error: h.last_error.as_ref().map(|e| DriverError {
+                request: e.request.map(|r| DriverRequest {
+                    kind: r.kind_name(),
+                    addr: r.addr,
+                    nb_blocks: r.nb_blocks,
+                }),
+                reason: e.reason.clone(),
+                ms_ago: ms(e.at),
+            }),
+        }
+    }
 }
 
 /// General information about the VM.

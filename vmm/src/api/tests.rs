@@ -48,6 +48,7 @@ impl Mock {
                 resident_bytes: 3 * MIB / 2,
                 ahead_bytes: 0,
                 guest_online_size: None,
+                driver: None,
             })),
             step: AtomicUsize::new(0),
             fail: Mutex::new(None),

@@ -64,6 +64,7 @@ impl<R: HotplugMemory> VirtioMem<R> {
                 interrupt: None,
             }),
             resize_evt: Mutex::new(None),
+            health: Mutex::default(),
         });
         let core = Core {
             region,
@@ -203,6 +204,13 @@ impl<R: HotplugMemory> VirtioDevice for VirtioMem<R> {
     /// memory online (driver unbind, kexec), and the next driver finds `plugged_size` and sends
     /// UNPLUG_ALL itself. It never waits for a request in flight: that request completes in
     /// the region, but its answer is dropped.
+    fn driver_status(&mut self, status: u32, needs_reset_why: Option<&str>) {
+        self.core
+            .shared
+            .health()
+            .set_status(status, needs_reset_why);
+    }
+
     fn reset(&mut self) {
         {
             let mut q = self.core.slot();

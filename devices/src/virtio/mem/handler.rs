@@ -6,6 +6,7 @@ use std::time::Instant;
 use log::{debug, error, warn};
 use vm_memory::GuestAddress;
 
+use super::health::RequestRecord;
 use super::hotplug_memory::HotplugMemory;
 use super::metrics::Timing;
 use super::queue::Core;
@@ -21,10 +22,10 @@ impl<R: HotplugMemory> Core<R> {
             VIRTIO_MEM_REQ_UNPLUG => self.unplug(req.addr, req.nb_blocks, m),
             VIRTIO_MEM_REQ_UNPLUG_ALL => self.unplug_all(m),
             VIRTIO_MEM_REQ_STATE => self.state(req.addr, req.nb_blocks),
-            other => {
-                warn!("virtio-mem: unknown request type {other}");
-                ERROR
-            }
+            other => self.refuse(
+                Some(record(other, req.addr, req.nb_blocks)),
+                format!("unknown request type {other}"),
+            ),
         }
     }
 
@@ -44,7 +45,7 @@ impl<R: HotplugMemory> Core<R> {
                 return NACK;
             }
         }
-        let len = match self.validate("PLUG", addr, nb_blocks, RangeState::Unplugged, m) {
+        let len = match self.validate(VIRTIO_MEM_REQ_PLUG, addr, nb_blocks, m) {
             Ok(len) => len,
             Err(response) => return response,
         };
@@ -72,7 +73,7 @@ impl<R: HotplugMemory> Core<R> {
     }
 
     pub(super) fn unplug(&self, addr: u64, nb_blocks: u16, m: &mut Timing) -> Response {
-        let len = match self.validate("UNPLUG", addr, nb_blocks, RangeState::Plugged, m) {
+        let len = match self.validate(VIRTIO_MEM_REQ_UNPLUG, addr, nb_blocks, m) {
             Ok(len) => len,
             Err(response) => return response,
         };
@@ -104,8 +105,12 @@ impl<R: HotplugMemory> Core<R> {
 
     pub(super) fn state(&self, addr: u64, nb_blocks: u16) -> Response {
         let Some(len) = self.check_range(addr, nb_blocks) else {
-            warn!("virtio-mem: STATE of {nb_blocks} blocks at {addr:#x}: invalid range");
-            return ERROR;
+            let why = self.range_problem(addr, nb_blocks);
+            let req = record(VIRTIO_MEM_REQ_STATE, addr, nb_blocks);
+            return self.refuse(
+                Some(req),
+                format!("STATE of {nb_blocks} blocks at {addr:#x}: {why}"),
+            );
         };
         let state = match self.region.state(GuestAddress(addr), len) {
             Ok(RangeState::Plugged) => VIRTIO_MEM_STATE_PLUGGED,
@@ -122,25 +127,35 @@ impl<R: HotplugMemory> Core<R> {
         }
     }
 
-    /// The checks PLUG and UNPLUG share: a valid range whose blocks are all in state `want`.
-    /// Returns the range's length in bytes (and ends the validation time), or the answer.
+    /// The checks PLUG (`kind`) and UNPLUG share: a valid range whose blocks are all unplugged
+    /// (PLUG) or all plugged (UNPLUG). Returns the range's length in bytes (and ends the
+    /// validation time), or the answer.
     pub(super) fn validate(
         &self,
-        op: &str,
+        kind: u16,
         addr: u64,
         nb_blocks: u16,
-        want: RangeState,
         m: &mut Timing,
     ) -> std::result::Result<u64, Response> {
+        let (op, want) = match kind {
+            VIRTIO_MEM_REQ_PLUG => ("PLUG", RangeState::Unplugged),
+            _ => ("UNPLUG", RangeState::Plugged),
+        };
+        let req = Some(record(kind, addr, nb_blocks));
         let Some(len) = self.check_range(addr, nb_blocks) else {
-            warn!("virtio-mem: {op} of {nb_blocks} blocks at {addr:#x}: invalid range");
-            return Err(ERROR);
+            let why = self.range_problem(addr, nb_blocks);
+            return Err(self.refuse(
+                req,
+                format!("{op} of {nb_blocks} blocks at {addr:#x}: {why}"),
+            ));
         };
         match self.region.state(GuestAddress(addr), len) {
             Ok(state) if state == want => {}
             Ok(state) => {
-                warn!("virtio-mem: {op} of {len:#x} at {addr:#x}: range is {state:?}");
-                return Err(ERROR);
+                let why = format!(
+                    "{op} of {len:#x} at {addr:#x}: the range is {state:?}, it must be all {want:?}"
+                );
+                return Err(self.refuse(req, why));
             }
             Err(e) => {
                 error!("virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}");
@@ -163,6 +178,32 @@ impl<R: HotplugMemory> Core<R> {
         let end = addr.checked_add(len)?;
         let usable_end = self.shared.layout.base.0 + self.shared.usable_region_size();
         (end <= usable_end).then_some(len)
+    }
+
+    /// Why [`Self::check_range`] refuses a range.
+    fn range_problem(&self, addr: u64, nb_blocks: u16) -> String {
+        let bs = self.shared.layout.block_size;
+        let base = self.shared.layout.base.0;
+        if nb_blocks == 0 {
+            "no blocks".into()
+        } else if addr & (bs - 1) != 0 {
+            format!("not aligned to the block size {bs:#x}")
+        } else {
+            let usable = self.shared.usable_region_size();
+            format!(
+                "not inside the usable region [{base:#x}, {:#x})",
+                base.saturating_add(usable)
+            )
+        }
+    }
+
+    /// Answers ERROR to `request` (`None`: a chain too malformed to read one), which Linux's
+    /// driver takes as a broken device for good: logged, and kept in the driver's health with
+    /// `reason`.
+    pub(super) fn refuse(&self, request: Option<RequestRecord>, reason: String) -> Response {
+        warn!("virtio-mem: answering ERROR: {reason}");
+        self.shared.health().error(request, reason);
+        ERROR
     }
 
     /// The length of `nb_blocks` blocks; `None` for 0 blocks.
@@ -208,5 +249,14 @@ impl<R: HotplugMemory> Core<R> {
             }
         }
         lo * bs
+    }
+}
+
+/// The record of a request for the driver's health.
+fn record(kind: u16, addr: u64, nb_blocks: u16) -> RequestRecord {
+    RequestRecord {
+        kind,
+        addr,
+        nb_blocks,
     }
 }

@@ -16,6 +16,7 @@
 mod ahead;
 mod device;
 mod handler;
+mod health;
 mod hotplug_memory;
 pub mod metrics;
 mod queue;
@@ -28,6 +29,7 @@ pub use memory::{RangeState, UnpluggedAccess};
 
 pub use ahead::{AHEAD_CHUNK, AHEAD_IDLE};
 pub use device::VirtioMem;
+pub use health::{DriverHealth, DriverState, ErrorAnswer, RequestRecord};
 pub use hotplug_memory::HotplugMemory;
 pub use queue::VirtioMemQueue;
 pub use shared::{SizeSnapshot, VirtioMemShared, BUSY_RETRY_MAX, BUSY_RETRY_MIN};

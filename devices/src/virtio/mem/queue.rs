@@ -153,6 +153,9 @@ impl<R: HotplugMemory> Core<R> {
                 Err(e) => {
                     // The queue is broken: the transport shows DEVICE_NEEDS_RESET and stops
                     // forwarding notifications until the driver resets the device.
+                    self.shared
+                        .health()
+                        .queue_failed(format!("the request queue failed: {e}"));
                     active.interrupt.device_failed();
                     q.pending = false;
                     q.slot = Slot::Ready(active);
@@ -184,15 +187,18 @@ impl<R: HotplugMemory> Core<R> {
     /// Carries out the request of one chain; returns the response to write and where.
     fn handle_chain(&self, mem: &GuestMemoryMmap, descs: &[Descriptor], start: Instant) -> Reply {
         let mut timing = Timing::new(start);
+        self.shared.health().request(start);
         let response = match self.read_request(mem, descs) {
             Some(req) => {
                 timing.kind = Some(req.kind);
                 self.execute(req, &mut timing)
             }
-            None => {
-                warn!("virtio-mem: malformed request chain");
-                ERROR
-            }
+            None => self.refuse(
+                None,
+                "malformed request chain (a readable request of 24 bytes then a writable \
+                 response of 10, outside unplugged memory)"
+                    .into(),
+            ),
         };
         timing.validated();
         let out = descs

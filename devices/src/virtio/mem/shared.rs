@@ -8,6 +8,7 @@ use log::error;
 use memory::HotplugLayout;
 use vm_memory::GuestAddress;
 
+use super::health::{DriverHealth, Health};
 use super::spec::CONFIG_SIZE;
 use crate::virtio::device::VirtioInterrupt;
 use crate::virtio::{Error, Result};
@@ -64,6 +65,8 @@ pub struct VirtioMemShared {
     pub(super) state: Mutex<SizeState>,
     /// Signalled after every change of the requested size (the vmm's populate-ahead thread).
     pub(super) resize_evt: Mutex<Option<Arc<vmm_sys_util::eventfd::EventFd>>>,
+    /// The driver's health, under a lock of its own.
+    pub(super) health: Mutex<Health>,
 }
 
 impl VirtioMemShared {
@@ -75,6 +78,17 @@ impl VirtioMemShared {
     pub(super) fn lock(&self) -> MutexGuard<'_, SizeState> {
         // The state stays consistent even if a holder panicked: every update is a plain store.
         memory::lock(&self.state)
+    }
+
+    /// The guest driver's health now: absent, negotiating, active or failed, its last request,
+    /// and the last request answered ERROR.
+    pub fn driver_health(&self) -> DriverHealth {
+        self.health().snapshot()
+    }
+
+    pub(super) fn health(&self) -> MutexGuard<'_, Health> {
+        // Every update is a plain store: the record stays consistent after a panic.
+        memory::lock(&self.health)
     }
 
     /// All the sizes at once, under one lock.
