@@ -2,6 +2,8 @@
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use crate::size::{GIB, MIB};
+use crate::sys::PAGE_SIZE;
 use crate::{aligned, Error, Result};
 
 /// First guest physical address of the 32-bit MMIO gap (3 GiB).
@@ -11,10 +13,12 @@ pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// Width of the guest physical address space the layout must fit in.
 pub const GUEST_PHYS_BITS: u32 = 46;
 /// Smallest allowed hotplug block size (2 MiB).
-pub const MIN_BLOCK_SIZE: u64 = 2 << 20;
-
-const PAGE_SIZE: u64 = 4096;
-const GIB: u64 = 1 << 30;
+pub const MIN_BLOCK_SIZE: u64 = 2 * MIB;
+/// The hotplug block size when none is given: the smallest.
+pub const DEFAULT_BLOCK_SIZE: u64 = MIN_BLOCK_SIZE;
+/// Linux's memory block on x86_64: the unit its virtio-mem driver plugs and unplugs in, and
+/// the alignment it wants of hotplug memory.
+pub const LINUX_MEMORY_BLOCK: u64 = 128 * MIB;
 
 /// Where the guest's memory lives in guest physical address space.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,8 +161,6 @@ pub(crate) fn check_block_size(block_size: u64, min: u64, reason: &'static str) 
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemoryBackend};
-
-    const MIB: u64 = 1 << 20;
 
     #[test]
     fn small_boot_ram() {

@@ -29,8 +29,8 @@ pub use access::{RangeState, UnpluggedAccess};
 pub use backend::Backend;
 pub use error::{Error, Result};
 pub use layout::{
-    create_boot_memory, HotplugLayout, MemoryLayout, GUEST_PHYS_BITS, MIN_BLOCK_SIZE, MMIO_GAP_END,
-    MMIO_GAP_START,
+    create_boot_memory, HotplugLayout, MemoryLayout, DEFAULT_BLOCK_SIZE, GUEST_PHYS_BITS,
+    LINUX_MEMORY_BLOCK, MIN_BLOCK_SIZE, MMIO_GAP_END, MMIO_GAP_START,
 };
 pub use listener::{ListenerError, ListenerId, RamDiscardListener};
 pub use populate::{
@@ -39,7 +39,7 @@ pub use populate::{
     PIECE_MIN_SMALL_PAGES, POPULATE_THREADS_MAX,
 };
 pub use region::{HotplugRegion, OpTimes, RegionOptions};
-pub use size::parse_size;
+pub use size::{parse_size, GIB, KIB, MIB};
 pub use sync::lock;
 pub use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 

@@ -7,7 +7,7 @@ use std::os::fd::FromRawFd;
 use log::{debug, error};
 
 pub(crate) const PAGE_SIZE: u64 = 4096;
-pub(crate) const HUGE_PAGE_SIZE: u64 = 2 << 20;
+pub(crate) const HUGE_PAGE_SIZE: u64 = 2 * crate::size::MIB;
 pub(crate) const FREE_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
 pub(crate) const MAX_MAP_COUNT: &str = "/proc/sys/vm/max_map_count";
 pub(crate) const OVERCOMMIT_MEMORY: &str = "/proc/sys/vm/overcommit_memory";

@@ -15,7 +15,7 @@ use crate::{kvm_is_emulating, wait_for_path, TempDir, Tide};
 /// boot RAM (the first 1 GiB boundary above 4 GiB: `memory::MemoryLayout`).
 pub const HOTPLUG_BASE: u64 = 0x1_0000_0000;
 /// Linux's memory block size on x86_64 with less than 64 GiB of boot RAM.
-pub const LINUX_MEMORY_BLOCK: u64 = 128 << 20;
+pub use memory::LINUX_MEMORY_BLOCK;
 
 /// How long a boot may take before a test gives up: generous, since an emulating KVM on a loaded
 /// machine has been seen to take 3 minutes. A bound for failures, not a timing assertion.

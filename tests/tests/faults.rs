@@ -2,6 +2,7 @@
 //! `requested_size`: a memory cgroup too small for the plug, an empty or tiny hugetlb pool,
 //! resizes and shutdowns in the middle of a long plug, and API clients that hang up halfway.
 
+use memory::{GIB, MIB};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -9,8 +10,6 @@ use std::time::{Duration, Instant};
 
 use tests::{field, http, patch, require_kvm, status, wait_for_path, wait_settled, TempDir, Tide};
 
-const GIB: u64 = 1 << 30;
-const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(120);
 
 fn is_root() -> bool {

@@ -1,8 +1,9 @@
-//! Tier 2, issue 11: Tide as a well-behaved host process. It never destroys user files
+//! Tier 2: Tide as a well-behaved host process. It never destroys user files
 //! (`file:PATH`), stops cleanly on SIGTERM, SIGINT and SIGHUP, never hangs on a console nobody
 //! reads, keeps status requests cheap with gigabytes plugged, and refuses options that would
 //! have no effect.
 
+use memory::{GIB, MIB};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -15,8 +16,6 @@ use tests::{
 };
 
 const T: Duration = Duration::from_secs(120);
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 
 /// Runs `tide run` with the test guest in `hang` mode and `extra`, expecting it to refuse to
 /// start: returns its one-line error.
@@ -33,7 +32,7 @@ fn file_backend(p: &Path) -> String {
     format!("file:{}", p.display())
 }
 
-/// Failure 1: `--backend file:PATH` truncated, and at exit deleted, whatever was at PATH.
+/// Once, `--backend file:PATH` truncated, and at exit deleted, whatever was at PATH.
 #[test]
 fn file_backend_never_touches_existing_files_links_fifos_or_devices() {
     if !require_kvm("file_backend_never_touches_existing_files_links_fifos_or_devices") {
@@ -96,7 +95,7 @@ fn file_backend_never_touches_existing_files_links_fifos_or_devices() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
 }
 
-/// Failure 2: a second Tide on the same backing file truncated the first VM's memory.
+/// Once, a second Tide on the same backing file truncated the first VM's memory.
 #[test]
 fn second_tide_on_the_same_backing_file_is_refused() {
     if !require_kvm("second_tide_on_the_same_backing_file_is_refused") {
@@ -131,7 +130,7 @@ fn second_tide_on_the_same_backing_file_is_refused() {
     assert!(!path.exists(), "Tide removes the file it created");
 }
 
-/// Failure 3: SIGTERM and SIGINT killed Tide with no cleanup.
+/// Once, SIGTERM and SIGINT killed Tide with no cleanup.
 #[test]
 fn stop_signals_stop_the_vm_like_a_shutdown() {
     if !require_kvm("stop_signals_stop_the_vm_like_a_shutdown") {
@@ -177,7 +176,7 @@ fn stop_signals_stop_the_vm_like_a_shutdown() {
     }
 }
 
-/// Failure 4: with nobody reading stdout, a vCPU blocked in `write` and the stop waited for it
+/// Once, with nobody reading stdout, a vCPU blocked in `write` and the stop waited for it
 /// for ever.
 #[test]
 fn shutdown_completes_when_nobody_reads_the_console() {
@@ -255,7 +254,7 @@ fn timed(f: impl FnOnce()) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// Failure 6: PATCH, GET and every tick of a waiting long poll read /proc/self/smaps on the
+/// Once, PATCH, GET and every tick of a waiting long poll read /proc/self/smaps on the
 /// event loop (26-54 ms each with 2 GiB plugged in 4 KiB pages). Prints the figures.
 #[test]
 fn status_stays_cheap_with_2g_plugged_in_4k_pages() {
@@ -340,7 +339,7 @@ fn status_stays_cheap_with_2g_plugged_in_4k_pages() {
     assert!(tide.wait_exit(T).success());
 }
 
-/// Failure 7: options that have no effect are errors, not silently ignored; one size parser.
+/// Options that have no effect are errors, not silently ignored; one size parser.
 #[test]
 fn options_without_effect_are_refused_and_sizes_parse_alike() {
     for args in [

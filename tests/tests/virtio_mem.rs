@@ -2,14 +2,13 @@
 //! ioeventfds and irqfds; the tests check what the guest sees and what the host's resident
 //! memory does.
 
+use memory::{GIB, MIB};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tests::{field, http, require_kvm, status, wait_for_path, TempDir, Tide};
 
-const GIB: u64 = 1 << 30;
-const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(120);
 
 fn wait_plugged(sock: &Path, want: u64) -> serde_json::Value {

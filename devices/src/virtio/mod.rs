@@ -93,5 +93,7 @@ pub enum Error {
 /// The result type of this module.
 pub type Result<T> = std::result::Result<T, Error>;
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 #[cfg(test)]
 mod tests;

@@ -15,6 +15,7 @@
 //! repetition only (a smoke test). Each measurement keeps the best of its repetitions: the host
 //! is shared and noisy.
 
+use memory::{GIB, MIB};
 use std::fmt::Write as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -27,8 +28,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use tests::{http, test_guest, TempDir};
 
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 const TWO_MIB: usize = 2 << 20;
 /// `MADV_POPULATE_WRITE` (Linux 5.14).
 const MADV_POPULATE_WRITE: i32 = 23;
@@ -1887,7 +1886,7 @@ fn main() {
          hugetlb needs 2048 free 2 MiB pages.\n\n{t}",
         machine()
     );
-    md.push_str("\nGoals (issue 12), from this run:\n\n");
+    md.push_str("\nGoals, from this run:\n\n");
     for g in &goals {
         let _ = writeln!(md, "- {g}");
     }

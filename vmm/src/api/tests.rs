@@ -1,6 +1,7 @@
 //! Tests of the API server and client: a real `ApiServer` in an `EventManager` on a thread,
 //! over a socket in a fresh temporary directory, with a mock backend.
 
+use memory::{GIB, MIB};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -15,9 +16,6 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use super::client::{self, CtlArgs, CtlCommand, CtlError};
 use super::server::{ApiError, ApiServer, StopHandle, MAX_CONNECTIONS, MAX_WAITERS};
 use super::{ApiBackend, MemoryStatus, VmInfo};
-
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 
 struct Mock {
     mem: Mutex<Option<MemoryStatus>>,
@@ -560,7 +558,7 @@ fn long_polls_whose_clients_leave_are_dropped() {
     }
 }
 
-/// Issue 11, failure 5: parked long polls took every connection slot, so the PATCH that would
+/// Once, parked long polls took every connection slot, so the PATCH that would
 /// satisfy them and the shutdown got 503.
 #[test]
 fn long_polls_do_not_take_the_slots_of_patch_get_and_shutdown() {
@@ -614,7 +612,7 @@ fn long_polls_do_not_take_the_slots_of_patch_get_and_shutdown() {
     assert_eq!(h.mock.shutdowns.load(Ordering::SeqCst), 1);
 }
 
-/// Issue 11, failure 7 (last part): a stop closed waiting long polls with no answer at all.
+/// Once, a stop closed waiting long polls with no answer at all.
 #[test]
 fn stop_answers_every_waiting_long_poll() {
     let h = Harness::start(Mock::new(true));
@@ -645,7 +643,7 @@ fn stop_answers_every_waiting_long_poll() {
     }
 }
 
-/// Issue 11, failure 8: the shutdown was requested after its 204 was sent, so a client that
+/// Once, the shutdown was requested after its 204 was sent, so a client that
 /// got the 204 could not rely on it (and the tests reading the counter raced). A VMM slow to
 /// take the request makes the old order fail every time.
 #[test]
@@ -985,7 +983,7 @@ fn client_helpers() {
     assert!(matches!(cli.ctl.cmd, CtlCommand::Status { json: true }));
 }
 
-/// Issue 11, failure 7: `resize --wait --timeout 18446744073709551615` panicked (Instant
+/// Once, `resize --wait --timeout 18446744073709551615` panicked (Instant
 /// overflow); `resize 1P` was refused while `tide run --hotplug-size 1P` was accepted.
 #[test]
 fn client_takes_any_timeout_and_the_run_size_syntax() {
@@ -1002,7 +1000,7 @@ fn client_takes_any_timeout_and_the_run_size_syntax() {
     assert_eq!(client::parse_size("1P"), Ok(1 << 50));
 }
 
-/// Issue 11, failure 7: a 503 was reported as "Broken pipe" when the server answered before
+/// Once, a 503 was reported as "Broken pipe" when the server answered before
 /// reading the request and closed.
 #[test]
 fn client_shows_a_503_as_the_servers_message() {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use log::debug;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::Queue;
-use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, GuestAddress, GuestMemoryMmap};
 
 use super::hotplug_memory::HotplugMemory;
 use super::metrics::VirtioMemMetrics;
@@ -147,7 +147,8 @@ impl<R: HotplugMemory> VirtioDevice for VirtioMem<R> {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let config = self.core.shared.config_bytes();
+        let config = self.core.shared.config();
+        let config = config.as_slice();
         let Ok(start) = usize::try_from(offset) else {
             return;
         };

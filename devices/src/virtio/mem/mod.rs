@@ -19,7 +19,7 @@ mod handler;
 mod hotplug_memory;
 pub mod metrics;
 mod queue;
-mod request;
+pub mod request;
 mod shared;
 pub mod spec;
 mod worker;
