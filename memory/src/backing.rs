@@ -15,17 +15,17 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::{Error, Result};
+use crate::{CreatedPath, Error, Result};
 
 /// A backing file opened under the policy of this module.
 #[derive(Debug)]
 pub(crate) struct BackingFile {
     /// The open, locked and sized file.
     pub(crate) file: File,
-    /// The path, device and inode of a file Tide created by name (to remove at the end).
-    created: Option<(PathBuf, u64, u64)>,
+    /// A file Tide created by name (to remove at the end).
+    created: Option<CreatedPath>,
 }
 
 fn refuse(path: &Path, reason: &'static str) -> Error {
@@ -114,7 +114,7 @@ impl BackingFile {
                         _ => io_err(e),
                     })?;
                 let md = file.metadata().map_err(io_err)?;
-                (file, Some((path.to_path_buf(), md.dev(), md.ino())))
+                (file, Some(CreatedPath::new(path, &md)))
             }
             Err(e) => return Err(io_err(e)),
         };
@@ -158,17 +158,12 @@ impl Drop for BackingFile {
     fn drop(&mut self) {
         // Remove the file only if PATH still names the file we created (someone may have
         // renamed it and put another file there). Unlinked while still locked.
-        if let Some((path, dev, ino)) = &self.created {
-            match std::fs::symlink_metadata(path) {
-                Ok(md) if md.dev() == *dev && md.ino() == *ino => {
-                    if let Err(e) = std::fs::remove_file(path) {
-                        log::warn!("cannot remove backing file {}: {e}", path.display());
-                    }
-                }
-                _ => log::warn!(
-                    "backing file {} was moved or replaced; leaving it",
-                    path.display()
-                ),
+        if let Some(created) = &self.created {
+            let path = created.path().display();
+            match created.remove_if_ours() {
+                Ok(true) => {}
+                Ok(false) => log::warn!("backing file {path} was moved or replaced; leaving it"),
+                Err(e) => log::warn!("cannot remove backing file {path}: {e}"),
             }
         }
     }

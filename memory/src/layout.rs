@@ -40,6 +40,37 @@ pub struct HotplugLayout {
     pub block_size: u64,
 }
 
+impl HotplugLayout {
+    /// The geometry rule of a hotplug window: a power-of-two block size of at least
+    /// `min_block_size` (else [`Error::BlockSize`] with `reason`), a block-aligned base, a
+    /// non-zero size that is a multiple of the block size, and an end within 64 bits.
+    pub fn check(&self, min_block_size: u64, reason: &'static str) -> Result<()> {
+        let (base, size, block_size) = (self.base.0, self.size, self.block_size);
+        check_block_size(block_size, min_block_size, reason)?;
+        if !aligned(base, block_size) {
+            return Err(Error::BlockSize {
+                block_size,
+                reason: "the hotplug base address is not aligned to it",
+            });
+        }
+        if size == 0 || !aligned(size, block_size) {
+            return Err(Error::HotplugSize {
+                size,
+                block_size,
+                reason: "must be a non-zero multiple of the block size",
+            });
+        }
+        if base.checked_add(size).is_none() {
+            return Err(Error::AddressSpace {
+                base,
+                size,
+                bits: 64,
+            });
+        }
+        Ok(())
+    }
+}
+
 impl MemoryLayout {
     /// Computes the layout for `boot_ram` bytes of boot RAM and a hotplug window of
     /// `hotplug_size` bytes plugged in `block_size` units.

@@ -15,6 +15,7 @@ mod backend;
 mod backing;
 mod bitmap;
 mod cgroup;
+mod created_path;
 mod error;
 mod layout;
 mod listener;
@@ -27,6 +28,7 @@ mod sys;
 
 pub use access::{RangeState, UnpluggedAccess};
 pub use backend::Backend;
+pub use created_path::CreatedPath;
 pub use error::{Error, Result};
 pub use layout::{
     create_boot_memory, HotplugLayout, MemoryLayout, DEFAULT_BLOCK_SIZE, GUEST_PHYS_BITS,

@@ -29,7 +29,7 @@ pub use memory::{RangeState, UnpluggedAccess};
 pub use ahead::{AHEAD_CHUNK, AHEAD_IDLE};
 pub use device::VirtioMem;
 pub use hotplug_memory::HotplugMemory;
-pub use queue::VirtioMemQueue;
+pub use queue::QueueRunner;
 pub use shared::{SizeSnapshot, VirtioMemShared, BUSY_RETRY_MAX, BUSY_RETRY_MIN};
 pub use spec::*;
 pub use worker::VirtioMemWorker;

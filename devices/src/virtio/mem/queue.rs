@@ -54,7 +54,7 @@ pub(super) struct QueueSlot {
 }
 
 /// The part of the device its queue runner needs: shared between [`VirtioMem`] (on the
-/// transport's side) and [`VirtioMemQueue`] (on the worker's side).
+/// transport's side) and [`QueueRunner`] (on the worker's side).
 pub(super) struct Core<R: HotplugMemory> {
     pub(super) region: Arc<R>,
     pub(super) shared: Arc<VirtioMemShared>,
@@ -64,15 +64,15 @@ pub(super) struct Core<R: HotplugMemory> {
 
 /// A handle that runs the device's request queue from any thread (the vmm's worker), without
 /// the transport's lock: guest MMIO accesses to the transport never wait for a populate.
-pub struct VirtioMemQueue<R: HotplugMemory>(pub(super) Arc<Core<R>>);
+pub struct QueueRunner<R: HotplugMemory>(pub(super) Arc<Core<R>>);
 
-impl<R: HotplugMemory> Clone for VirtioMemQueue<R> {
+impl<R: HotplugMemory> Clone for QueueRunner<R> {
     fn clone(&self) -> Self {
         Self(self.0.clone())
     }
 }
 
-impl<R: HotplugMemory> VirtioMemQueue<R> {
+impl<R: HotplugMemory> QueueRunner<R> {
     /// Processes what the driver made available, one request at a time. Returns at once when
     /// the device is not activated, or when another thread has the queue out (that thread then
     /// looks at the queue again). An error means the device cannot go on: the transport shows
@@ -88,7 +88,7 @@ impl<R: HotplugMemory> Core<R> {
         memory::lock(&self.queue)
     }
 
-    /// See [`VirtioMemQueue::process`].
+    /// See [`QueueRunner::process`].
     pub(super) fn process(&self) -> Result<()> {
         let (mut active, epoch) = {
             let mut q = self.slot();
