@@ -159,8 +159,8 @@ impl Tide {
         cmdline: &str,
         extra: &[&str],
     ) -> (Tide, PathBuf, TempDir) {
-        let tmp = TempDir::new(tag);
-        let sock = tmp.0.join("api.sock");
+        let tmp = temp_dir(tag);
+        let sock = tmp.as_path().join("api.sock");
         let mut args = extra.to_vec();
         let sock_arg = sock.display().to_string();
         args.extend(["--api-socket", &sock_arg]);
@@ -355,25 +355,12 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
     }
 }
 
-/// A unique temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
+pub use vmm_sys_util::tempdir::TempDir;
 
-impl TempDir {
-    /// Creates one named after `tag`.
-    pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(
-            format!("tide-{tag}-{}-{:?}", std::process::id(), Instant::now())
-                .replace([' ', ':', '.'], "_"),
-        );
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A new temporary directory named after `tag`, removed (with what is in it) on drop.
+pub fn temp_dir(tag: &str) -> TempDir {
+    TempDir::new_with_prefix(std::env::temp_dir().join(format!("tide-{tag}-")))
+        .expect("create a temporary directory")
 }
 
 /// `GET /hotplug/memory` as JSON; panics unless it answers 200.

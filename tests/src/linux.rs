@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::{kvm_is_emulating, wait_for_path, TempDir, Tide};
+use crate::{kvm_is_emulating, temp_dir, wait_for_path, TempDir, Tide};
 
 /// Guest physical address where Tide places the hotplug region of a guest with less than 3 GiB of
 /// boot RAM (the first 1 GiB boundary above 4 GiB: `memory::MemoryLayout`).
@@ -75,8 +75,8 @@ impl LinuxGuest {
     /// started for it, and kernel messages kept off the console so that they never split a
     /// command's output (the tests read them with `dmesg`).
     pub fn boot(dir: &Path, tag: &str, extra: &[&str]) -> LinuxGuest {
-        let tmp = TempDir::new(tag);
-        let sock = tmp.0.join("api.sock");
+        let tmp = temp_dir(tag);
+        let sock = tmp.as_path().join("api.sock");
         let mut args: Vec<String> = [
             "run",
             "--kernel",

@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tests::{
-    field, http, patch, require_kvm, status, test_guest, tide_bin, wait_for_path, wait_settled,
-    TempDir, Tide,
+    field, http, patch, require_kvm, status, temp_dir, test_guest, tide_bin, wait_for_path,
+    wait_settled, Tide,
 };
 
 const T: Duration = Duration::from_secs(120);
@@ -38,20 +38,20 @@ fn file_backend_never_touches_existing_files_links_fifos_or_devices() {
     if !require_kvm("file_backend_never_touches_existing_files_links_fifos_or_devices") {
         return;
     }
-    let tmp = TempDir::new("backing");
-    let data = tmp.0.join("users-data");
+    let tmp = temp_dir("backing");
+    let data = tmp.as_path().join("users-data");
     std::fs::write(&data, b"precious").unwrap();
     let err = refused(&["--hotplug-size", "64M", "--backend", &file_backend(&data)]);
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read(&data).unwrap(), b"precious");
 
-    let link = tmp.0.join("link");
+    let link = tmp.as_path().join("link");
     std::os::unix::fs::symlink(&data, &link).unwrap();
     let err = refused(&["--hotplug-size", "64M", "--backend", &file_backend(&link)]);
     assert!(err.contains("symbolic link"), "{err}");
     assert_eq!(std::fs::read(&data).unwrap(), b"precious");
 
-    let fifo = tmp.0.join("fifo");
+    let fifo = tmp.as_path().join("fifo");
     let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(st.success());
     let err = refused(&["--hotplug-size", "64M", "--backend", &file_backend(&fifo)]);
@@ -69,9 +69,9 @@ fn file_backend_never_touches_existing_files_links_fifos_or_devices() {
         .is_char_device());
 
     // A directory: an unnamed file inside it, nothing left behind.
-    let dir = tmp.0.join("dir");
+    let dir = tmp.as_path().join("dir");
     std::fs::create_dir(&dir).unwrap();
-    let sock = tmp.0.join("api.sock");
+    let sock = tmp.as_path().join("api.sock");
     let mut tide = Tide::run_guest(
         "console=ttyS0 tide.test=mem-follow",
         &[
@@ -101,9 +101,9 @@ fn second_tide_on_the_same_backing_file_is_refused() {
     if !require_kvm("second_tide_on_the_same_backing_file_is_refused") {
         return;
     }
-    let tmp = TempDir::new("backing2");
-    let path = tmp.0.join("guest-ram");
-    let sock = tmp.0.join("api.sock");
+    let tmp = temp_dir("backing2");
+    let path = tmp.as_path().join("guest-ram");
+    let sock = tmp.as_path().join("api.sock");
     let mut first = Tide::run_guest(
         "console=ttyS0 tide.test=mem-follow",
         &[
@@ -141,9 +141,9 @@ fn stop_signals_stop_the_vm_like_a_shutdown() {
         (libc::SIGINT, "SIGINT"),
         (libc::SIGHUP, "SIGHUP"),
     ] {
-        let tmp = TempDir::new("signals");
-        let path = tmp.0.join("guest-ram");
-        let sock = tmp.0.join("api.sock");
+        let tmp = temp_dir("signals");
+        let path = tmp.as_path().join("guest-ram");
+        let sock = tmp.as_path().join("api.sock");
         let mut tide = Tide::run_guest(
             "console=ttyS0 tide.test=mem-follow",
             &[
@@ -183,8 +183,8 @@ fn shutdown_completes_when_nobody_reads_the_console() {
     if !require_kvm("shutdown_completes_when_nobody_reads_the_console") {
         return;
     }
-    let tmp = TempDir::new("console");
-    let sock = tmp.0.join("api.sock");
+    let tmp = temp_dir("console");
+    let sock = tmp.as_path().join("api.sock");
     let mut child = Command::new(tide_bin())
         .args(["run", "--kernel"])
         .arg(test_guest())

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use tests::{http, test_guest, TempDir};
+use tests::{http, temp_dir, test_guest};
 
 const TWO_MIB: usize = 2 << 20;
 /// `MADV_POPULATE_WRITE` (Linux 5.14).
@@ -815,8 +815,8 @@ fn tide_e2e(
     raws: &[Raw],
     rows: &mut Vec<Row>,
 ) -> Res<()> {
-    let dir = TempDir::new("bench");
-    let sock = dir.0.join("api.sock");
+    let dir = temp_dir("bench");
+    let sock = dir.as_path().join("api.sock");
     let vmm = Vmm::start_follow(tide, &sock, kind, "8G")?;
     for &bytes in sizes {
         // (seconds, resident before, at the top, after) of the best repetition.
@@ -1200,8 +1200,8 @@ fn tide_pattern(
     raw: &RawSet,
     rows: &mut Vec<Row>,
 ) -> Res<Pattern> {
-    let dir = TempDir::new("bench-pattern");
-    let sock = dir.0.join("api.sock");
+    let dir = temp_dir("bench-pattern");
+    let sock = dir.as_path().join("api.sock");
     let vmm = Vmm::start_follow_with(tide, &sock, kind, "8G", cmdline, more)?;
     let mut best = Pattern {
         plug: f64::MAX,
@@ -1501,8 +1501,8 @@ struct Sample {
 }
 
 fn resize_trace(tide: &Path, seq: &[u64], out: &Path) -> Res<usize> {
-    let dir = TempDir::new("bench-resize");
-    let sock = dir.0.join("api.sock");
+    let dir = temp_dir("bench-resize");
+    let sock = dir.as_path().join("api.sock");
     let vmm = Vmm::start_follow(tide, &sock, Kind::AnonThp, "8G")?;
     let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
     let stop = Arc::new(AtomicBool::new(false));
