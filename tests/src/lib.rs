@@ -58,7 +58,7 @@ pub fn require_kvm(test: &str) -> bool {
 }
 
 /// Whether this host's KVM emulates guest code instead of running it on hardware (the `kvm_pvm`
-/// software nested KVM of shared/README.md): real Linux guests cannot boot there.
+/// software nested KVM of docs/testing.md): real Linux guests cannot boot there.
 pub fn kvm_is_emulating() -> Option<&'static str> {
     Path::new("/sys/module/kvm_pvm")
         .exists()

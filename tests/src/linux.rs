@@ -243,7 +243,7 @@ impl LinuxGuest {
 
 /// Whether a kernel log line reports a problem (see [`LinuxGuest::kernel_log_problems`]).
 /// `emulating`: the guest runs on an emulating KVM, whose CPUID instruction returns the host's
-/// values whatever Tide set (shared/README.md section 7), so Linux sees CPUID's initial APIC ID 0
+/// values whatever Tide set (docs/testing.md), so Linux sees CPUID's initial APIC ID 0
 /// on every vCPU although Tide gives each its own: a fact of that KVM, not of Tide.
 pub fn is_problem(line: &str, emulating: bool) -> bool {
     let l = line.to_ascii_lowercase();

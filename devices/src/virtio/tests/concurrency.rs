@@ -171,7 +171,7 @@ fn busy_is_followed_by_a_timed_config_interrupt() {
 /// Figures (printed, not asserted: timings depend on the machine): the
 /// longest a guest MMIO access (interrupt status, config, generation) took while the queue
 /// runner populated a large plug of 4 KiB pages in a real region.
-/// `TIDE_MMIO_PROBE_MIB` sets the plug size (default 256 MiB; the figure in the README uses 4096).
+/// `TIDE_MMIO_PROBE_MIB` sets the plug size (default 256 MiB; the figure in docs/memory.md uses 4096).
 #[test]
 fn mmio_latency_during_a_real_populate() {
     let mib: u64 = std::env::var("TIDE_MMIO_PROBE_MIB")

@@ -27,13 +27,47 @@ fn documented_routes() -> Vec<(String, String)> {
     out
 }
 
-#[test]
-fn openapi_document_and_server_agree() {
+/// The (path, method) pairs the server routes.
+fn served_routes() -> Vec<(String, String)> {
     let mut served: Vec<(String, String)> = crate::api::routes::ROUTES
         .iter()
         .flat_map(|(p, allow)| allow.split(", ").map(|m| (p.to_string(), m.to_string())))
         .collect();
     served.sort();
+    served
+}
+
+/// The (path, method) pairs of the endpoint table of docs/api.md: the first `METHOD /path` of
+/// each row, without its query.
+fn api_doc_routes() -> Vec<(String, String)> {
+    let doc = include_str!("../../../../docs/api.md");
+    let table = doc
+        .split_once("\n## Endpoints\n")
+        .expect("docs/api.md has an Endpoints section")
+        .1;
+    let mut out: Vec<(String, String)> = table
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once('`'))
+        .filter_map(|(req, _)| req.split_once(' '))
+        .map(|(m, p)| {
+            let path = p.split_once('?').map_or(p, |(p, _)| p);
+            (path.to_string(), m.to_string())
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[test]
+fn api_doc_and_server_agree() {
+    assert_eq!(api_doc_routes(), served_routes());
+}
+
+#[test]
+fn openapi_document_and_server_agree() {
+    let served = served_routes();
     assert_eq!(documented_routes(), served);
     // Every documented route is answered by the server, neither 404 for its path nor 405.
     let h = Harness::start(Mock::new(true));
