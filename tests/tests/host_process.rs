@@ -202,10 +202,8 @@ fn shutdown_completes_when_nobody_reads_the_console() {
     loop {
         let mut n: libc::c_int = 0;
         // SAFETY: FIONREAD writes one int into `n`.
-        assert_eq!(
-            unsafe { libc::ioctl(out.as_raw_fd(), libc::FIONREAD, &mut n) },
-            0
-        );
+        let r = unsafe { libc::ioctl(out.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(r, 0);
         // Within one page of the 64 KiB default: the writer's next chunk does not fit.
         if n >= 65536 - 8192 {
             break;
