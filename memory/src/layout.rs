@@ -152,7 +152,8 @@ impl MemoryLayout {
     }
 
     /// The highest boot RAM address plus one (0 if there is no boot RAM).
-    pub fn boot_ram_end(&self) -> u64 {
+    #[cfg(test)]
+    fn boot_ram_end(&self) -> u64 {
         self.boot_ranges
             .iter()
             .map(|(start, len)| start.0.saturating_add(*len))
@@ -161,7 +162,8 @@ impl MemoryLayout {
     }
 
     /// Total boot RAM in bytes.
-    pub fn boot_ram_size(&self) -> u64 {
+    #[cfg(test)]
+    fn boot_ram_size(&self) -> u64 {
         self.boot_ranges.iter().map(|(_, len)| *len).sum()
     }
 }

@@ -73,7 +73,7 @@ impl Interrupt {
     }
 
     /// Whether [`Self::device_failed`] was called since the last reset.
-    pub fn has_failed(&self) -> bool {
+    fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
 
@@ -170,11 +170,6 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// The device behind the transport.
     pub fn device(&self) -> &D {
         &self.device
-    }
-
-    /// The device behind the transport, mutably.
-    pub fn device_mut(&mut self) -> &mut D {
-        &mut self.device
     }
 
     /// The device status register as the driver reads it.

@@ -96,7 +96,7 @@ impl<R: HotplugMemory> VirtioMem<R> {
     }
 
     /// The handle that runs the request queue off the transport's lock.
-    pub fn queue_runner(&self) -> QueueRunner<R> {
+    pub(crate) fn queue_runner(&self) -> QueueRunner<R> {
         QueueRunner(self.core.clone())
     }
 }

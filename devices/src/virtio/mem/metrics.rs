@@ -233,7 +233,8 @@ impl VirtioMemMetrics {
 
     /// The metrics as one JSON object: `{"plug": {...}, "unplug": {...}, "unplug_all": {...},
     /// "state": {...}, "invalid": {...}, "ahead": {...}}`, times in nanoseconds.
-    pub fn to_json(&self) -> String {
+    #[cfg(test)]
+    fn to_json(&self) -> String {
         serde_json::to_string(&self.snapshot()).unwrap_or_default()
     }
 

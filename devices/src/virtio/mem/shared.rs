@@ -68,7 +68,7 @@ pub struct VirtioMemShared {
 
 impl VirtioMemShared {
     /// Has `evt` signalled after every change of the requested size.
-    pub fn notify_resize(&self, evt: Arc<vmm_sys_util::eventfd::EventFd>) {
+    pub(crate) fn notify_resize(&self, evt: Arc<vmm_sys_util::eventfd::EventFd>) {
         *memory::lock(&self.resize_evt) = Some(evt);
     }
 
