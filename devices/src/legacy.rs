@@ -94,7 +94,7 @@ impl SerialDevice {
     }
 
     /// Free room in the receive FIFO.
-    pub fn input_room(&self) -> usize {
+    pub(crate) fn input_room(&self) -> usize {
         self.serial.fifo_capacity()
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tests::linux::{guest_dir, LinuxGuest, COMMAND_TIMEOUT, HOTPLUG_BASE};
 use tests::{
-    field, http, patch, require_kvm, status, test_guest, tide_bin, wait_for_path, TempDir, Tide,
+    field, http, patch, require_kvm, status, temp_dir, test_guest, tide_bin, wait_for_path, Tide,
     API_SOCKET_WAIT,
 };
 
@@ -47,8 +47,8 @@ fn driver_health_from_no_driver_to_failed() {
     if !require_kvm("driver_health_from_no_driver_to_failed") {
         return;
     }
-    let tmp = TempDir::new("driver-health");
-    let sock = tmp.0.join("api.sock");
+    let tmp = temp_dir("driver-health");
+    let sock = tmp.as_path().join("api.sock");
     let mut tide = Tide::spawn_console([
         "run".to_string(),
         "--kernel".into(),

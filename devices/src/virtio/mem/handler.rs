@@ -18,14 +18,10 @@ use super::RangeState;
 impl<R: HotplugMemory> Core<R> {
     pub(super) fn execute(&self, req: Request, m: &mut Timing) -> Response {
         match req.kind {
-            VIRTIO_MEM_REQ_PLUG => self.plug(req.addr, req.nb_blocks, m),
-            VIRTIO_MEM_REQ_UNPLUG => self.unplug(req.addr, req.nb_blocks, m),
-            VIRTIO_MEM_REQ_UNPLUG_ALL => self.unplug_all(m),
-            VIRTIO_MEM_REQ_STATE => self.state(req.addr, req.nb_blocks),
-            other => self.refuse(
-                Some(record(other, req.addr, req.nb_blocks)),
-                format!("unknown request type {other}"),
-            ),
+            RequestKind::Plug => self.plug(req.addr, req.nb_blocks, m),
+            RequestKind::Unplug => self.unplug(req.addr, req.nb_blocks, m),
+            RequestKind::UnplugAll => self.unplug_all(m),
+            RequestKind::State => self.state(req.addr, req.nb_blocks),
         }
     }
 
@@ -45,7 +41,7 @@ impl<R: HotplugMemory> Core<R> {
                 return NACK;
             }
         }
-        let len = match self.validate(VIRTIO_MEM_REQ_PLUG, addr, nb_blocks, m) {
+        let len = match self.validate(RequestKind::Plug, addr, nb_blocks, m) {
             Ok(len) => len,
             Err(response) => return response,
         };
@@ -73,7 +69,7 @@ impl<R: HotplugMemory> Core<R> {
     }
 
     pub(super) fn unplug(&self, addr: u64, nb_blocks: u16, m: &mut Timing) -> Response {
-        let len = match self.validate(VIRTIO_MEM_REQ_UNPLUG, addr, nb_blocks, m) {
+        let len = match self.validate(RequestKind::Unplug, addr, nb_blocks, m) {
             Ok(len) => len,
             Err(response) => return response,
         };
@@ -106,24 +102,18 @@ impl<R: HotplugMemory> Core<R> {
     pub(super) fn state(&self, addr: u64, nb_blocks: u16) -> Response {
         let Some(len) = self.check_range(addr, nb_blocks) else {
             let why = self.range_problem(addr, nb_blocks);
-            let req = record(VIRTIO_MEM_REQ_STATE, addr, nb_blocks);
+            let req = record(RequestKind::State, addr, nb_blocks);
             return self.refuse(
                 Some(req),
                 format!("STATE of {nb_blocks} blocks at {addr:#x}: {why}"),
             );
         };
-        let state = match self.region.state(GuestAddress(addr), len) {
-            Ok(RangeState::Plugged) => VIRTIO_MEM_STATE_PLUGGED,
-            Ok(RangeState::Unplugged) => VIRTIO_MEM_STATE_UNPLUGGED,
-            Ok(RangeState::Mixed) => VIRTIO_MEM_STATE_MIXED,
+        match self.region.state(GuestAddress(addr), len) {
+            Ok(state) => Response::state(state),
             Err(e) => {
                 error!("virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}");
-                return self.busy();
+                self.busy()
             }
-        };
-        Response {
-            kind: VIRTIO_MEM_RESP_ACK,
-            state,
         }
     }
 
@@ -132,13 +122,13 @@ impl<R: HotplugMemory> Core<R> {
     /// validation time), or the answer.
     pub(super) fn validate(
         &self,
-        kind: u16,
+        kind: RequestKind,
         addr: u64,
         nb_blocks: u16,
         m: &mut Timing,
     ) -> std::result::Result<u64, Response> {
         let (op, want) = match kind {
-            VIRTIO_MEM_REQ_PLUG => ("PLUG", RangeState::Unplugged),
+            RequestKind::Plug => ("PLUG", RangeState::Unplugged),
             _ => ("UNPLUG", RangeState::Plugged),
         };
         let req = Some(record(kind, addr, nb_blocks));
@@ -253,9 +243,14 @@ impl<R: HotplugMemory> Core<R> {
 }
 
 /// The record of a request for the driver's health.
-fn record(kind: u16, addr: u64, nb_blocks: u16) -> RequestRecord {
+fn record(kind: RequestKind, addr: u64, nb_blocks: u16) -> RequestRecord {
     RequestRecord {
-        kind,
+        kind: match kind {
+            RequestKind::Plug => VIRTIO_MEM_REQ_PLUG,
+            RequestKind::Unplug => VIRTIO_MEM_REQ_UNPLUG,
+            RequestKind::UnplugAll => VIRTIO_MEM_REQ_UNPLUG_ALL,
+            RequestKind::State => VIRTIO_MEM_REQ_STATE,
+        },
         addr,
         nb_blocks,
     }

@@ -9,8 +9,10 @@
 
 use std::time::Instant;
 
-use crate::virtio::mmio::{
-    STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FAILED,
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE as STATUS_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER_OK as STATUS_DRIVER_OK, VIRTIO_CONFIG_S_FAILED as STATUS_FAILED,
+    VIRTIO_CONFIG_S_NEEDS_RESET as STATUS_DEVICE_NEEDS_RESET,
 };
 
 use super::spec::*;
@@ -203,7 +205,9 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::mmio::{STATUS_DRIVER, STATUS_FEATURES_OK};
+    use virtio_bindings::virtio_config::{
+        VIRTIO_CONFIG_S_DRIVER as STATUS_DRIVER, VIRTIO_CONFIG_S_FEATURES_OK as STATUS_FEATURES_OK,
+    };
 
     #[test]
     fn states_follow_the_status_and_the_answers() {
