@@ -99,3 +99,57 @@ impl GuestViewControl {
         current
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::bus::BusDevice;
+    use devices::legacy::EventFdTrigger;
+
+    /// What the host has written to the guest's receive side so far.
+    fn questions(channel: &Arc<Mutex<GuestChannel>>) -> String {
+        let mut c = devices::bus::lock(channel);
+        let mut out = String::new();
+        let mut b = [0u8];
+        // LSR bit 0: data ready.
+        loop {
+            c.read(5, &mut b);
+            if b[0] & 1 == 0 {
+                return out;
+            }
+            c.read(0, &mut b);
+            out.push(b[0] as char);
+        }
+    }
+
+    fn guest_says(channel: &Arc<Mutex<GuestChannel>>, line: &str) {
+        let mut c = devices::bus::lock(channel);
+        for b in line.bytes() {
+            c.write(0, &[b]);
+        }
+    }
+
+    #[test]
+    fn asks_once_per_change_until_a_current_report_agrees() {
+        let channel = Arc::new(Mutex::new(
+            GuestChannel::new(EventFdTrigger::new().unwrap()).unwrap(),
+        ));
+        let g = GuestViewControl::new(channel.clone());
+        // No report: asked, once while the question is unanswered.
+        assert!(!g.report_current(5, false));
+        assert!(!g.report_current(5, false));
+        assert_eq!(questions(&channel), "6\n");
+        // A report from before the question is not current.
+        guest_says(&channel, "tide-online 0 8000000 .\n");
+        assert!(!g.report_current(5, false));
+        assert_eq!(questions(&channel), "");
+        // The answer is current; it agrees: nothing more is asked.
+        guest_says(&channel, "tide-online 6 8000000 32 .\n");
+        assert!(g.report_current(5, true));
+        assert_eq!(questions(&channel), "");
+        // The memory changed: the answered report is stale and the guest is asked at once.
+        assert!(!g.report_current(9, true));
+        assert_eq!(questions(&channel), "10\n");
+        assert!(g.ready());
+    }
+}

@@ -35,6 +35,8 @@ impl ApiBackend for Mock {
             backend: "anon".into(),
             resident_bytes: r,
             ahead_bytes: 0,
+            guest_online_size: Some(r),
+            driver: None,
         })
     }
 
@@ -53,6 +55,7 @@ impl ApiBackend for Mock {
             exit_reason: None,
             vcpus: 1,
             boot_memory: 512 * MIB,
+            guest_ready: true,
         }
     }
 
