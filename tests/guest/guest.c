@@ -12,7 +12,6 @@
  * Command line (Linux's boot_params.hdr.cmd_line_ptr):
  *   tide.test=hang | triple | flood | mem-follow | mem-hostile | mem-touch-unplugged | mem-busy
  *             | mem-reset | mem-read-unplugged  (flood: prints lines on the console for ever)
- *             | mem-health  (waits for a byte on the console before each step; see scenario_health)
  *   virtio_mmio.device=<size>@<addr>:<irq>   (Linux syntax; may appear several times)
  *   tide.accept_inaccessible=0               do not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
  *   tide.exit_at_zero=1                      mem-follow: power off once requested and plugged are 0
@@ -20,6 +19,8 @@
  *   tide.irq=0                               wait by polling InterruptStatus instead of with interrupts
  *   tide.chunk=<size>                        mem-follow: at most this much per PLUG/UNPLUG request, one
  *                                            at a time (128M: Linux's pattern on x86_64)
+ *   tide.test=mem-health                     the driver's health step by step, each step after a byte
+ *                                            on the console (see scenario_health)
  * Without tide.test and without a virtio-mem device it prints the boot facts and powers off; with a
  * virtio-mem device the default scenario is mem-follow.
  */
@@ -1580,17 +1581,20 @@ __attribute__((noreturn)) static void scenario_health(void)
 
 static void virtio_mem_main(void)
 {
+    if (param_is("tide.test", "mem-health")) {
+        if (!find_device())
+            fail("no virtio-mem device (virtio_mmio.device=) on the command line");
+        scenario_health();
+    }
+
     int want = param_is("tide.test", "mem-follow") || param_is("tide.test", "mem-hostile") ||
                param_is("tide.test", "mem-touch-unplugged") || param_is("tide.test", "mem-busy") ||
-               param_is("tide.test", "mem-reset") || param_is("tide.test", "mem-read-unplugged") ||
-               param_is("tide.test", "mem-health");
+               param_is("tide.test", "mem-reset") || param_is("tide.test", "mem-read-unplugged");
     if (!find_device()) {
         if (want)
             fail("no virtio-mem device (virtio_mmio.device=) on the command line");
         return;
     }
-    if (param_is("tide.test", "mem-health"))
-        scenario_health();
     irq_init(mmio_irq);
     device_init();
     if (param_is("tide.test", "mem-hostile"))
