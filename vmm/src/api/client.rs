@@ -64,11 +64,11 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
     let sock = args.api_socket.as_path();
     match args.cmd {
         CtlCommand::Status { json } => {
-            println!("{}", status(sock, json)?);
+            print_out(&status(sock, json)?);
             Ok(())
         }
         CtlCommand::Info { json } => {
-            println!("{}", info(sock, json)?);
+            print_out(&info(sock, json)?);
             Ok(())
         }
         CtlCommand::Shutdown => {
@@ -96,6 +96,15 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             res
         }
     }
+}
+
+/// Prints `text` and a newline on stdout. A stdout that is closed or full of errors (`| head`
+/// that has had enough) is not the request's failure: the output is dropped quietly, and the
+/// exit status still says how the request went.
+fn print_out(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
 }
 
 /// A long-poll answer.
