@@ -5,5 +5,6 @@
 #![forbid(unsafe_code)]
 
 pub mod bus;
+pub mod guest_log;
 pub mod legacy;
 pub mod virtio;

@@ -72,7 +72,25 @@ impl ApiBackend for Control {
 
     fn metrics(&self) -> Option<serde_json::Value> {
         let (_, _, metrics) = self.mem.as_ref()?;
-        serde_json::to_value(metrics.snapshot()).ok()
+        let mut v = serde_json::to_value(metrics.snapshot()).ok()?;
+        if let Some(o) = v.as_object_mut() {
+            // What the rate limit and the log sink kept out of the log.
+            let kinds: serde_json::Map<String, serde_json::Value> = devices::guest_log::counts()
+                .into_iter()
+                .map(|k| {
+                    let v = serde_json::json!({"count": k.count, "logged": k.logged});
+                    (k.kind.to_string(), v)
+                })
+                .collect();
+            o.insert(
+                "log".into(),
+                serde_json::json!({
+                    "dropped_lines": crate::logger::dropped(),
+                    "guest_messages": kinds,
+                }),
+            );
+        }
+        Some(v)
     }
 
     fn resize(&self, requested_size: u64) -> std::result::Result<(), crate::api::BackendError> {
@@ -206,6 +224,9 @@ impl Vmm {
         // Guest output still buffered goes out if stdout takes it soon; never waits longer.
         if !self.console.drain(CONSOLE_DRAIN) {
             log::warn!("console: stdout is not being read; buffered guest output dropped");
+        }
+        if let Some(line) = devices::guest_log::summary() {
+            log::warn!("{line}");
         }
         let dropped = self.console.dropped();
         if dropped > 0 {

@@ -3,7 +3,9 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use log::{debug, error, warn};
+use log::{debug, Level};
+
+use crate::guest_log;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -235,7 +237,11 @@ impl<R: HotplugMemory> Core<R> {
             VIRTIO_MEM_REQ_UNPLUG_ALL => self.unplug_all(m),
             VIRTIO_MEM_REQ_STATE => self.state(req.addr, req.nb_blocks),
             other => {
-                warn!("virtio-mem: unknown request type {other}");
+                guest_log!(
+                    Level::Warn,
+                    "virtio-mem unknown request type",
+                    "virtio-mem: unknown request type {other}"
+                );
                 ERROR
             }
         }
@@ -269,13 +275,21 @@ impl<R: HotplugMemory> Core<R> {
                 ACK
             }
             Err(e) => {
-                warn!("virtio-mem: cannot back {len:#x} at {addr:#x}, answering BUSY: {e}");
+                guest_log!(
+                    Level::Warn,
+                    "virtio-mem plug BUSY",
+                    "virtio-mem: cannot back {len:#x} at {addr:#x}, answering BUSY: {e}"
+                );
                 // Leave nothing of the failed plug behind (the region should have rolled back).
                 if !matches!(self.region.state(gaddr, len), Ok(RangeState::Unplugged)) {
                     // The roll-back's time counts as bookkeeping, not as a phase.
                     let untimed = &mut memory::OpTimes::default();
                     if let Err(e) = self.region.discard_timed(gaddr, len, untimed) {
-                        error!("virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}");
+                        guest_log!(
+                            Level::Error,
+                            "virtio-mem discard failed",
+                            "virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}"
+                        );
                     }
                 }
                 self.publish(false);
@@ -295,17 +309,29 @@ impl<R: HotplugMemory> Core<R> {
         m: &mut Timing,
     ) -> std::result::Result<u64, Response> {
         let Some(len) = self.check_range(addr, nb_blocks) else {
-            warn!("virtio-mem: {op} of {nb_blocks} blocks at {addr:#x}: invalid range");
+            guest_log!(
+                Level::Warn,
+                "virtio-mem invalid range",
+                "virtio-mem: {op} of {nb_blocks} blocks at {addr:#x}: invalid range"
+            );
             return Err(ERROR);
         };
         match self.region.state(GuestAddress(addr), len) {
             Ok(state) if state == want => {}
             Ok(state) => {
-                warn!("virtio-mem: {op} of {len:#x} at {addr:#x}: range is {state:?}");
+                guest_log!(
+                    Level::Warn,
+                    "virtio-mem range in the wrong state",
+                    "virtio-mem: {op} of {len:#x} at {addr:#x}: range is {state:?}"
+                );
                 return Err(ERROR);
             }
             Err(e) => {
-                error!("virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}");
+                guest_log!(
+                    Level::Error,
+                    "virtio-mem state unreadable",
+                    "virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}"
+                );
                 return Err(self.busy());
             }
         }
@@ -325,7 +351,11 @@ impl<R: HotplugMemory> Core<R> {
         match result {
             Ok(()) => ACK,
             Err(e) => {
-                error!("virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}");
+                guest_log!(
+                    Level::Error,
+                    "virtio-mem discard failed",
+                    "virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}"
+                );
                 self.busy()
             }
         }
@@ -339,7 +369,11 @@ impl<R: HotplugMemory> Core<R> {
         match result {
             Ok(()) => ACK,
             Err(e) => {
-                error!("virtio-mem: cannot unplug all: {e}");
+                guest_log!(
+                    Level::Error,
+                    "virtio-mem discard failed",
+                    "virtio-mem: cannot unplug all: {e}"
+                );
                 self.busy()
             }
         }
@@ -347,7 +381,11 @@ impl<R: HotplugMemory> Core<R> {
 
     fn state(&self, addr: u64, nb_blocks: u16) -> Response {
         let Some(len) = self.check_range(addr, nb_blocks) else {
-            warn!("virtio-mem: STATE of {nb_blocks} blocks at {addr:#x}: invalid range");
+            guest_log!(
+                Level::Warn,
+                "virtio-mem invalid range",
+                "virtio-mem: STATE of {nb_blocks} blocks at {addr:#x}: invalid range"
+            );
             return ERROR;
         };
         let state = match self.region.state(GuestAddress(addr), len) {
@@ -355,7 +393,11 @@ impl<R: HotplugMemory> Core<R> {
             Ok(RangeState::Unplugged) => VIRTIO_MEM_STATE_UNPLUGGED,
             Ok(RangeState::Mixed) => VIRTIO_MEM_STATE_MIXED,
             Err(e) => {
-                error!("virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}");
+                guest_log!(
+                    Level::Error,
+                    "virtio-mem state unreadable",
+                    "virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}"
+                );
                 return self.busy();
             }
         };
@@ -412,7 +454,11 @@ impl<R: HotplugMemory> Core<R> {
                 self.execute(req, &mut timing)
             }
             None => {
-                warn!("virtio-mem: malformed request chain");
+                guest_log!(
+                    Level::Warn,
+                    "virtio-mem malformed chain",
+                    "virtio-mem: malformed request chain"
+                );
                 ERROR
             }
         };
@@ -434,13 +480,21 @@ impl<R: HotplugMemory> Core<R> {
             return 0;
         };
         if !self.buffer_ok(addr, len as u64) {
-            warn!("virtio-mem: response buffer in unplugged hotplug memory");
+            guest_log!(
+                Level::Warn,
+                "virtio-mem response in unplugged memory",
+                "virtio-mem: response buffer in unplugged hotplug memory"
+            );
             return 0;
         }
         match mem.write_slice(&reply.response.bytes()[..len], addr) {
             Ok(()) => len as u32,
             Err(e) => {
-                warn!("virtio-mem: cannot write the response: {e}");
+                guest_log!(
+                    Level::Warn,
+                    "virtio-mem response unwritable",
+                    "virtio-mem: cannot write the response: {e}"
+                );
                 0
             }
         }
