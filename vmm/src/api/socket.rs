@@ -102,11 +102,26 @@ enum Probe {
     Stale,
 }
 
+/// The address of the UNIX socket at `path` (ENAMETOOLONG if it does not fit).
+pub(crate) fn unix_addr(path: &Path) -> io::Result<libc::sockaddr_un> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data, for which all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    Ok(addr)
+}
+
 /// Connects to the socket at `path` without blocking: a listener whose backlog is full (its
 /// owner stopped accepting) answers EAGAIN at once instead of holding the connect.
 fn probe(path: &Path) -> io::Result<Probe> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
     // SAFETY: socket() takes no pointers; the result is checked.
     let fd = unsafe {
         libc::socket(
@@ -120,16 +135,7 @@ fn probe(path: &Path) -> io::Result<Probe> {
     }
     // SAFETY: a fresh fd that nothing else owns; closed on drop.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_un is plain data, for which all zeroes is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    if bytes.len() >= addr.sun_path.len() {
-        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
-    }
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
+    let addr = unix_addr(path)?;
     // SAFETY: `addr` is a valid sockaddr_un of the size given; connect only reads it.
     let r = unsafe {
         libc::connect(
