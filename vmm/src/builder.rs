@@ -315,14 +315,8 @@ fn configure_vcpus(
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(Error::Kvm)?;
-    let window = mem_device.map(|d| {
-        // The vCPU fault path learns which ranges are plugged from the region's events.
-        let plugged = Arc::new(crate::plug_tracker::PlugTracker::new());
-        d.region().add_listener(plugged.clone());
-        HotplugWindow {
-            layout: d.region().layout(),
-            plugged,
-        }
+    let window = mem_device.map(|d| HotplugWindow {
+        region: d.region().clone(),
     });
     let mut vcpus = Vec::with_capacity(usize::from(cpus));
     for id in 0..cpus {

@@ -9,7 +9,6 @@ pub mod console;
 pub mod event_loop;
 pub mod guest_report;
 pub mod logger;
-pub mod plug_tracker;
 pub mod resident;
 pub mod runner;
 pub mod signals;

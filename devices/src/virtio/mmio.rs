@@ -17,6 +17,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::device::{VirtioDevice, VirtioInterrupt};
 use super::{Error, Result};
 use crate::bus::BusDevice;
 
@@ -103,16 +104,6 @@ impl Interrupt {
         })
     }
 
-    /// Sets the "used buffer" status bit and signals the interrupt.
-    pub fn trigger_used(&self) -> Result<()> {
-        self.trigger(INT_USED_RING)
-    }
-
-    /// Sets the "configuration change" status bit and signals the interrupt.
-    pub fn trigger_config(&self) -> Result<()> {
-        self.trigger(INT_CONFIG)
-    }
-
     /// The event fd to register as the KVM irqfd of this transport's interrupt line.
     pub fn evt(&self) -> &EventFd {
         &self.evt
@@ -126,17 +117,6 @@ impl Interrupt {
     /// Clears the status bits set in `bits` (what a write to the interrupt ACK register does).
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
-    }
-
-    /// The device cannot go on (called from whatever thread runs its queue): the transport
-    /// shows `DEVICE_NEEDS_RESET` until the driver resets it, and the driver gets a
-    /// configuration interrupt.
-    pub fn device_failed(&self) {
-        if !self.failed.swap(true, Ordering::AcqRel) {
-            if let Err(e) = self.trigger_config() {
-                error!("virtio-mmio: {e}");
-            }
-        }
     }
 
     /// Whether [`Self::device_failed`] was called since the last reset.
@@ -155,40 +135,23 @@ impl Interrupt {
     }
 }
 
-/// A virtio device that can sit behind an [`MmioTransport`].
-pub trait VirtioDevice: Send {
-    /// The virtio device ID (24 for virtio-mem).
-    fn device_type(&self) -> u32;
-    /// The maximum size of each of the device's queues; its length is the number of queues.
-    /// Each size must be a power of two no larger than 32768.
-    fn queue_max_sizes(&self) -> &[u16];
-    /// The feature bits the device offers, `VIRTIO_F_VERSION_1` (bit 32) included.
-    fn avail_features(&self) -> u64;
-    /// The features the driver acknowledged (a subset of [`Self::avail_features`] with
-    /// `VIRTIO_F_VERSION_1`). An error makes the transport refuse `FEATURES_OK`.
-    fn set_acked_features(&mut self, features: u64) -> Result<()>;
-    /// Reads `data.len()` bytes (1, 2, 4 or 8) of the configuration space at `offset`.
-    /// Bytes past the end of the configuration space read as zero.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes `data` into the configuration space at `offset`; read-only fields ignore it.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// The configuration generation: it changes whenever the configuration space changes.
-    fn config_generation(&self) -> u32 {
-        0
+impl VirtioInterrupt for Interrupt {
+    fn trigger_used(&self) -> Result<()> {
+        self.trigger(INT_USED_RING)
     }
-    /// The driver set `DRIVER_OK`: from now on the device uses `queues` (one per entry of
-    /// [`Self::queue_max_sizes`], validated when ready) over `mem` and signals `interrupt`.
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<Interrupt>,
-    ) -> Result<()>;
-    /// The driver notified queue `index`: process what it made available. An error means the
-    /// device cannot go on; the transport then sets `DEVICE_NEEDS_RESET`.
-    fn process_queue(&mut self, index: usize) -> Result<()>;
-    /// The driver reset the device: go back to the state before activation.
-    fn reset(&mut self);
+
+    fn trigger_config(&self) -> Result<()> {
+        self.trigger(INT_CONFIG)
+    }
+
+    /// The transport shows `DEVICE_NEEDS_RESET` until the driver resets it.
+    fn device_failed(&self) {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            if let Err(e) = self.trigger_config() {
+                error!("virtio-mmio: {e}");
+            }
+        }
+    }
 }
 
 /// A virtio-mmio version 2 transport for the device `D`.

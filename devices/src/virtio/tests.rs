@@ -11,6 +11,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::device::VirtioDevice;
 use super::mem::*;
 use super::mmio::*;
 use super::Error;

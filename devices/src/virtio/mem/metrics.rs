@@ -11,23 +11,21 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use std::time::Instant;
+
 use serde::Serialize;
 
-/// The time of one request, by phase (nanoseconds), and what it was.
+/// The time of one request, by phase (nanoseconds), and what it was. The phases inside the
+/// hotplug memory are its own [`memory::OpTimes`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sample {
     /// Bytes the request covers (0 for UNPLUG_ALL and malformed requests).
     pub bytes: u64,
     /// Validation.
     pub validate_ns: u64,
-    /// Protection changes.
-    pub protect_ns: u64,
-    /// Memory system calls.
-    pub syscall_ns: u64,
-    /// Waiting for a populate ahead of the range.
-    pub ahead_wait_ns: u64,
-    /// Bytes of the range found populated ahead.
-    pub ahead_bytes: u64,
+    /// Protection changes, memory system calls, the wait for a populate ahead of the range and
+    /// the bytes found populated ahead.
+    pub op: memory::OpTimes,
 }
 
 /// Counters and aggregates of one request type.
@@ -82,13 +80,13 @@ impl RequestMetrics {
         self.min_ns.fetch_min(total_ns, Relaxed);
         self.max_ns.fetch_max(total_ns, Relaxed);
         self.validate_ns.fetch_add(s.validate_ns, Relaxed);
-        self.protect_ns.fetch_add(s.protect_ns, Relaxed);
-        self.syscall_ns.fetch_add(s.syscall_ns, Relaxed);
-        self.ahead_wait_ns.fetch_add(s.ahead_wait_ns, Relaxed);
-        let phases = s.validate_ns + s.protect_ns + s.syscall_ns + s.ahead_wait_ns;
+        self.protect_ns.fetch_add(s.op.protect_ns, Relaxed);
+        self.syscall_ns.fetch_add(s.op.syscall_ns, Relaxed);
+        self.ahead_wait_ns.fetch_add(s.op.ahead_wait_ns, Relaxed);
+        let phases = s.validate_ns + s.op.protect_ns + s.op.syscall_ns + s.op.ahead_wait_ns;
         self.bookkeeping_ns
             .fetch_add(total_ns.saturating_sub(phases), Relaxed);
-        self.ahead_bytes.fetch_add(s.ahead_bytes, Relaxed);
+        self.ahead_bytes.fetch_add(s.op.ahead_bytes, Relaxed);
     }
 
     /// Requests recorded.
@@ -223,10 +221,10 @@ impl VirtioMemMetrics {
     /// The metrics of request type `kind` (unknown types count as invalid).
     pub fn of(&self, kind: Option<u16>) -> &RequestMetrics {
         match kind {
-            Some(super::mem::VIRTIO_MEM_REQ_PLUG) => &self.plug,
-            Some(super::mem::VIRTIO_MEM_REQ_UNPLUG) => &self.unplug,
-            Some(super::mem::VIRTIO_MEM_REQ_UNPLUG_ALL) => &self.unplug_all,
-            Some(super::mem::VIRTIO_MEM_REQ_STATE) => &self.state,
+            Some(super::spec::VIRTIO_MEM_REQ_PLUG) => &self.plug,
+            Some(super::spec::VIRTIO_MEM_REQ_UNPLUG) => &self.unplug,
+            Some(super::spec::VIRTIO_MEM_REQ_UNPLUG_ALL) => &self.unplug_all,
+            Some(super::spec::VIRTIO_MEM_REQ_STATE) => &self.state,
             _ => &self.invalid,
         }
     }
@@ -254,6 +252,42 @@ impl VirtioMemMetrics {
     }
 }
 
+/// The timing of one request while it is carried out.
+pub(super) struct Timing {
+    /// When the device took the chain off the queue.
+    pub(super) start: Instant,
+    /// The request type, once parsed.
+    pub(super) kind: Option<u16>,
+    pub(super) sample: Sample,
+    /// Whether validation time was taken already.
+    pub(super) validated: bool,
+}
+
+impl Timing {
+    /// The timing of a request whose chain was taken off the queue at `start`.
+    pub(super) fn new(start: Instant) -> Self {
+        Self {
+            start,
+            kind: None,
+            sample: Sample::default(),
+            validated: false,
+        }
+    }
+
+    /// Validation ends here (the first call counts).
+    pub(super) fn validated(&mut self) {
+        if !self.validated {
+            self.validated = true;
+            self.sample.validate_ns = self.start.elapsed().as_nanos() as u64;
+        }
+    }
+
+    /// Runs a memory operation, adding where its time went to the sample.
+    pub(super) fn time<T>(&mut self, op: impl FnOnce(&mut memory::OpTimes) -> T) -> T {
+        op(&mut self.sample.op)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,10 +298,12 @@ mod tests {
         let s = Sample {
             bytes: 4096,
             validate_ns: 10,
-            protect_ns: 20,
-            syscall_ns: 30,
-            ahead_wait_ns: 15,
-            ahead_bytes: 0,
+            op: memory::OpTimes {
+                protect_ns: 20,
+                syscall_ns: 30,
+                ahead_bytes: 0,
+                ahead_wait_ns: 15,
+            },
         };
         m.of(Some(0)).record(&s, 0, 100, 7);
         m.of(Some(0)).record(&s, 2, 300, 7);
