@@ -91,6 +91,16 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The backend's file system cannot punch holes, so unplugged memory could never be
+    /// given back (ramfs, some FUSE or network file systems).
+    #[error("the {backend} backend cannot give unplugged memory back: its file system does not punch holes (fallocate PUNCH_HOLE): {source}")]
+    NoHolePunch {
+        /// The backend, as given.
+        backend: String,
+        /// The OS error of the probe.
+        #[source]
+        source: io::Error,
+    },
     /// Creating or sizing the backing file failed.
     #[error("cannot create backing file {path:?} of {size:#x} bytes: {source}")]
     File {

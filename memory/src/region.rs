@@ -24,6 +24,8 @@ use crate::sys::{
 use crate::{aligned, Error, Result};
 
 mod ahead;
+#[cfg(test)]
+mod fail;
 mod limits;
 mod reservation;
 
@@ -425,7 +427,10 @@ impl HotplugRegion {
         Ok(())
     }
 
-    /// Discards blocks `[a, b)`, all plugged, with the lock held.
+    /// Discards blocks `[a, b)`, all plugged, with the lock held. If the memory cannot be
+    /// given back or the blocks cannot be protected, they stay plugged (read-write, counted,
+    /// the listeners told again) and the error is returned: the guest, told BUSY, still owns
+    /// them, and no released block is ever left writable while counted unplugged.
     fn discard_locked(
         &self,
         st: &mut State,
@@ -448,18 +453,51 @@ impl HotplugRegion {
         let t = Instant::now();
         let released = self.release(a, b);
         times.syscall_ns += ns_since(t);
+        if let Err(source) = released {
+            // Nothing was protected yet: the blocks are as plugged as they were.
+            self.keep_plugged(st, a, b, false);
+            return Err(Error::Discard { addr, len, source });
+        }
         let t = Instant::now();
         let protected = self.protect(a, b, st.access.prot());
         times.protect_ns += ns_since(t);
+        if let Err(source) = protected {
+            // mprotect may have changed part of the range.
+            self.keep_plugged(st, a, b, true);
+            return Err(Error::Protect { addr, len, source });
+        }
         let t = Instant::now();
-        let released = released.and(self.release(a, b));
+        let released = self.release(a, b);
         times.syscall_ns += ns_since(t);
+        if let Err(source) = released {
+            // What a racing write allocated may still be there: not given back, so not
+            // unplugged.
+            self.keep_plugged(st, a, b, true);
+            return Err(Error::Discard { addr, len, source });
+        }
         st.bitmap.set_range(a, b, false);
         st.transitions = transitions;
         Self::mark_split(st, a, b);
         self.plugged.fetch_sub(len, Ordering::AcqRel);
-        released.map_err(|source| Error::Discard { addr, len, source })?;
-        protected.map_err(|source| Error::Protect { addr, len, source })
+        Ok(())
+    }
+
+    /// After a failed discard of plugged blocks `[a, b)`: makes them read-write again if
+    /// `reprotect` (their protection may have changed) and tells the listeners they are back.
+    fn keep_plugged(&self, st: &State, a: usize, b: usize, reprotect: bool) {
+        let (addr, len) = (self.guest_addr(a), self.byte_len(a, b) as u64);
+        if reprotect {
+            if let Err(e) = self.protect(a, b, libc::PROT_READ | libc::PROT_WRITE) {
+                error!(
+                    "[{addr:#x}, +{len:#x}) stays plugged but cannot be made writable again: {e}"
+                );
+            }
+        }
+        for (_, l) in &st.listeners {
+            if let Err(e) = l.on_populate(GuestAddress(addr), len) {
+                warn!("listener refused plugged [{addr:#x}, +{len:#x}) back after a failed discard: {e}");
+            }
+        }
     }
 
     /// Unplugs `[addr, addr + len)`: tells the listeners, gives the host memory back

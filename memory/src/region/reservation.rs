@@ -93,6 +93,7 @@ pub(super) fn reserve(
         Backend::Memfd | Backend::Hugetlb => {
             let file = create_memfd(size, *backend == Backend::Hugetlb)
                 .map_err(|source| Error::Memfd { size, source })?;
+            probe_hole_punch(&file, block_size, backend)?;
             let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
             let host = map_none(len, flags, file.as_raw_fd()).map_err(mmap_err)?;
             (host, Some(file))
@@ -100,6 +101,7 @@ pub(super) fn reserve(
         Backend::File(path) => {
             // On any error below, dropping `bf` removes a file it created.
             let bf = BackingFile::open(path, size)?;
+            probe_hole_punch(&bf.file, block_size, backend)?;
             let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
             let host = map_none(len, flags, bf.file.as_raw_fd()).map_err(mmap_err)?;
             let file = bf.file.try_clone().map_err(mmap_err);
@@ -124,12 +126,37 @@ pub(super) fn reserve(
     })
 }
 
+/// Punches a hole over the first block of the fresh (empty) `file`: a file system that cannot
+/// (ramfs) could never give unplugged memory back, so the backend is refused.
+fn probe_hole_punch(file: &File, block_size: u64, backend: &Backend) -> Result<()> {
+    // SAFETY: plain syscall on our own descriptor; the range holds no data yet.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            block_size as libc::off_t,
+        )
+    };
+    if r != 0 {
+        return Err(Error::NoHolePunch {
+            backend: backend.to_string(),
+            source: last_err(),
+        });
+    }
+    Ok(())
+}
+
 impl HotplugRegion {
     pub(super) fn host_ptr(&self, a: usize) -> *mut libc::c_void {
         (self.host + a * self.layout.block_size as usize) as *mut libc::c_void
     }
 
     pub(super) fn protect(&self, a: usize, b: usize, prot: libc::c_int) -> io::Result<()> {
+        #[cfg(test)]
+        if super::fail::take(super::fail::PROTECT) {
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
         // SAFETY: blocks [a, b) lie inside our reservation (checked by callers); changing their
         // protection cannot affect memory outside it. Accesses to PROT_NONE blocks fault, which
         // callers avoid by checking the plug state.
@@ -160,6 +187,10 @@ impl HotplugRegion {
 
     /// Gives the host memory of blocks `[a, b)` back.
     pub(super) fn release(&self, a: usize, b: usize) -> io::Result<()> {
+        #[cfg(test)]
+        if super::fail::take(super::fail::RELEASE) {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
         match &self.fd {
             None => self.advise(a, b, libc::MADV_DONTNEED),
             Some(file) => {
