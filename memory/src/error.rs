@@ -194,6 +194,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The VMM is stopping: the populate stopped between two slices (it was rolled back).
+    #[error("populate of [{addr:#x}, +{len:#x}) stopped: the VMM is stopping")]
+    Stopped {
+        /// First guest physical address of the range.
+        addr: u64,
+        /// Length of the range.
+        len: u64,
+    },
     /// Releasing the host memory of a range failed.
     #[error("cannot discard host memory of [{addr:#x}, +{len:#x}): {source}")]
     Discard {

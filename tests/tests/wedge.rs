@@ -423,3 +423,70 @@ fn stuck_listener(path: &Path) -> (OwnedFd, UnixStream) {
     let queued = UnixStream::connect(path).unwrap();
     (fd, queued)
 }
+
+/// VmRSS of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |k| k * 1024)
+}
+
+/// SIGTERM while one PLUG of 2 GiB of 4 KiB pages is being populated: the populate stops at its
+/// next slice instead of running to the end. (The memory crate's `a_stop_cuts_a_populate_at_the
+/// _next_slice` proves the cut; this measures the stop of the whole process and prints it.)
+#[test]
+fn a_stop_during_a_big_plug_does_not_wait_for_it() {
+    if !require_kvm("a_stop_during_a_big_plug_does_not_wait_for_it") {
+        return;
+    }
+    let mut child = Command::new(tide_bin())
+        .args(["run", "--kernel"])
+        .arg(test_guest())
+        .args([
+            "--cmdline",
+            "console=ttyS0 tide.test=mem-follow",
+            "--hotplug-size",
+            "4G",
+            "--requested",
+            "2G",
+            "--no-thp",
+            "--no-populate-ahead",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let console = collect(child.stdout.take().unwrap());
+    let log = collect(child.stderr.take().unwrap());
+    wait_console(&mut child, &console, "virtio-mem: ready");
+    let base = rss(child.id());
+    // The PLUG's populate is under way once the process has grown by 128 MiB.
+    let end = Instant::now() + T;
+    while rss(child.id()) < base + (128 << 20) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "tide exited\n{}",
+            text(&console)
+        );
+        assert!(Instant::now() < end, "the plug never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let t = Instant::now();
+    // SAFETY: kill with the pid of our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let st = wait_stopped(&mut child, t, "SIGTERM during a 2 GiB plug");
+    assert_eq!(st.code(), Some(128 + libc::SIGTERM));
+    std::thread::sleep(Duration::from_millis(50));
+    let cut = text(&log).contains("the VMM is stopping");
+    println!(
+        "the populate was {}",
+        if cut {
+            "cut at a slice"
+        } else {
+            "already over"
+        }
+    );
+}

@@ -207,6 +207,10 @@ impl Vmm {
                     .request_exit(1, format!("event loop failed: {e:?}"));
             }
         }
+        // A PLUG being populated stops at its next slice: the stop never waits for it.
+        if let Some(dev) = &self.mem_device {
+            dev.region().stop_populates();
+        }
         // Answer what the API still has pending (parked long polls get 503 "shutting down"),
         // bounded: a client that does not read cannot hold the stop.
         if let Some(h) = &api_stop {

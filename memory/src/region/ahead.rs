@@ -16,6 +16,8 @@ use crate::{Error, Result};
 
 /// Why [`HotplugRegion::fill`] failed.
 pub(super) enum Fill {
+    /// A stop of the VMM came between two slices ([`HotplugRegion::stop_populates`]).
+    Stopped,
     /// Making blocks read-write.
     Protect(io::Error),
     /// Backing them.
@@ -85,10 +87,22 @@ impl HotplugRegion {
                 protected.map_err(Fill::Protect)?;
                 // Blocks of fd backends populated ahead are in the file already: this only
                 // maps them.
-                let t = Instant::now();
-                let populated = self.populate_blocks(i, x);
-                times.syscall_ns += ns_since(t);
-                populated.map_err(Fill::Populate)?;
+                // In slices, with a check for a stop before each.
+                let slice = (super::POPULATE_SLICE / self.layout.block_size).max(1) as usize;
+                let mut j = i;
+                while j < x {
+                    if self.stop_requested() {
+                        return Err(Fill::Stopped);
+                    }
+                    let k = (j + slice).min(x);
+                    let t = Instant::now();
+                    let populated = self.populate_blocks(j, k);
+                    times.syscall_ns += ns_since(t);
+                    populated.map_err(Fill::Populate)?;
+                    #[cfg(test)]
+                    super::fail::after_slice(self);
+                    j = k;
+                }
             }
             i = y;
         }

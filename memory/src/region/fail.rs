@@ -19,6 +19,20 @@ pub(super) const PROTECT: usize = 1;
 thread_local! {
     /// Per kind: 0, nothing armed; n, the n-th call from now fails.
     static ARMED: [Cell<u32>; 2] = const { [Cell::new(0), Cell::new(0)] };
+    /// 0, nothing armed; n, a stop is asked for after the n-th populate slice from now.
+    static STOP_AFTER: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Called after each populate slice of this thread: asks for the stop when armed.
+pub(super) fn after_slice(r: &HotplugRegion) {
+    STOP_AFTER.with(|c| match c.get() {
+        0 => {}
+        1 => {
+            c.set(0);
+            r.stop_populates();
+        }
+        n => c.set(n - 1),
+    });
 }
 
 /// Makes the `nth` call (1: the next) of kind `what` on this thread fail.
@@ -90,4 +104,89 @@ fn a_failed_release_or_protection_leaves_the_blocks_plugged_and_writable() {
         assert_eq!(r.state(base, len).unwrap(), RangeState::Unplugged);
         assert_eq!(r.plugged_bytes(), 0);
     }
+}
+
+/// A stop asked for in the middle of a big PLUG: the populate stops at the next slice, rolls
+/// back (nothing plugged, the memory given back) and fails with `Stopped`; later populates fail
+/// at once.
+#[test]
+fn a_stop_cuts_a_populate_at_the_next_slice() {
+    let layout = HotplugLayout {
+        base: GuestAddress(1 << 32),
+        size: 1 << 30,
+        block_size: 2 * MIB,
+    };
+    let r = HotplugRegion::new(&layout, Backend::Memfd).unwrap();
+    let len = 8 * super::POPULATE_SLICE;
+    STOP_AFTER.with(|c| c.set(1));
+    let err = r.populate(r.base(), len).unwrap_err();
+    assert!(matches!(err, crate::Error::Stopped { .. }), "{err}");
+    assert_eq!(r.state(r.base(), len).unwrap(), RangeState::Unplugged);
+    assert_eq!(r.plugged_bytes(), 0);
+    // One slice was populated, then given back.
+    assert!(
+        r.resident_bytes().unwrap() < super::POPULATE_SLICE,
+        "{}",
+        r.resident_bytes().unwrap()
+    );
+    let err = r.populate(r.base(), 2 * MIB).unwrap_err();
+    assert!(matches!(err, crate::Error::Stopped { .. }), "{err}");
+}
+
+/// A listener that holds every populate (and with it the region's lock) until told to go on.
+struct Gate(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
+
+impl crate::RamDiscardListener for Gate {
+    fn on_populate(&self, _: GuestAddress, _: u64) -> Result<(), crate::ListenerError> {
+        let _ = self.0.lock().unwrap().recv();
+        Ok(())
+    }
+    fn on_discard(&self, _: GuestAddress, _: u64) {}
+}
+
+/// A driver re-initialising the device (FEATURES_OK) while a PLUG is being populated: the
+/// access change neither waits for the populate nor is lost.
+#[test]
+fn an_access_change_never_waits_for_a_populate() {
+    let layout = HotplugLayout {
+        base: GuestAddress(1 << 32),
+        size: 16 * MIB,
+        block_size: 2 * MIB,
+    };
+    let r = std::sync::Arc::new(HotplugRegion::new(&layout, Backend::Anon).unwrap());
+    let (go, wait) = std::sync::mpsc::channel();
+    r.add_listener(std::sync::Arc::new(Gate(std::sync::Mutex::new(wait))));
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let r2 = r.clone();
+    let plug = std::thread::spawn(move || {
+        entered_tx.send(()).unwrap();
+        r2.populate(r2.base(), 2 * MIB)
+    });
+    entered.recv().unwrap();
+    // The populate holds the lock once it reaches the listener; the test waits for that
+    // event: the lock cannot be taken.
+    while r.state.try_lock().is_ok() {
+        std::thread::yield_now();
+    }
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let r3 = r.clone();
+    std::thread::spawn(move || {
+        let same = r3.set_unplugged_access(crate::UnpluggedAccess::Inaccessible);
+        let other = r3.set_unplugged_access(crate::UnpluggedAccess::Readable);
+        done_tx.send((same.is_ok(), other.is_ok())).unwrap();
+    });
+    // A hang detector only: without the fix this waits for the populate, which waits for us.
+    let got = done.recv_timeout(std::time::Duration::from_secs(60));
+    go.send(()).unwrap();
+    assert_eq!(
+        got,
+        Ok((true, true)),
+        "the access change waited for the populate"
+    );
+    plug.join().unwrap().unwrap();
+    // The change was made by the next user of the lock: unplugged blocks read as zeros.
+    assert_eq!(r.unplugged_access(), crate::UnpluggedAccess::Readable);
+    let unplugged = r.host_addr() + 4 * MIB;
+    // SAFETY: an unplugged block of our reservation, now PROT_READ (anon: the zero page).
+    assert_eq!(unsafe { (unplugged as *const u64).read_volatile() }, 0);
 }
