@@ -74,6 +74,9 @@ pub struct HotplugRegion {
     plugged: AtomicU64,
     /// Bytes populated ahead (not plugged).
     ahead: AtomicU64,
+    /// Bytes of a populate ahead of an fd backend under way (allocated in part, not yet in
+    /// `ahead`): never counted as resident.
+    ahead_inflight: AtomicU64,
     /// Whether populate ahead may be used (not on anon with `vm.overcommit_memory=2`, where a
     /// staging mapping would be charged and its charge would move into the region).
     ahead_ok: bool,
@@ -224,6 +227,7 @@ impl HotplugRegion {
             budget,
             plugged: AtomicU64::new(0),
             ahead: AtomicU64::new(0),
+            ahead_inflight: AtomicU64::new(0),
             ahead_ok,
             access_now: AtomicU8::new(access_code(UnpluggedAccess::default())),
             access_wanted: AtomicU8::new(0),

@@ -123,6 +123,26 @@ impl ResidentSampler {
         self.inner.value.load(Ordering::SeqCst)
     }
 
+    /// A current figure: the latest reading moved by what was plugged or unplugged since it
+    /// began (Tide populates every plugged block and discards every unplugged one), and how old
+    /// that reading is (`None` before the first). With `refresh`, asks for a new reading if the
+    /// latest is older than [`MAX_AGE`].
+    pub fn current(&self, refresh: bool) -> (u64, Option<Duration>) {
+        let value = self.get(refresh);
+        let i = &self.inner;
+        let taken = *memory::lock(&i.taken);
+        let at = i.seen_plugged.load(Ordering::SeqCst);
+        let now = self.region.plugged_bytes();
+        let value = if at == u64::MAX {
+            value
+        } else if now >= at {
+            value.saturating_add(now - at)
+        } else {
+            value.saturating_sub(at - now)
+        };
+        (value, taken.map(|t| t.elapsed()))
+    }
+
     /// Whether the latest reading was taken after every plug and unplug so far; when it was
     /// not, asks for a new one.
     pub fn is_current(&self) -> bool {

@@ -36,11 +36,13 @@ struct Control {
 impl Control {
     fn status(&self, refresh: bool) -> Option<MemoryStatus> {
         let (shared, region, _) = self.mem.as_ref()?;
-        let resident_bytes = match &self.sampler {
-            Some(s) => s.get(refresh),
-            // One fstat.
-            None if region.resident_bytes_is_cheap() => region.resident_bytes().unwrap_or(0),
-            None => 0,
+        let (resident_bytes, resident_age) = match &self.sampler {
+            Some(s) => s.current(refresh),
+            // One fstat, now.
+            None if region.resident_bytes_is_cheap() => {
+                (region.resident_bytes().unwrap_or(0), Some(Duration::ZERO))
+            }
+            None => (0, None),
         };
         // One lock: the sizes are of one instant.
         let sizes = shared.status();
@@ -52,6 +54,7 @@ impl Control {
             usable_region_size: sizes.usable_region_size,
             backend: region.backend().to_string(),
             resident_bytes,
+            resident_age_ms: resident_age.map(|d| d.as_millis() as u64),
             ahead_bytes: region.ahead_bytes(),
         })
     }

@@ -208,6 +208,8 @@ impl HotplugRegion {
         let staged = match &self.fd {
             None => self.stage_anon(len).map(Some),
             Some(file) => {
+                // From before the first page is allocated until `ahead` counts them.
+                self.ahead_inflight.store(len as u64, Ordering::Release);
                 // SAFETY: plain syscall on our own descriptor: allocates the file's pages of
                 // blocks [s, e) without mapping them.
                 let r = unsafe {
@@ -230,6 +232,8 @@ impl HotplugRegion {
                 }
             }
         };
+        #[cfg(test)]
+        super::fail::ahead_in_flight(self);
         let mut st = self.lock();
         st.in_progress = None;
         self.staging_done.notify_all();
@@ -239,14 +243,20 @@ impl HotplugRegion {
                 if let Some(host) = host {
                     st.staged.push(Staged { a: s, b: e, host });
                 }
+                // Counted in `ahead` before it leaves `ahead_inflight`: never resident.
                 self.ahead.fetch_add(len as u64, Ordering::AcqRel);
+                self.ahead_inflight.store(0, Ordering::Release);
                 Ok(len as u64)
             }
-            Err(source) => Err(Error::Populate {
-                addr: self.guest_addr(s),
-                len: len as u64,
-                source,
-            }),
+            Err(source) => {
+                // The failed call's pages were given back above.
+                self.ahead_inflight.store(0, Ordering::Release);
+                Err(Error::Populate {
+                    addr: self.guest_addr(s),
+                    len: len as u64,
+                    source,
+                })
+            }
         }
     }
 

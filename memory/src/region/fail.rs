@@ -21,6 +21,17 @@ thread_local! {
     static ARMED: [Cell<u32>; 2] = const { [Cell::new(0), Cell::new(0)] };
     /// 0, nothing armed; n, a stop is asked for after the n-th populate slice from now.
     static STOP_AFTER: Cell<u32> = const { Cell::new(0) };
+    /// Whether to read the resident bytes while a populate ahead is under way, and what was read.
+    static IN_FLIGHT: Cell<(bool, Option<u64>)> = const { Cell::new((false, None)) };
+}
+
+/// Called while a populate ahead of this thread is under way (its memory allocated, not yet
+/// counted as populated ahead): reads the resident bytes when armed.
+pub(super) fn ahead_in_flight(r: &HotplugRegion) {
+    if IN_FLIGHT.with(|c| c.get().0) {
+        let v = r.resident_bytes().unwrap();
+        IN_FLIGHT.with(|c| c.set((false, Some(v))));
+    }
 }
 
 /// Called after each populate slice of this thread: asks for the stop when armed.
@@ -189,4 +200,31 @@ fn an_access_change_never_waits_for_a_populate() {
     let unplugged = r.host_addr() + 4 * MIB;
     // SAFETY: an unplugged block of our reservation, now PROT_READ (anon: the zero page).
     assert_eq!(unsafe { (unplugged as *const u64).read_volatile() }, 0);
+}
+
+/// The resident bytes of an fd backend never count memory populated ahead, neither while it is
+/// being allocated nor once it is.
+#[test]
+fn resident_never_counts_memory_populated_ahead() {
+    let layout = HotplugLayout {
+        base: GuestAddress(1 << 32),
+        size: 64 * MIB,
+        block_size: 2 * MIB,
+    };
+    let r = HotplugRegion::new(&layout, Backend::Memfd).unwrap();
+    r.populate(r.base(), 4 * MIB).unwrap();
+    assert_eq!(r.resident_bytes().unwrap(), 4 * MIB);
+    IN_FLIGHT.with(|c| c.set((true, None)));
+    let n = r
+        .populate_ahead_next(64 * MIB, 16 * MIB, 128 * MIB)
+        .unwrap();
+    assert_eq!(n, 16 * MIB);
+    let during = IN_FLIGHT.with(|c| c.get().1);
+    assert_eq!(during, Some(4 * MIB), "resident while populating ahead");
+    assert_eq!(r.ahead_bytes(), 16 * MIB);
+    assert_eq!(
+        r.resident_bytes().unwrap(),
+        4 * MIB,
+        "resident once populated ahead"
+    );
 }

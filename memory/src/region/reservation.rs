@@ -235,14 +235,24 @@ impl HotplugRegion {
 
     /// Resident host memory of the reservation, without what is populated ahead
     /// ([`Self::ahead_bytes`], reported apart). For fd backends (memfd, hugetlb, file) the
-    /// storage allocated to the file (`fstat` blocks) less the part allocated ahead, which costs
-    /// one syscall. For anon the `Rss` of the `/proc/self/smaps` entries that overlap it (memory
+    /// storage allocated to the file (`fstat` blocks) less the part allocated ahead (done, or
+    /// under way: counted whole until it is done), which costs one syscall. For anon the `Rss` of the `/proc/self/smaps` entries that overlap it (memory
     /// populated ahead waits in a separate staging mapping), which walks the region's page
     /// tables under the mmap lock: tens of milliseconds with gigabytes plugged in 4 KiB pages.
     pub fn resident_bytes(&self) -> Result<u64> {
         if let Some(f) = &self.fd {
+            // What is allocated ahead, done or under way, read before and after the file's
+            // size (the larger of the two: a populate ahead may start or be given back in
+            // between), is never counted.
+            let ahead = || {
+                self.ahead_bytes()
+                    + self
+                        .ahead_inflight
+                        .load(std::sync::atomic::Ordering::Acquire)
+            };
+            let before = ahead();
             let allocated = BackingFile::allocated_bytes(f).map_err(Error::Smaps)?;
-            return Ok(allocated.saturating_sub(self.ahead_bytes()));
+            return Ok(allocated.saturating_sub(before.max(ahead())));
         }
         let start = self.host as u64;
         crate::smaps::resident_bytes(start, start + self.layout.size).map_err(Error::Smaps)
