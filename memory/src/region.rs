@@ -88,6 +88,9 @@ pub struct HotplugRegion {
     access_wanted: AtomicU8,
     /// Set by [`HotplugRegion::stop_populates`]: populates stop at their next slice.
     stopping: AtomicBool,
+    /// Populates and discards begun so far, and those under way ([`Self::changes`]).
+    changes_begun: AtomicU64,
+    changes_running: AtomicU64,
     /// Signalled when a populate ahead ends.
     staging_done: std::sync::Condvar,
 }
@@ -122,6 +125,15 @@ pub struct OpTimes {
 /// How much of a PLUG is populated between two checks for a stop
 /// ([`HotplugRegion::stop_populates`]): ~30 ms of 4 KiB pages on a warm host here.
 pub const POPULATE_SLICE: u64 = 64 << 20;
+
+/// A populate or discard under way ([`HotplugRegion::changes`]).
+pub(super) struct ChangeGuard<'a>(&'a HotplugRegion);
+
+impl Drop for ChangeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.changes_running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 fn ns_since(t: Instant) -> u64 {
     t.elapsed().as_nanos() as u64
@@ -232,6 +244,8 @@ impl HotplugRegion {
             access_now: AtomicU8::new(access_code(UnpluggedAccess::default())),
             access_wanted: AtomicU8::new(0),
             stopping: AtomicBool::new(false),
+            changes_begun: AtomicU64::new(0),
+            changes_running: AtomicU64::new(0),
             staging_done: std::sync::Condvar::new(),
             state: Mutex::new(State {
                 bitmap: Bitmap::new(blocks),
@@ -310,6 +324,21 @@ impl HotplugRegion {
         self.stopping.load(Ordering::Acquire)
     }
 
+    /// (populates and discards begun so far, those under way now): a measurement of resident
+    /// memory taken between two equal readings with none under way saw no change in flight.
+    pub fn changes(&self) -> (u64, u64) {
+        // Running first: a change that begins in between shows in `begun`.
+        let running = self.changes_running.load(Ordering::SeqCst);
+        (self.changes_begun.load(Ordering::SeqCst), running)
+    }
+
+    /// Counts a populate or discard from now until the guard drops.
+    pub(super) fn change(&self) -> ChangeGuard<'_> {
+        self.changes_running.fetch_add(1, Ordering::SeqCst);
+        self.changes_begun.fetch_add(1, Ordering::SeqCst);
+        ChangeGuard(self)
+    }
+
     /// Checks a guest range and returns its block indices `[first, end)`.
     fn check(&self, addr: GuestAddress, len: u64) -> Result<(usize, usize)> {
         let addr = addr.0;
@@ -362,6 +391,7 @@ impl HotplugRegion {
     /// populated ahead are taken as they are (moved into place on anonymous regions); a
     /// populate ahead of any of them still under way is waited for.
     pub fn populate_timed(&self, addr: GuestAddress, len: u64, times: &mut OpTimes) -> Result<()> {
+        let _change = self.change();
         let (a, b) = self.check(addr, len)?;
         let mut st = self.lock();
         if st.in_progress.is_some_and(|(x, y)| x < b && a < y) {

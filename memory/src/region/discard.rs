@@ -95,6 +95,7 @@ impl HotplugRegion {
 
     /// [`HotplugRegion::discard`], adding where its time went to `times`.
     pub fn discard_timed(&self, addr: GuestAddress, len: u64, times: &mut OpTimes) -> Result<()> {
+        let _change = self.change();
         let (a, b) = self.check(addr, len)?;
         let mut st = self.lock();
         if st.bitmap.count(a, b) != b - a {
@@ -112,6 +113,7 @@ impl HotplugRegion {
 
     /// [`HotplugRegion::discard_all`], adding where its time went to `times`.
     pub fn discard_all_timed(&self, times: &mut OpTimes) -> Result<()> {
+        let _change = self.change();
         let mut st = self.lock();
         let mut result = Ok(());
         for (a, b) in st.bitmap.runs(true) {

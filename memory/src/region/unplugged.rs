@@ -29,6 +29,10 @@ impl HotplugRegion {
     /// Makes the access change left for later by [`Self::set_unplugged_access`], if any
     /// (with the lock held).
     pub(super) fn apply_wanted_access(&self, st: &mut State) {
+        // A load first: the usual case (nothing left for later) writes nothing.
+        if self.access_wanted.load(Ordering::Acquire) == 0 {
+            return;
+        }
         if let Some(access) = access_from(self.access_wanted.swap(0, Ordering::AcqRel)) {
             if let Err(e) = self.set_access_locked(st, access) {
                 error!("cannot change how unplugged blocks are protected: {e}");
