@@ -78,7 +78,7 @@ struct RunArgs {
 
 /// Longest time the exit waits for the log sink to write what it holds (a stderr nobody reads
 /// must not hold the exit).
-const LOG_DRAIN: Duration = Duration::from_millis(500);
+const LOG_DRAIN: Duration = Duration::from_millis(250);
 
 /// Lets the log sink write its last lines (bounded by [`LOG_DRAIN`]), then exits with `code`.
 fn finish(code: ExitCode) -> ExitCode {
