@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tests::{tide_bin, TempDir};
+use tests::{temp_dir, tide_bin};
 
 /// A hang detector for one `tide ctl` run.
 const HANG: Duration = Duration::from_secs(60);
@@ -157,8 +157,8 @@ fn ctl(sock: &Path, args: &[&str]) -> (Output, Duration) {
 /// 10 s); the whole request now has one deadline.
 #[test]
 fn a_trickling_server_cannot_hold_a_request() {
-    let tmp = TempDir::new("ctl-trickle");
-    let sock = tmp.0.join("api.sock");
+    let tmp = temp_dir("ctl-trickle");
+    let sock = tmp.as_path().join("api.sock");
     let _fake = Fake::start(&sock, |_, s, stop| trickle(s, stop, Duration::from_secs(1)));
     let (out, took) = ctl(&sock, &["status"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -171,8 +171,8 @@ fn a_trickling_server_cannot_hold_a_request() {
 /// timed out, within the timeout and its grace.
 #[test]
 fn resize_wait_ends_whatever_the_server_does() {
-    let tmp = TempDir::new("ctl-trickle-wait");
-    let sock = tmp.0.join("api.sock");
+    let tmp = temp_dir("ctl-trickle-wait");
+    let sock = tmp.as_path().join("api.sock");
     let _fake = Fake::start(&sock, |line, s, stop| {
         if line.starts_with("PATCH") {
             answer(s, "204 No Content", "")
@@ -193,8 +193,8 @@ fn resize_wait_ends_whatever_the_server_does() {
 /// (each starts at least half a second after the one before) instead of spinning.
 #[test]
 fn resize_wait_pauses_between_immediate_answers() {
-    let tmp = TempDir::new("ctl-spin");
-    let sock = tmp.0.join("api.sock");
+    let tmp = temp_dir("ctl-spin");
+    let sock = tmp.as_path().join("api.sock");
     let polls = Arc::new(AtomicUsize::new(0));
     let p = polls.clone();
     let _fake = Fake::start(&sock, move |line, s, _| {

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tests::{http, require_kvm, test_guest, tide_bin, wait_for_path, TempDir};
+use tests::{http, require_kvm, temp_dir, test_guest, tide_bin, wait_for_path, TempDir};
 
 /// Deadline of a stop: a hang detector only, generous for a loaded machine (a stop takes well
 /// under a second; the times are printed).
@@ -84,7 +84,7 @@ fn text(b: &Arc<Mutex<Vec<u8>>>) -> String {
 /// Starts the log-flooding guest with `stderr` as Tide's stderr; returns the child, its console
 /// and the API socket (in `tmp`).
 fn flood(tmp: &TempDir, stderr: Stdio) -> (Child, Arc<Mutex<Vec<u8>>>, std::path::PathBuf) {
-    let sock = tmp.0.join("api.sock");
+    let sock = tmp.as_path().join("api.sock");
     let mut child = Command::new(tide_bin())
         .args(["run", "--kernel"])
         .arg(test_guest())
@@ -179,7 +179,7 @@ fn a_full_log_pipe_nobody_reads_holds_neither_a_shutdown_nor_a_sigterm() {
         return;
     }
     for how in ["PUT /vm/shutdown", "SIGTERM"] {
-        let tmp = TempDir::new("wedge-log");
+        let tmp = temp_dir("wedge-log");
         let (mut r, w) = pipe();
         let prefill = fill_pipe(&w);
         let (mut child, console, sock) = flood(&tmp, Stdio::from(w));
@@ -214,7 +214,7 @@ fn a_guest_cannot_flood_the_log() {
     if !require_kvm("a_guest_cannot_flood_the_log") {
         return;
     }
-    let tmp = TempDir::new("wedge-flood");
+    let tmp = temp_dir("wedge-flood");
     let (mut r, w) = pipe();
     let (mut child, console, sock) = flood(&tmp, Stdio::from(w));
     wait_console(&mut child, &console, "log-flood: 8192 requests answered");
@@ -254,7 +254,7 @@ fn a_closed_log_pipe_does_not_stop_the_device() {
     if !require_kvm("a_closed_log_pipe_does_not_stop_the_device") {
         return;
     }
-    let tmp = TempDir::new("wedge-epipe");
+    let tmp = temp_dir("wedge-epipe");
     let (r, w) = pipe();
     drop(r);
     let (mut child, console, sock) = flood(&tmp, Stdio::from(w));
@@ -270,8 +270,8 @@ fn a_closed_log_pipe_does_not_stop_the_device() {
 /// `tide ctl status` whose stdout is closed (`| head -0`): a quiet exit, not a panic.
 #[test]
 fn ctl_with_a_closed_stdout_exits_quietly() {
-    let tmp = TempDir::new("wedge-ctl-stdout");
-    let sock = tmp.0.join("api.sock");
+    let tmp = temp_dir("wedge-ctl-stdout");
+    let sock = tmp.as_path().join("api.sock");
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
@@ -301,28 +301,22 @@ fn ctl_with_a_closed_stdout_exits_quietly() {
     assert!(err.is_empty(), "{err}");
 }
 
-/// Runs `f` with the soft fd limit of process `pid` set to `limit`.
+/// Sets the soft fd limit of process `pid` to `limit` (at most its hard limit).
 fn set_nofile(pid: u32, limit: u64) {
     let mut old = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: prlimit reads nothing and writes `old`.
-    assert_eq!(
-        unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old,) },
-        0
-    );
+    let r = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(r, 0);
     let new = libc::rlimit {
         rlim_cur: limit.min(old.rlim_max),
         rlim_max: old.rlim_max,
     };
     // SAFETY: prlimit reads `new` and writes nothing.
-    assert_eq!(
-        unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut(),) },
-        0,
-        "{}",
-        std::io::Error::last_os_error()
-    );
+    let r = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
 }
 
 /// The lowest fd number process `pid` has free (a limit of that leaves it none).
@@ -341,8 +335,8 @@ fn the_fd_limit_makes_the_api_wait_not_spin() {
     if !require_kvm("the_fd_limit_makes_the_api_wait_not_spin") {
         return;
     }
-    let tmp = TempDir::new("wedge-emfile");
-    let sock = tmp.0.join("api.sock");
+    let tmp = temp_dir("wedge-emfile");
+    let sock = tmp.as_path().join("api.sock");
     let mut child = Command::new(tide_bin())
         .args(["run", "--kernel"])
         .arg(test_guest())
@@ -399,8 +393,8 @@ fn a_socket_path_held_by_a_stuck_process_is_refused_without_hanging() {
     if !require_kvm("a_socket_path_held_by_a_stuck_process_is_refused_without_hanging") {
         return;
     }
-    let tmp = TempDir::new("wedge-sock");
-    let sock = tmp.0.join("api.sock");
+    let tmp = temp_dir("wedge-sock");
+    let sock = tmp.as_path().join("api.sock");
     let _held = stuck_listener(&sock);
     let t = Instant::now();
     let mut child = Command::new(tide_bin())

@@ -129,22 +129,12 @@ pub(super) fn reserve(
 /// Punches a hole over the first block of the fresh (empty) `file`: a file system that cannot
 /// (ramfs) could never give unplugged memory back, so the backend is refused.
 fn probe_hole_punch(file: &File, block_size: u64, backend: &Backend) -> Result<()> {
-    // SAFETY: plain syscall on our own descriptor; the range holds no data yet.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            0,
-            block_size as libc::off_t,
-        )
-    };
-    if r != 0 {
-        return Err(Error::NoHolePunch {
-            backend: backend.to_string(),
-            source: last_err(),
-        });
-    }
-    Ok(())
+    use rustix::fs::FallocateFlags;
+    let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    rustix::fs::fallocate(file, flags, 0, block_size).map_err(|errno| Error::NoHolePunch {
+        backend: backend.to_string(),
+        source: errno.into(),
+    })
 }
 
 impl HotplugRegion {
@@ -194,22 +184,13 @@ impl HotplugRegion {
         match &self.fd {
             None => self.advise(a, b, libc::MADV_DONTNEED),
             Some(file) => {
-                let off = (a as u64 * self.layout.block_size) as libc::off_t;
-                let len = self.byte_len(a, b) as libc::off_t;
-                // SAFETY: plain syscall on our own descriptor; punching a hole also unmaps the
-                // freed pages from every shared mapping of the file.
-                let r = unsafe {
-                    libc::fallocate(
-                        file.as_raw_fd(),
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        off,
-                        len,
-                    )
-                };
-                if r != 0 {
-                    return Err(last_err());
-                }
-                Ok(())
+                use rustix::fs::FallocateFlags;
+                let off = a as u64 * self.layout.block_size;
+                let len = self.byte_len(a, b) as u64;
+                // Punching a hole also unmaps the freed pages from every shared mapping of the
+                // file.
+                let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+                Ok(rustix::fs::fallocate(file, flags, off, len)?)
             }
         }
     }

@@ -2,9 +2,11 @@
 //! start, and removing only the file this process made.
 
 use std::io::{self, ErrorKind};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+
+use memory::CreatedPath;
 
 /// Errors setting up the API socket.
 #[derive(Debug, thiserror::Error)]
@@ -32,13 +34,13 @@ pub enum ApiError {
     Timer(#[source] io::Error),
 }
 
-/// Binds a UNIX socket at `path` (mode 0600, non-blocking) and returns it with the device and
-/// inode of its file, so that [`remove_if_ours`] removes only that file.
+/// Binds a UNIX socket at `path` (mode 0600, non-blocking) and returns it with its file, which
+/// is removed at the end only if `path` still names it ([`CreatedPath::remove_if_ours`]).
 ///
 /// An existing socket nobody listens on (connecting is refused) is stale and replaced; one
 /// somebody listens on gives [`ApiError::InUse`]; anything else at `path` gives
 /// [`ApiError::NotASocket`].
-pub(crate) fn bind(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiError> {
+pub(crate) fn bind(path: &Path) -> Result<(UnixListener, CreatedPath), ApiError> {
     match std::fs::symlink_metadata(path) {
         Ok(md) if md.file_type().is_socket() => match probe(path) {
             Ok(Probe::Listening) => return Err(ApiError::InUse(path.to_path_buf())),
@@ -57,8 +59,8 @@ pub(crate) fn bind(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiError> 
     // appears at `path` with another mode. bind() creates the temporary file itself and fails
     // if anything is there, so a name already taken is skipped, never removed.
     let (listener, tmp) = bind_temporary(path)?;
-    let ident = match std::fs::symlink_metadata(&tmp) {
-        Ok(md) => (md.dev(), md.ino()),
+    let md = match std::fs::symlink_metadata(&tmp) {
+        Ok(md) => md,
         Err(e) => return Err(ApiError::Setup(path.to_path_buf(), e)),
     };
     let setup = || -> io::Result<()> {
@@ -67,10 +69,10 @@ pub(crate) fn bind(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiError> 
         rename_noreplace(&tmp, path)
     };
     if let Err(e) = setup() {
-        remove_if_ours(&tmp, ident);
+        let _ = CreatedPath::new(&tmp, &md).remove_if_ours();
         return Err(ApiError::Setup(path.to_path_buf(), e));
     }
-    Ok((listener, ident))
+    Ok((listener, CreatedPath::new(path, &md)))
 }
 
 /// Binds a listener at a fresh temporary name beside `path` (`PATH.<pid>.<n>.tmp`): bind()
@@ -156,38 +158,10 @@ fn probe(path: &Path) -> io::Result<Probe> {
     }
 }
 
-/// Removes the socket file at `path` if it still is the one [`bind`] made (`ident`).
-pub(crate) fn remove_if_ours(path: &Path, ident: (u64, u64)) {
-    if let Ok(md) = std::fs::symlink_metadata(path) {
-        if (md.dev(), md.ino()) == ident {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
 /// Renames `from` to `to`, failing (EEXIST) rather than replacing anything at `to`.
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-    };
-    let (from, to) = (c(from)?, c(to)?);
-    // SAFETY: both paths are valid NUL-terminated strings; no memory is written.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    Ok(renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE)?)
 }
 
 #[cfg(test)]
@@ -213,7 +187,7 @@ mod tests {
         for (i, f) in users.iter().enumerate() {
             std::fs::write(f, format!("user file {i}")).unwrap();
         }
-        let (listener, ident) = bind(&path).unwrap();
+        let (listener, file) = bind(&path).unwrap();
         for (i, f) in users.iter().enumerate() {
             assert_eq!(
                 std::fs::read_to_string(f).unwrap(),
@@ -224,7 +198,7 @@ mod tests {
         assert!(md.file_type().is_socket());
         assert_eq!(md.permissions().mode() & 0o777, 0o600);
         drop(listener);
-        remove_if_ours(&path, ident);
+        assert!(file.remove_if_ours().unwrap());
         assert!(!path.exists());
         let left: Vec<_> = std::fs::read_dir(&d)
             .unwrap()
@@ -254,8 +228,8 @@ mod tests {
         drop(queued);
         drop(held);
         // Nobody listens now: stale, replaced.
-        let (_l, ident) = bind(&path).unwrap();
-        remove_if_ours(&path, ident);
+        let (_l, file) = bind(&path).unwrap();
+        assert!(file.remove_if_ours().unwrap());
         std::fs::remove_dir_all(&d).unwrap();
     }
 
