@@ -2,7 +2,7 @@
 //!
 //! For anon, the only per-region figure is the `Rss` of `/proc/self/smaps`, a walk of the
 //! region's page tables under the mmap lock (tens of milliseconds with gigabytes plugged in
-//! 4 KiB pages: 13 ms for 1 GiB here). A `resident` thread, at background priority, takes that
+//! 4 KiB pages: docs/memory.md, "Cheap status"). A `resident` thread, at background priority, takes that
 //! reading when a status request finds it older than [`MAX_AGE`] and when a settled long poll
 //! finds it older than the last plug or unplug, pausing four times a walk's duration between
 //! walks (at least [`MIN_PAUSE`], at most [`MAX_PAUSE`]); status requests return the latest

@@ -30,10 +30,10 @@ impl HotplugRegion {
             l.on_discard(GuestAddress(addr), len);
         }
         // Discarded, made inaccessible, discarded again: protecting populated pages costs a
-        // third of the discard itself (128 MiB of 4 KiB pages here: mprotect 3.8 ms, then
-        // MADV_DONTNEED 9.5 ms), protecting discarded ones ~10 us; the second discard, as cheap,
-        // frees what a guest still writing to the blocks (a vCPU of a driver that unplugs while
-        // using them) allocated between the first and the protection.
+        // good part of the discard itself, protecting discarded ones next to nothing
+        // (docs/memory.md, "Unplug order"); the second discard, as cheap, frees what a guest
+        // still writing to the blocks (a vCPU of a driver that unplugs while using them)
+        // allocated between the first and the protection.
         let t = Instant::now();
         let released = self.release(a, b);
         times.syscall_ns += ns_since(t);
