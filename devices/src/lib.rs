@@ -6,5 +6,6 @@
 #![deny(unsafe_code)]
 
 pub mod bus;
+pub mod guest_log;
 pub mod legacy;
 pub mod virtio;
