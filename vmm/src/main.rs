@@ -6,6 +6,12 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{HotplugConfig, KernelConfig, MachineConfig, VmmConfig, DEFAULT_CMDLINE};
+use vmm::exit_status::TIDE_ERROR;
+
+/// Tide's own error as the process's exit status.
+fn tide_error() -> ExitCode {
+    ExitCode::from(TIDE_ERROR as u8)
+}
 
 /// Tide: a minimal KVM VMM whose guest memory grows and shrinks through virtio-mem.
 #[derive(Parser, Debug)]
@@ -18,6 +24,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a guest and run it until it powers off or resets.
+    #[command(after_help = vmm::exit_status::TABLE)]
     Run(RunArgs),
     /// Talk to a running tide over its API socket.
     Ctl(vmm::api::client::CtlArgs),
@@ -72,6 +79,14 @@ struct RunArgs {
     /// Log level: error, warn, info, debug.
     #[arg(long, default_value = "warn", value_parser = level)]
     log_level: log::LevelFilter,
+    /// Run this shell command in the project's guest (resources/build-guest.sh; its /init reads
+    /// tide.exec=), stream its output, power off and exit with its status.
+    #[arg(long, value_name = "CMD")]
+    exec: Option<String>,
+    /// Stop the guest after this long (90s, 5m, 1h; plain number: seconds), print where its vCPUs
+    /// were and exit with 124.
+    #[arg(long, value_name = "DURATION", value_parser = vmm::config::parse_duration)]
+    timeout: Option<std::time::Duration>,
 }
 
 /// Hand-written rather than env_logger: ten lines for the one `tide: level: message` format
@@ -107,7 +122,7 @@ fn main() -> ExitCode {
             let text = e.to_string();
             let line = text.lines().next().unwrap_or("invalid arguments");
             eprintln!("tide: {}", line.trim_start_matches("error: ").trim());
-            return ExitCode::from(2);
+            return tide_error();
         }
     };
     match cli.command {
@@ -125,19 +140,28 @@ fn main() -> ExitCode {
                     eprintln!(
                         "tide: {opt} has no effect without a hotplug region (--hotplug-size)"
                     );
-                    return ExitCode::from(2);
+                    return tide_error();
                 }
+            }
+            let mut cmdline = a.cmdline;
+            if let Some(cmd) = &a.exec {
+                if cmd.trim().is_empty() {
+                    eprintln!("tide: --exec needs a command");
+                    return tide_error();
+                }
+                cmdline.push(' ');
+                cmdline.push_str(&vmm::config::exec_param(cmd));
             }
             // SIGTERM, SIGINT and SIGHUP stop the VM like PUT /vm/shutdown from here on.
             if let Err(e) = vmm::signals::install() {
                 eprintln!("tide: error: cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
+                return tide_error();
             }
             let config = VmmConfig {
                 kernel: KernelConfig {
                     path: a.kernel,
                     initrd: a.initrd,
-                    cmdline: a.cmdline,
+                    cmdline,
                 },
                 machine: MachineConfig {
                     cpus: a.cpus,
@@ -152,6 +176,7 @@ fn main() -> ExitCode {
                     populate_ahead: !a.no_populate_ahead,
                 },
                 api_socket: a.api_socket,
+                timeout: a.timeout,
             };
             match vmm::Vmm::new(config).and_then(|v| v.run()) {
                 Ok(exit) => {
@@ -166,7 +191,7 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("tide: error: {}", vmm::error_chain(&e));
-                    ExitCode::FAILURE
+                    tide_error()
                 }
             }
         }

@@ -209,6 +209,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     status: u32,
     needs_reset: bool,
     activated: bool,
+    /// FAILED and DEVICE_NEEDS_RESET as the status register showed them before each reset.
+    failures_before_reset: u32,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -236,6 +238,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             status: 0,
             needs_reset: false,
             activated: false,
+            failures_before_reset: 0,
         })
     }
 
@@ -267,6 +270,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
             } else {
                 0
             }
+    }
+
+    /// The FAILED and DEVICE_NEEDS_RESET bits the status register has shown since the transport
+    /// was created, resets included: whether the driver ever gave up on the device or the
+    /// device ever needed a reset.
+    pub fn failures_seen(&self) -> u32 {
+        (self.failures_before_reset | self.status()) & (STATUS_FAILED | STATUS_DEVICE_NEEDS_RESET)
     }
 
     /// Whether the device was activated (the driver set `DRIVER_OK` and activation succeeded).
@@ -337,6 +347,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn reset(&mut self) {
         debug!("virtio-mmio: reset of device {}", self.device.device_type());
+        self.failures_before_reset = self.failures_seen();
         self.device.reset();
         for queue in &mut self.queues {
             queue.reset();

@@ -887,8 +887,11 @@ fn status_machine_rejects_out_of_order_writes() {
         STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FAILED | STATUS_FEATURES_OK,
     );
     assert_eq!(rd(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
+    assert_eq!(t.failures_seen(), STATUS_FAILED);
     wr(&mut t, 0x70, 0);
     assert_eq!(rd(&mut t, 0x70), 0);
+    // The reset clears the register, not the record that the driver once gave up.
+    assert_eq!(t.failures_seen(), STATUS_FAILED);
 }
 
 #[test]
@@ -1035,6 +1038,7 @@ fn processing_failure_sets_needs_reset() {
     wr(&mut t, 0x50, 0);
     wr(&mut t, 0x70, 0);
     assert_eq!(rd(&mut t, 0x70), 0);
+    assert_eq!(t.failures_seen(), STATUS_DEVICE_NEEDS_RESET);
 }
 
 #[test]
@@ -1066,6 +1070,7 @@ fn invalid_queue_sizes_and_selects_are_ignored() {
     wr(&mut t, 0x44, 1);
     assert_eq!(rd(&mut t, 0x44), 0);
     assert_eq!(rd(&mut t, 0x70) & STATUS_DEVICE_NEEDS_RESET, 0);
+    assert_eq!(t.failures_seen(), 0);
 }
 
 #[test]
