@@ -209,7 +209,7 @@ pub struct MmioTransport<D: VirtioDevice> {
     status: u32,
     needs_reset: bool,
     activated: bool,
-    /// FAILED and DEVICE_NEEDS_RESET as the status register showed them before each reset.
+    /// FAILED and DEVICE_NEEDS_RESET as the status register showed them before resets.
     failures_before_reset: u32,
 }
 
@@ -272,9 +272,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
     }
 
-    /// The FAILED and DEVICE_NEEDS_RESET bits the status register has shown since the transport
-    /// was created, resets included: whether the driver ever gave up on the device or the
-    /// device ever needed a reset.
+    /// The FAILED and DEVICE_NEEDS_RESET bits the status register has shown, resets included.
     pub fn failures_seen(&self) -> u32 {
         (self.failures_before_reset | self.status()) & (STATUS_FAILED | STATUS_DEVICE_NEEDS_RESET)
     }
