@@ -289,7 +289,9 @@ fn linux_ci_scenario_runs_as_written() {
     };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut cmd = Command::new(root.join("resources/ci-scenario.sh"));
-    cmd.env("TIDE", tide_bin()).env("TIDE_GUEST_DIR", &dir);
+    cmd.env("TIDE", tide_bin())
+        .env("TIDE_GUEST_DIR", &dir)
+        .env("STEP_TIMEOUT", BOOT_TIMEOUT.as_secs().to_string());
     if tests::kvm_is_emulating().is_some() {
         let extra = std::fs::read_to_string(dir.join("cmdline")).unwrap();
         // Each new guest page costs seconds of emulated kernel work here: a small check.
