@@ -4,48 +4,32 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use log::{debug, error, warn};
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestRegionMmap};
+use vm_memory::GuestAddress;
 
 use crate::access::{RangeState, UnpluggedAccess};
 use crate::backend::Backend;
 use crate::backing::BackingFile;
-use crate::bitmap::{new_splits, Bitmap};
+use crate::bitmap::Bitmap;
 use crate::cgroup::cgroup_headroom;
 use crate::layout::HotplugLayout;
 use crate::listener::{ListenerId, RamDiscardListener};
-use crate::populate::{advise_raw, populate_parallel, Priority};
 use crate::sys::{
-    create_memfd, last_err, map_none, prime_anon_vma, read_u64_file, unmap, FREE_HUGEPAGES,
-    HUGE_PAGE_SIZE, MAX_MAP_COUNT, OVERCOMMIT_MEMORY, PAGE_SIZE,
+    read_u64_file, FREE_HUGEPAGES, HUGE_PAGE_SIZE, MAX_MAP_COUNT, OVERCOMMIT_MEMORY, PAGE_SIZE,
 };
 use crate::{aligned, Error, Result};
 
 mod ahead;
+mod limits;
+mod reservation;
 
 use ahead::{Fill, Staged};
-
-const MAX_RUN_BUDGET: u64 = 32768;
-
-/// Options for [`HotplugRegion::with_options`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RegionOptions {
-    /// Ask for transparent huge pages (`MADV_HUGEPAGE`) on the anonymous backend when the block
-    /// size is a multiple of 2 MiB. Default: true.
-    pub thp: bool,
-}
-
-impl Default for RegionOptions {
-    fn default() -> Self {
-        RegionOptions { thp: true }
-    }
-}
+pub use reservation::RegionOptions;
+use reservation::{reserve, Reserved};
 
 struct State {
     bitmap: Bitmap,
@@ -66,11 +50,6 @@ struct State {
     /// Blocks being populated ahead right now (without the lock); a PLUG of any of them waits.
     in_progress: Option<(usize, usize)>,
 }
-
-/// How long a cgroup headroom read is reused (less what was plugged since) before the cgroup
-/// files are read again: reading them costs tens of microseconds, more than a small plug's
-/// bookkeeping may.
-const HEADROOM_REUSE: Duration = Duration::from_millis(50);
 
 /// The hot-pluggable memory of a guest: one `MAP_NORESERVE` reservation of the whole hotplug
 /// window, with blocks populated (plugged) and discarded (unplugged) on request.
@@ -160,32 +139,12 @@ impl HotplugRegion {
             block_size,
         } = *layout;
         let base = base.0;
-        crate::layout::check_block_size(
-            block_size,
-            PAGE_SIZE,
-            "must be a power of two of at least 4 KiB",
-        )?;
-        if !aligned(base, block_size) {
-            return Err(Error::BlockSize {
-                block_size,
-                reason: "the hotplug base address is not aligned to it",
-            });
-        }
-        if size == 0 || !aligned(size, block_size) {
-            return Err(Error::HotplugSize {
-                size,
-                block_size,
-                reason: "must be a non-zero multiple of the block size",
-            });
-        }
-        let len = usize::try_from(size)
-            .ok()
-            .filter(|_| base.checked_add(size).is_some())
-            .ok_or(Error::AddressSpace {
-                base,
-                size,
-                bits: 64,
-            })?;
+        layout.check(PAGE_SIZE, "must be a power of two of at least 4 KiB")?;
+        let len = usize::try_from(size).map_err(|_| Error::AddressSpace {
+            base,
+            size,
+            bits: 64,
+        })?;
         let blocks = usize::try_from(size / block_size).map_err(|_| Error::AddressSpace {
             base,
             size,
@@ -201,69 +160,16 @@ impl HotplugRegion {
         }
         let budget = read_u64_file(MAX_MAP_COUNT)
             .map(|n| n / 2)
-            .unwrap_or(MAX_RUN_BUDGET)
-            .clamp(1, MAX_RUN_BUDGET);
+            .unwrap_or(limits::MAX_RUN_BUDGET)
+            .clamp(1, limits::MAX_RUN_BUDGET);
 
-        let mmap_err = |source| Error::Mmap { size, source };
-        let mut thp = false;
-        // Memfd and file mappings merge back; hugetlb ones never do.
-        let mut mergeable = backend != Backend::Hugetlb;
-        let mut backing = None;
-        let (host, fd) = match &backend {
-            Backend::Anon => {
-                let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-                let align = HUGE_PAGE_SIZE as usize;
-                let over = len
-                    .checked_add(align)
-                    .ok_or_else(|| mmap_err(io::Error::from_raw_os_error(libc::ENOMEM)))?;
-                let raw = map_none(over, flags, -1).map_err(mmap_err)?;
-                let start = raw.next_multiple_of(align);
-                unmap(raw, start - raw);
-                unmap(start + len, raw + over - (start + len));
-                // Before MADV_HUGEPAGE, so that priming faults in a small page only.
-                mergeable = prime_anon_vma(start, len);
-                if options.thp && aligned(block_size, HUGE_PAGE_SIZE) {
-                    // SAFETY: [start, start + len) is our own fresh mapping; madvise only
-                    // changes its paging policy.
-                    let r = unsafe {
-                        libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE)
-                    };
-                    if r == 0 {
-                        thp = true;
-                    } else {
-                        warn!(
-                            "MADV_HUGEPAGE on the hotplug reservation failed: {}",
-                            last_err()
-                        );
-                    }
-                }
-                (start, None)
-            }
-            Backend::Memfd | Backend::Hugetlb => {
-                let file = create_memfd(size, backend == Backend::Hugetlb)
-                    .map_err(|source| Error::Memfd { size, source })?;
-                let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
-                let host = map_none(len, flags, file.as_raw_fd()).map_err(mmap_err)?;
-                (host, Some(file))
-            }
-            Backend::File(path) => {
-                // On any error below, dropping `bf` removes a file it created.
-                let bf = BackingFile::open(path, size)?;
-                let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
-                let host = map_none(len, flags, bf.file.as_raw_fd()).map_err(mmap_err)?;
-                let file = bf.file.try_clone().map_err(mmap_err);
-                match file {
-                    Ok(f) => {
-                        backing = Some(bf);
-                        (host, Some(f))
-                    }
-                    Err(e) => {
-                        unmap(host, len);
-                        return Err(e);
-                    }
-                }
-            }
-        };
+        let Reserved {
+            host,
+            fd,
+            backing,
+            thp,
+            mergeable,
+        } = reserve(len, layout, &backend, options)?;
         let ahead_ok = fd.is_some() || read_u64_file(OVERCOMMIT_MEMORY) != Some(2);
         // What a PLUG uses, ready before the first one: the populate threads and the open
         // cgroup files.
@@ -377,104 +283,12 @@ impl HotplugRegion {
         Ok((first, first + (len / self.layout.block_size) as usize))
     }
 
-    fn host_ptr(&self, a: usize) -> *mut libc::c_void {
-        (self.host + a * self.layout.block_size as usize) as *mut libc::c_void
-    }
-
     fn byte_len(&self, a: usize, b: usize) -> usize {
         (b - a) * self.layout.block_size as usize
     }
 
     fn guest_addr(&self, a: usize) -> u64 {
         self.layout.base.0 + a as u64 * self.layout.block_size
-    }
-
-    fn protect(&self, a: usize, b: usize, prot: libc::c_int) -> io::Result<()> {
-        // SAFETY: blocks [a, b) lie inside our reservation (checked by callers); changing their
-        // protection cannot affect memory outside it. Accesses to PROT_NONE blocks fault, which
-        // callers avoid by checking the plug state.
-        if unsafe { libc::mprotect(self.host_ptr(a), self.byte_len(a, b), prot) } != 0 {
-            return Err(last_err());
-        }
-        Ok(())
-    }
-
-    fn advise(&self, a: usize, b: usize, advice: libc::c_int) -> io::Result<()> {
-        advise_raw(self.host_ptr(a) as usize, self.byte_len(a, b), advice)
-    }
-
-    /// `MADV_POPULATE_WRITE` over blocks `[a, b)`, on [`crate::populate_threads`] threads.
-    fn populate_blocks(&self, a: usize, b: usize) -> io::Result<()> {
-        populate_parallel(
-            self.host_ptr(a) as usize,
-            self.byte_len(a, b),
-            self.huge_pages(),
-            Priority::Foreground,
-        )
-    }
-
-    /// Whether the region's memory comes in 2 MiB pages (THP or hugetlb).
-    fn huge_pages(&self) -> bool {
-        self.thp || self.backend == Backend::Hugetlb
-    }
-
-    /// Gives the host memory of blocks `[a, b)` back.
-    fn release(&self, a: usize, b: usize) -> io::Result<()> {
-        match &self.fd {
-            None => self.advise(a, b, libc::MADV_DONTNEED),
-            Some(file) => {
-                let off = (a as u64 * self.layout.block_size) as libc::off_t;
-                let len = self.byte_len(a, b) as libc::off_t;
-                // SAFETY: plain syscall on our own descriptor; punching a hole also unmaps the
-                // freed pages from every shared mapping of the file.
-                let r = unsafe {
-                    libc::fallocate(
-                        file.as_raw_fd(),
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        off,
-                        len,
-                    )
-                };
-                if r != 0 {
-                    return Err(last_err());
-                }
-                Ok(())
-            }
-        }
-    }
-
-    /// Re-protects and discards blocks `[a, b)` after a failed populate, in that order (the
-    /// guest can no longer write what is being freed; see [`HotplugRegion::discard`]).
-    fn roll_back(&self, a: usize, b: usize, access: UnpluggedAccess) {
-        let addr = self.guest_addr(a);
-        let len = self.byte_len(a, b);
-        if let Err(e) = self.protect(a, b, access.prot()) {
-            error!("roll back of [{addr:#x}, +{len:#x}): re-protect failed: {e}");
-        }
-        if let Err(e) = self.release(a, b) {
-            error!("roll back of [{addr:#x}, +{len:#x}): discard failed: {e}");
-        }
-    }
-
-    /// Checks that setting blocks `[a, b)` to `v` keeps the number of mappings within the
-    /// budget, and returns the new number of transitions.
-    fn check_budget(&self, st: &State, a: usize, b: usize, v: bool, extra: u64) -> Result<u64> {
-        let t = st.transitions - st.bitmap.window_transitions(a, b)
-            + st.bitmap.window_transitions_if(a, b, v);
-        let runs = extra
-            + match &st.splits {
-                None => t + 1,
-                Some((splits, n)) => n + 1 + new_splits(splits, a, b),
-            };
-        if runs > self.budget {
-            return Err(Error::TooFragmented {
-                addr: self.guest_addr(a),
-                len: self.byte_len(a, b) as u64,
-                runs,
-                budget: self.budget,
-            });
-        }
-        Ok(t)
     }
 
     /// Plugs `[addr, addr + len)`: makes it read-write and backs it with host memory
@@ -591,54 +405,6 @@ impl HotplugRegion {
         Ok(())
     }
 
-    /// Switches the fragmentation accounting to "boundaries never merge" (staged memory moved
-    /// in has its own anon_vma), starting from the boundaries that exist now.
-    fn ensure_splits(st: &mut State) {
-        if st.splits.is_some() {
-            return;
-        }
-        let n = st.bitmap.len();
-        let mut splits = Bitmap::new(n + 1);
-        let mut count = 0;
-        for i in 1..n {
-            if st.bitmap.get(i - 1) != st.bitmap.get(i) {
-                splits.set(i, true);
-                count += 1;
-            }
-        }
-        st.splits = Some((splits, count));
-    }
-
-    /// The memory cgroup headroom for a populate of `len` bytes: a recent read less what was
-    /// plugged since, or a fresh read when that is old or too close to `len` to decide on.
-    fn cgroup_room(&self, st: &mut State, len: u64) -> Option<u64> {
-        let plugged = self.plugged_bytes();
-        let now = Instant::now();
-        if let Some((room, at, then)) = st.headroom {
-            if now.duration_since(at) < HEADROOM_REUSE {
-                let room = room.map(|r| r.saturating_sub(plugged.saturating_sub(then)));
-                if room.is_none_or(|r| r / 2 > len) {
-                    return room;
-                }
-            }
-        }
-        let room = cgroup_headroom();
-        st.headroom = Some((room, now, plugged));
-        room
-    }
-
-    /// Records the boundaries of blocks `[a, b)` as split.
-    fn mark_split(st: &mut State, a: usize, b: usize) {
-        if let Some((splits, n)) = &mut st.splits {
-            *n += new_splits(splits, a, b);
-            for i in [a, b] {
-                if i > 0 && i < splits.len() - 1 {
-                    splits.set(i, true);
-                }
-            }
-        }
-    }
-
     /// Discards blocks `[a, b)`, all plugged, with the lock held.
     fn discard_locked(
         &self,
@@ -732,35 +498,6 @@ impl HotplugRegion {
         })
     }
 
-    /// Whether [`HotplugRegion::resident_bytes`] is cheap (one `fstat`: fd backends) or walks
-    /// the region's page tables through `/proc/self/smaps` (anon: keep it off event loops).
-    pub fn resident_bytes_is_cheap(&self) -> bool {
-        self.fd.is_some()
-    }
-
-    /// Resident host memory of the reservation, without what is populated ahead
-    /// ([`Self::ahead_bytes`], reported apart). For fd backends (memfd, hugetlb, file) the
-    /// storage allocated to the file (`fstat` blocks) less the part allocated ahead, which costs
-    /// one syscall. For anon the `Rss` of the `/proc/self/smaps` entries that overlap it (memory
-    /// populated ahead waits in a separate staging mapping), which walks the region's page
-    /// tables under the mmap lock: tens of milliseconds with gigabytes plugged in 4 KiB pages.
-    pub fn resident_bytes(&self) -> Result<u64> {
-        if let Some(f) = &self.fd {
-            let allocated = BackingFile::allocated_bytes(f).map_err(Error::Smaps)?;
-            return Ok(allocated.saturating_sub(self.ahead_bytes()));
-        }
-        let start = self.host as u64;
-        crate::smaps::resident_bytes(start, start + self.layout.size).map_err(Error::Smaps)
-    }
-
-    /// Whether a read of an unplugged block would allocate host memory were unplugged blocks
-    /// [`UnpluggedAccess::Readable`]: true for the shared backends (memfd, hugetlb, file), where
-    /// a read fault of a hole allocates a page-cache (or huge) page; false for private anonymous
-    /// memory, which maps the shared zero page.
-    pub fn unplugged_reads_allocate(&self) -> bool {
-        self.fd.is_some()
-    }
-
     /// How unplugged blocks are currently protected.
     pub fn unplugged_access(&self) -> UnpluggedAccess {
         self.lock().access
@@ -821,53 +558,5 @@ impl HotplugRegion {
             .into_iter()
             .map(|(a, b)| (GuestAddress(self.guest_addr(a)), self.byte_len(a, b) as u64))
             .collect()
-    }
-
-    /// A vm-memory region over the whole reservation at [`HotplugRegion::base`], not owning the
-    /// mapping.
-    ///
-    /// Accessing unplugged blocks through it faults when they are
-    /// [`UnpluggedAccess::Inaccessible`]; check [`HotplugRegion::state`] first.
-    ///
-    /// # Safety
-    ///
-    /// The returned region (and any `GuestMemoryMmap` holding it) must not be used after `self`
-    /// is dropped: dropping the `HotplugRegion` unmaps the memory it points to, and the type
-    /// system does not tie the two lifetimes.
-    pub unsafe fn guest_region(&self) -> Result<GuestRegionMmap> {
-        let err = |reason: String| Error::GuestRegion {
-            host: self.host as u64,
-            size: self.layout.size,
-            reason,
-        };
-        let flags = match self.fd {
-            None => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            Some(_) => libc::MAP_SHARED | libc::MAP_NORESERVE,
-        };
-        // SAFETY: [host, host + size) is our live mapping; the documented contract is that the
-        // region does not outlive `self`, which keeps it mapped.
-        let builder = unsafe {
-            MmapRegionBuilder::new(self.layout.size as usize)
-                .with_raw_mmap_pointer(self.host as *mut u8)
-        };
-        let mapping = builder
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(flags)
-            .with_hugetlbfs(self.backend == Backend::Hugetlb)
-            .build()
-            .map_err(|e| err(e.to_string()))?;
-        GuestRegionMmap::new(mapping, GuestAddress(self.layout.base.0))
-            .ok_or_else(|| err("guest address range overflows".to_string()))
-    }
-}
-
-impl Drop for HotplugRegion {
-    fn drop(&mut self) {
-        let bs = self.layout.block_size as usize;
-        for s in std::mem::take(&mut self.lock().staged) {
-            unmap(s.host, (s.b - s.a) * bs);
-        }
-        unmap(self.host, self.layout.size as usize);
-        // Then `backing` (a field) removes a file Tide created, and `fd` closes.
     }
 }

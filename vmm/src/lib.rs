@@ -10,7 +10,6 @@ pub mod event_loop;
 pub mod exit_status;
 pub mod guest_report;
 pub mod panic_watch;
-pub mod plug_tracker;
 pub mod resident;
 pub mod runner;
 pub mod signals;

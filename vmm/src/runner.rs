@@ -9,7 +9,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::terminal::Terminal;
 
 use crate::api::{ApiBackend, MemoryStatus, VmInfo};
-use crate::event_loop::{ConsoleInput, StopWatch};
+use crate::event_loop::{ConsoleInput, StopSources};
 use crate::exit_status;
 use crate::resident::ResidentSampler;
 use crate::vcpu::{self, RunState, VmExit};
@@ -26,7 +26,7 @@ struct Control {
     mem: Option<(
         Arc<devices::virtio::mem::VirtioMemShared>,
         Arc<memory::HotplugRegion>,
-        Arc<devices::virtio::metrics::VirtioMemMetrics>,
+        Arc<devices::virtio::mem::metrics::VirtioMemMetrics>,
     )>,
     /// Resident bytes of an anon region, read off the event loop (fd backends use `fstat`).
     sampler: Option<ResidentSampler>,
@@ -43,12 +43,14 @@ impl Control {
             None if region.resident_bytes_is_cheap() => region.resident_bytes().unwrap_or(0),
             None => 0,
         };
+        // One lock: the sizes are of one instant.
+        let sizes = shared.status();
         Some(MemoryStatus {
-            region_size: shared.region_size(),
-            block_size: shared.block_size(),
-            requested_size: shared.requested_size(),
-            plugged_size: shared.plugged_size(),
-            usable_region_size: shared.usable_region_size(),
+            region_size: sizes.region_size,
+            block_size: sizes.block_size,
+            requested_size: sizes.requested_size,
+            plugged_size: sizes.plugged_size,
+            usable_region_size: sizes.usable_region_size,
             backend: region.backend().to_string(),
             resident_bytes,
             ahead_bytes: region.ahead_bytes(),
@@ -130,7 +132,7 @@ impl Vmm {
         vcpu::install_kick_handler()?;
         let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> =
             EventManager::new().map_err(Error::EventManager)?;
-        em.add_subscriber(Box::new(StopWatch {
+        em.add_subscriber(Box::new(StopSources {
             i8042: self.i8042.clone(),
             state: self.state.clone(),
             signals: crate::signals::event(),

@@ -141,16 +141,25 @@ impl RunState {
 /// emulating KVM) or an EFAULT (hardware KVM) means the guest touched unplugged memory.
 #[derive(Debug, Clone)]
 pub struct HotplugWindow {
-    /// Where the window is (the region's own geometry).
-    pub layout: memory::HotplugLayout,
-    /// Which ranges are plugged, from the region's populate/discard events.
-    pub plugged: Arc<crate::plug_tracker::PlugTracker>,
+    /// The hotplug region: its geometry, and the plug state of the faulting block.
+    pub region: Arc<memory::HotplugRegion>,
 }
 
 impl HotplugWindow {
     fn contains(&self, addr: u64) -> bool {
-        let base = self.layout.base.0;
-        addr >= base && addr - base < self.layout.size
+        let layout = self.region.layout();
+        addr >= layout.base.0 && addr - layout.base.0 < layout.size
+    }
+
+    /// Whether the block holding `addr` (inside the window) is plugged, asked of the region.
+    fn is_plugged(&self, addr: u64) -> bool {
+        let layout = self.region.layout();
+        let block = addr - (addr - layout.base.0) % layout.block_size;
+        matches!(
+            self.region
+                .state(memory::GuestAddress(block), layout.block_size),
+            Ok(memory::RangeState::Plugged)
+        )
     }
 }
 
@@ -204,7 +213,9 @@ impl Vcpu {
         let window = self.hotplug.clone();
         let in_hotplug = |addr: u64| window.as_ref().is_some_and(|w| w.contains(addr));
         let unplugged_access = |addr: u64, what: &str| {
-            let plugged = window.as_ref().is_some_and(|w| w.plugged.is_plugged(addr));
+            let plugged = window
+                .as_ref()
+                .is_some_and(|w| w.contains(addr) && w.is_plugged(addr));
             if plugged {
                 // The host's failure, not the guest's.
                 state.request_exit(

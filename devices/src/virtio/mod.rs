@@ -5,22 +5,29 @@
 //! KVM ioeventfds) and one [`Interrupt`] (whose event fd is to be registered as a KVM irqfd).
 //! Any [`VirtioDevice`] can sit behind it; [`VirtioMem`] is the one Tide ships.
 
+pub mod device;
 pub mod mem;
-pub mod metrics;
 pub mod mmio;
 
+pub use device::{VirtioDevice, VirtioInterrupt};
 pub use mem::{
-    HotplugMemory, RangeState, UnpluggedAccess, VirtioMem, VirtioMemQueue, VirtioMemShared,
+    HotplugMemory, QueueRunner, RangeState, UnpluggedAccess, VirtioMem, VirtioMemShared,
     VIRTIO_ID_MEM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
 };
-pub use mmio::{Interrupt, MmioTransport, VirtioDevice};
+pub use mmio::{Interrupt, MmioTransport};
 
 /// The errors of the virtio devices and their transport.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An event fd could not be created.
+    /// An event fd (or an epoll over event fds) could not be created.
     #[error("cannot create an event fd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// A device thread's event loop could not be created.
+    #[error("cannot create a device event loop: {0:?}")]
+    EventManager(#[source] event_manager::Error),
+    /// A device thread could not be started.
+    #[error("cannot start {0}: {1}")]
+    Thread(&'static str, #[source] std::io::Error),
     /// An interrupt could not be signalled through its event fd.
     #[error("cannot signal the interrupt event fd: {0}")]
     Interrupt(#[source] std::io::Error),
@@ -86,5 +93,7 @@ pub enum Error {
 /// The result type of this module.
 pub type Result<T> = std::result::Result<T, Error>;
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 #[cfg(test)]
 mod tests;

@@ -51,6 +51,27 @@ pub trait HotplugMemory: Send + Sync {
     fn unplugged_reads_allocate(&self) -> bool {
         true
     }
+    /// Bytes populated ahead of the guest's PLUG (not plugged). Memory that cannot populate
+    /// ahead has none.
+    fn ahead_bytes(&self) -> u64 {
+        0
+    }
+    /// Populates ahead up to `chunk` bytes of the lowest unplugged blocks below `usable_end`
+    /// (an offset from the base), so that at most `want` bytes are populated ahead; returns
+    /// the bytes populated (0: nothing to do, or memory that cannot populate ahead).
+    fn populate_ahead_next(
+        &self,
+        _usable_end: u64,
+        _want: u64,
+        _chunk: u64,
+    ) -> std::result::Result<u64, Self::Error> {
+        Ok(0)
+    }
+    /// Gives back what was populated ahead beyond its lowest `keep` bytes; returns the bytes
+    /// given back.
+    fn release_ahead(&self, _keep: u64) -> u64 {
+        0
+    }
 }
 
 impl HotplugMemory for memory::HotplugRegion {
@@ -104,5 +125,17 @@ impl HotplugMemory for memory::HotplugRegion {
 
     fn unplugged_reads_allocate(&self) -> bool {
         memory::HotplugRegion::unplugged_reads_allocate(self)
+    }
+
+    fn ahead_bytes(&self) -> u64 {
+        memory::HotplugRegion::ahead_bytes(self)
+    }
+
+    fn populate_ahead_next(&self, usable_end: u64, want: u64, chunk: u64) -> memory::Result<u64> {
+        memory::HotplugRegion::populate_ahead_next(self, usable_end, want, chunk)
+    }
+
+    fn release_ahead(&self, keep: u64) -> u64 {
+        memory::HotplugRegion::release_ahead(self, keep)
     }
 }

@@ -13,15 +13,23 @@
 //! device plugs into, `shared` the sizes the vmm reads, `request` the request and response
 //! codec, `device` the device and its queue.
 
+mod ahead;
 mod device;
+mod handler;
 mod hotplug_memory;
-mod request;
+pub mod metrics;
+mod queue;
+pub mod request;
 mod shared;
 pub mod spec;
+mod worker;
 
 pub use memory::{RangeState, UnpluggedAccess};
 
-pub use device::{VirtioMem, VirtioMemQueue};
+pub use ahead::{AHEAD_CHUNK, AHEAD_IDLE};
+pub use device::VirtioMem;
 pub use hotplug_memory::HotplugMemory;
-pub use shared::{VirtioMemShared, BUSY_RETRY_MAX, BUSY_RETRY_MIN};
+pub use queue::QueueRunner;
+pub use shared::{SizeSnapshot, VirtioMemShared, BUSY_RETRY_MAX, BUSY_RETRY_MIN};
 pub use spec::*;
+pub use worker::VirtioMemWorker;

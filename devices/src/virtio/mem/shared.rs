@@ -8,8 +8,8 @@ use log::error;
 use memory::HotplugLayout;
 use vm_memory::GuestAddress;
 
-use super::spec::CONFIG_SIZE;
-use crate::virtio::mmio::Interrupt;
+use super::request::VirtioMemConfig;
+use crate::virtio::device::VirtioInterrupt;
 use crate::virtio::{Error, Result};
 
 /// The least headroom the usable region keeps above the requested size (as QEMU does).
@@ -38,7 +38,22 @@ pub(super) struct SizeState {
     /// How long after a BUSY the driver is told to try again (doubles while BUSY goes on).
     pub(super) busy_retry: Duration,
     /// Present while the driver has the device running (DRIVER_OK).
-    pub(super) interrupt: Option<Arc<Interrupt>>,
+    pub(super) interrupt: Option<Arc<dyn VirtioInterrupt>>,
+}
+
+/// The sizes of a virtio-mem device at one instant (read under one lock: they never tear).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeSnapshot {
+    /// The size of the hotplug region.
+    pub region_size: u64,
+    /// The block size: the unit of plug and unplug.
+    pub block_size: u64,
+    /// The size the host asks the guest to plug.
+    pub requested_size: u64,
+    /// The size the guest has plugged.
+    pub plugged_size: u64,
+    /// The part of the region, from its start, that the driver may plug in.
+    pub usable_region_size: u64,
 }
 
 /// The state of a [`VirtioMem`](super::VirtioMem) that the vmm reads and changes without the device's lock.
@@ -53,13 +68,25 @@ pub struct VirtioMemShared {
 
 impl VirtioMemShared {
     /// Has `evt` signalled after every change of the requested size.
-    pub fn notify_resize(&self, evt: Arc<vmm_sys_util::eventfd::EventFd>) {
+    pub(crate) fn notify_resize(&self, evt: Arc<vmm_sys_util::eventfd::EventFd>) {
         *memory::lock(&self.resize_evt) = Some(evt);
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, SizeState> {
         // The state stays consistent even if a holder panicked: every update is a plain store.
         memory::lock(&self.state)
+    }
+
+    /// All the sizes at once, under one lock.
+    pub fn status(&self) -> SizeSnapshot {
+        let state = self.lock();
+        SizeSnapshot {
+            region_size: self.layout.size,
+            block_size: self.layout.block_size,
+            requested_size: state.requested,
+            plugged_size: state.plugged,
+            usable_region_size: state.usable,
+        }
     }
 
     /// The size the host asks the guest to plug, in bytes.
@@ -213,21 +240,18 @@ impl VirtioMemShared {
             state.generation = state.generation.wrapping_add(1);
         }
     }
-    pub(super) fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
+
+    /// The configuration space now.
+    pub(super) fn config(&self) -> VirtioMemConfig {
         let state = self.lock();
-        let mut bytes = [0u8; CONFIG_SIZE];
-        let fields = [
-            (0x00, self.layout.block_size),
-            (0x10, self.layout.base.0),
-            (0x18, self.layout.size),
-            (0x20, state.usable),
-            (0x28, state.plugged),
-            (0x30, state.requested),
-        ];
-        for (offset, value) in fields {
-            bytes[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
+        VirtioMemConfig {
+            block_size: self.layout.block_size.into(),
+            addr: self.layout.base.0.into(),
+            region_size: self.layout.size.into(),
+            usable_region_size: state.usable.into(),
+            plugged_size: state.plugged.into(),
+            requested_size: state.requested.into(),
+            ..Default::default()
         }
-        // node_id (u16 at 0x08) stays 0: VIRTIO_MEM_F_ACPI_PXM is not offered.
-        bytes
     }
 }

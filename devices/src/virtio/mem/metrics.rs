@@ -11,23 +11,23 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use std::time::Instant;
+
 use serde::Serialize;
 
-/// The time of one request, by phase (nanoseconds), and what it was.
+use super::request::{Answer, RequestKind};
+
+/// The time of one request, by phase (nanoseconds), and what it was. The phases inside the
+/// hotplug memory are its own [`memory::OpTimes`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sample {
     /// Bytes the request covers (0 for UNPLUG_ALL and malformed requests).
     pub bytes: u64,
     /// Validation.
     pub validate_ns: u64,
-    /// Protection changes.
-    pub protect_ns: u64,
-    /// Memory system calls.
-    pub syscall_ns: u64,
-    /// Waiting for a populate ahead of the range.
-    pub ahead_wait_ns: u64,
-    /// Bytes of the range found populated ahead.
-    pub ahead_bytes: u64,
+    /// Protection changes, memory system calls, the wait for a populate ahead of the range and
+    /// the bytes found populated ahead.
+    pub op: memory::OpTimes,
 }
 
 /// Counters and aggregates of one request type.
@@ -69,26 +69,26 @@ impl Default for RequestMetrics {
 }
 
 impl RequestMetrics {
-    /// Records one request answered `answer` (a virtio-mem response code) after `total_ns`,
-    /// whose used-buffer interrupt then took `notify_ns`.
-    pub fn record(&self, s: &Sample, answer: u16, total_ns: u64, notify_ns: u64) {
+    /// Records one request answered `answer` after `total_ns`, whose used-buffer interrupt
+    /// then took `notify_ns`.
+    pub fn record(&self, s: &Sample, answer: Answer, total_ns: u64, notify_ns: u64) {
         self.notify_ns.fetch_add(notify_ns, Relaxed);
         self.count.fetch_add(1, Relaxed);
         self.bytes.fetch_add(s.bytes, Relaxed);
-        if let Some(a) = self.answers.get(usize::from(answer)) {
+        if let Some(a) = self.answers.get(answer as usize) {
             a.fetch_add(1, Relaxed);
         }
         self.total_ns.fetch_add(total_ns, Relaxed);
         self.min_ns.fetch_min(total_ns, Relaxed);
         self.max_ns.fetch_max(total_ns, Relaxed);
         self.validate_ns.fetch_add(s.validate_ns, Relaxed);
-        self.protect_ns.fetch_add(s.protect_ns, Relaxed);
-        self.syscall_ns.fetch_add(s.syscall_ns, Relaxed);
-        self.ahead_wait_ns.fetch_add(s.ahead_wait_ns, Relaxed);
-        let phases = s.validate_ns + s.protect_ns + s.syscall_ns + s.ahead_wait_ns;
+        self.protect_ns.fetch_add(s.op.protect_ns, Relaxed);
+        self.syscall_ns.fetch_add(s.op.syscall_ns, Relaxed);
+        self.ahead_wait_ns.fetch_add(s.op.ahead_wait_ns, Relaxed);
+        let phases = s.validate_ns + s.op.protect_ns + s.op.syscall_ns + s.op.ahead_wait_ns;
         self.bookkeeping_ns
             .fetch_add(total_ns.saturating_sub(phases), Relaxed);
-        self.ahead_bytes.fetch_add(s.ahead_bytes, Relaxed);
+        self.ahead_bytes.fetch_add(s.op.ahead_bytes, Relaxed);
     }
 
     /// Requests recorded.
@@ -220,20 +220,21 @@ pub struct VirtioMemMetrics {
 }
 
 impl VirtioMemMetrics {
-    /// The metrics of request type `kind` (unknown types count as invalid).
-    pub fn of(&self, kind: Option<u16>) -> &RequestMetrics {
+    /// The metrics of request type `kind` (`None`: malformed chains and unknown types).
+    pub fn of(&self, kind: Option<RequestKind>) -> &RequestMetrics {
         match kind {
-            Some(super::mem::VIRTIO_MEM_REQ_PLUG) => &self.plug,
-            Some(super::mem::VIRTIO_MEM_REQ_UNPLUG) => &self.unplug,
-            Some(super::mem::VIRTIO_MEM_REQ_UNPLUG_ALL) => &self.unplug_all,
-            Some(super::mem::VIRTIO_MEM_REQ_STATE) => &self.state,
-            _ => &self.invalid,
+            Some(RequestKind::Plug) => &self.plug,
+            Some(RequestKind::Unplug) => &self.unplug,
+            Some(RequestKind::UnplugAll) => &self.unplug_all,
+            Some(RequestKind::State) => &self.state,
+            None => &self.invalid,
         }
     }
 
     /// The metrics as one JSON object: `{"plug": {...}, "unplug": {...}, "unplug_all": {...},
     /// "state": {...}, "invalid": {...}, "ahead": {...}}`, times in nanoseconds.
-    pub fn to_json(&self) -> String {
+    #[cfg(test)]
+    fn to_json(&self) -> String {
         serde_json::to_string(&self.snapshot()).unwrap_or_default()
     }
 
@@ -254,6 +255,42 @@ impl VirtioMemMetrics {
     }
 }
 
+/// The timing of one request while it is carried out.
+pub(super) struct Timing {
+    /// When the device took the chain off the queue.
+    pub(super) start: Instant,
+    /// The request type, once parsed.
+    pub(super) kind: Option<RequestKind>,
+    pub(super) sample: Sample,
+    /// Whether validation time was taken already.
+    pub(super) validated: bool,
+}
+
+impl Timing {
+    /// The timing of a request whose chain was taken off the queue at `start`.
+    pub(super) fn new(start: Instant) -> Self {
+        Self {
+            start,
+            kind: None,
+            sample: Sample::default(),
+            validated: false,
+        }
+    }
+
+    /// Validation ends here (the first call counts).
+    pub(super) fn validated(&mut self) {
+        if !self.validated {
+            self.validated = true;
+            self.sample.validate_ns = self.start.elapsed().as_nanos() as u64;
+        }
+    }
+
+    /// Runs a memory operation, adding where its time went to the sample.
+    pub(super) fn time<T>(&mut self, op: impl FnOnce(&mut memory::OpTimes) -> T) -> T {
+        op(&mut self.sample.op)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,14 +301,18 @@ mod tests {
         let s = Sample {
             bytes: 4096,
             validate_ns: 10,
-            protect_ns: 20,
-            syscall_ns: 30,
-            ahead_wait_ns: 15,
-            ahead_bytes: 0,
+            op: memory::OpTimes {
+                protect_ns: 20,
+                syscall_ns: 30,
+                ahead_bytes: 0,
+                ahead_wait_ns: 15,
+            },
         };
-        m.of(Some(0)).record(&s, 0, 100, 7);
-        m.of(Some(0)).record(&s, 2, 300, 7);
-        m.of(Some(9)).record(&Sample::default(), 3, 5, 0);
+        m.of(Some(RequestKind::Plug))
+            .record(&s, Answer::Ack, 100, 7);
+        m.of(Some(RequestKind::Plug))
+            .record(&s, Answer::Busy, 300, 7);
+        m.of(None).record(&Sample::default(), Answer::Error, 5, 0);
         assert_eq!(m.plug.count(), 2);
         assert_eq!(m.plug.total_ns(), 400);
         assert_eq!(m.invalid.count(), 1);
