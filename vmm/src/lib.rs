@@ -9,6 +9,7 @@ pub mod console;
 pub mod event_loop;
 pub mod exit_status;
 pub mod guest_report;
+pub mod logger;
 pub mod panic_watch;
 pub mod resident;
 pub mod runner;

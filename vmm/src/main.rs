@@ -1,8 +1,10 @@
 //! `tide`: the command line. It only parses into a [`vmm::VmmConfig`] (or an API request) and
 //! hands over; errors print as one line with their cause chain.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{HotplugConfig, KernelConfig, MachineConfig, VmmConfig, DEFAULT_CMDLINE};
@@ -89,20 +91,14 @@ struct RunArgs {
     timeout: Option<std::time::Duration>,
 }
 
-/// Hand-written rather than env_logger: ten lines for the one `tide: level: message` format
-/// users and tests read, where env_logger would need a custom formatter and more dependencies.
-struct StderrLogger;
+/// Longest time the exit waits for the log sink to write what it holds (a stderr nobody reads
+/// must not hold the exit).
+const LOG_DRAIN: Duration = Duration::from_millis(250);
 
-impl log::Log for StderrLogger {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::max_level()
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            eprintln!("tide: {}: {}", r.level().as_str().to_lowercase(), r.args());
-        }
-    }
-    fn flush(&self) {}
+/// Lets the log sink write its last lines (bounded by [`LOG_DRAIN`]), then exits with `code`.
+fn finish(code: ExitCode) -> ExitCode {
+    vmm::logger::drain(LOG_DRAIN);
+    code
 }
 
 fn main() -> ExitCode {
@@ -121,14 +117,21 @@ fn main() -> ExitCode {
             }
             let text = e.to_string();
             let line = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("tide: {}", line.trim_start_matches("error: ").trim());
+            let _ = writeln!(
+                std::io::stderr(),
+                "tide: {}",
+                line.trim_start_matches("error: ").trim()
+            );
             return tide_error();
         }
     };
     match cli.command {
         Command::Run(a) => {
-            let _ = log::set_logger(&StderrLogger);
-            log::set_max_level(a.log_level);
+            // Every line to stderr from here on goes through the log sink, which never blocks.
+            if let Err(e) = vmm::logger::init(a.log_level) {
+                let _ = writeln!(std::io::stderr(), "tide: error: cannot start logging: {e}");
+                return tide_error();
+            }
             if a.hotplug_size == 0 {
                 let unused = [
                     ("--requested", a.requested.is_some()),
@@ -137,25 +140,25 @@ fn main() -> ExitCode {
                     ("--no-thp", a.no_thp),
                 ];
                 if let Some((opt, _)) = unused.iter().find(|(_, given)| *given) {
-                    eprintln!(
+                    vmm::logger::line(&format!(
                         "tide: {opt} has no effect without a hotplug region (--hotplug-size)"
-                    );
-                    return tide_error();
+                    ));
+                    return finish(tide_error());
                 }
             }
             let mut cmdline = a.cmdline;
             if let Some(cmd) = &a.exec {
                 if cmd.trim().is_empty() {
-                    eprintln!("tide: --exec needs a command");
-                    return tide_error();
+                    vmm::logger::line("tide: --exec needs a command");
+                    return finish(tide_error());
                 }
                 cmdline.push(' ');
                 cmdline.push_str(&vmm::config::exec_param(cmd));
             }
             // SIGTERM, SIGINT and SIGHUP stop the VM like PUT /vm/shutdown from here on.
             if let Err(e) = vmm::signals::install() {
-                eprintln!("tide: error: cannot install signal handlers: {e}");
-                return tide_error();
+                vmm::logger::line(&format!("tide: error: cannot install signal handlers: {e}"));
+                return finish(tide_error());
             }
             let config = VmmConfig {
                 kernel: KernelConfig {
@@ -178,27 +181,34 @@ fn main() -> ExitCode {
                 api_socket: a.api_socket,
                 timeout: a.timeout,
             };
-            match vmm::Vmm::new(config).and_then(|v| v.run()) {
+            let code = match vmm::Vmm::new(config).and_then(|v| v.run()) {
                 Ok(exit) => {
                     log::info!("{}", exit.reason);
                     if exit.code != 0 {
-                        eprintln!("tide: {}", exit.reason);
+                        vmm::logger::line(&format!("tide: {}", exit.reason));
                     }
                     if let Some(report) = &exit.report {
-                        eprintln!("{report}");
+                        for l in report.lines() {
+                            vmm::logger::line(l);
+                        }
                     }
                     ExitCode::from(exit.code.clamp(0, 255) as u8)
                 }
                 Err(e) => {
-                    eprintln!("tide: error: {}", vmm::error_chain(&e));
+                    vmm::logger::line(&format!("tide: error: {}", vmm::error_chain(&e)));
                     tide_error()
                 }
-            }
+            };
+            finish(code)
         }
         Command::Ctl(a) => match vmm::api::client::run(a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("tide ctl: error: {}", vmm::error_chain(&e));
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "tide ctl: error: {}",
+                    vmm::error_chain(&e)
+                );
                 ExitCode::FAILURE
             }
         },
