@@ -7,17 +7,20 @@ use serde::Deserialize;
 
 pub(crate) use super::http_client::call;
 pub use super::http_client::CtlError;
-use super::http_client::{decode, REQUEST_TIMEOUT};
+use super::http_client::{call_until, deadline_in, decode, REQUEST_TIMEOUT};
 #[cfg(test)]
 pub(crate) use super::progress::progress_line;
 use super::progress::ProgressBar;
 pub use super::units::{fmt_bytes, parse_size};
 use super::{MemoryStatus, VmInfo};
 
-/// Length of one long poll while `resize --wait` waits (the progress bar moves between them).
+/// Length of one long poll while `resize --wait` waits (the progress bar moves between them);
+/// also the least time between the starts of two long polls, so that a server answering at
+/// once cannot make the client spin.
 const WAIT_SLICE: Duration = Duration::from_millis(500);
-/// The longest one long poll of `wait ready` (the server's limit).
-const MAX_POLL: Duration = Duration::from_millis(super::server::MAX_WAIT_MS);
+/// How far past its `--timeout` a `resize --wait` may run for a request under way to end
+/// (it ends within the timeout plus a second, whatever the server does).
+const WAIT_GRACE: Duration = Duration::from_millis(750);
 
 /// Arguments of `tide ctl`.
 #[derive(clap::Args, Debug)]
@@ -85,11 +88,11 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
     let sock = args.api_socket.as_path();
     match args.cmd {
         CtlCommand::Status { json } => {
-            println!("{}", status(sock, json)?);
+            print_out(&status(sock, json)?);
             Ok(())
         }
         CtlCommand::Info { json } => {
-            println!("{}", info(sock, json)?);
+            print_out(&info(sock, json)?);
             Ok(())
         }
         CtlCommand::Wait {
@@ -105,36 +108,34 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             timeout,
         } => {
             let wait = wait.then(|| Duration::from_secs(timeout.unwrap_or(60)));
+            // One deadline for the whole command, from now.
+            let end = wait.map(deadline_in);
             // The bar measures from the state before the PATCH: the first long poll may come
             // after the guest already plugged part of the way. A guest that reports its own
-            // view is waited for until it has the memory online.
-            let (before, wait_for) = match wait {
-                Some(_) => {
-                    let body = call(sock, "GET", "/hotplug/memory", None, REQUEST_TIMEOUT)?;
-                    let s = decode::<MemoryStatus>(&body)?;
-                    let wait_for = match s.guest_online_size {
-                        Some(_) => WaitFor::Online,
-                        None => WaitFor::Plugged,
-                    };
-                    (s.plugged_size, wait_for)
+            // view then (`guest_online_size`) is waited for until it has the memory online.
+            let before = match end {
+                Some(end) => {
+                    let by = request_deadline(Some(end), REQUEST_TIMEOUT);
+                    let body = call_until(sock, "GET", "/hotplug/memory", None, by)?;
+                    Some(decode::<MemoryStatus>(&body)?)
                 }
-                None => (0, WaitFor::Plugged),
+                None => None,
             };
-            let mut bar = ProgressBar::new(before);
-            let res = resize_until(sock, size, wait, wait_for, &mut |s| bar.show(s));
+            let mut bar = ProgressBar::new(before.as_ref().map_or(0, |s| s.plugged_size));
+            let res = resize_until(sock, size, wait.zip(end), before, &mut |s| bar.show(s));
             bar.finish();
             res
         }
     }
 }
 
-/// What `resize --wait` waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum WaitFor {
-    /// The device plugged the requested size (`wait_for=plugged_size`).
-    Plugged,
-    /// That, and the guest reports all of it online (`wait_for=online`).
-    Online,
+/// Prints `text` and a newline on stdout. A stdout that is closed or full of errors (`| head`
+/// that has had enough) is not the request's failure: the output is dropped quietly, and the
+/// exit status still says how the request went.
+fn print_out(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
 }
 
 /// A long-poll answer.
@@ -243,56 +244,80 @@ pub(crate) fn resize(
     wait: Option<Duration>,
     progress: &mut dyn FnMut(&MemoryStatus),
 ) -> Result<(), CtlError> {
-    resize_until(sock, size, wait, WaitFor::Plugged, progress)
+    resize_until(
+        sock,
+        size,
+        wait.map(|w| (w, deadline_in(w))),
+        None,
+        progress,
+    )
 }
 
-/// `resize`: requests `size`; with `wait`, long-polls until `wait_for` happened
-/// ([`CtlError::WaitTimedOut`] once `wait` has passed), calling `progress` with every status
-/// seen.
-pub(crate) fn resize_until(
+/// When a request started now must be over: after `timeout`, and, in a wait that ends at
+/// `end`, no later than [`WAIT_GRACE`] after it.
+fn request_deadline(end: Option<Instant>, timeout: Duration) -> Instant {
+    let own = deadline_in(timeout);
+    end.map_or(own, |e| own.min(e + WAIT_GRACE))
+}
+
+/// [`resize`] whose wait (`wait`, if any) ends at `end`; `before` is the status read before,
+/// if any (reported if the wait runs out before a long poll answers; when it shows a guest that
+/// reports its own view, the wait is for `wait_for=online`).
+fn resize_until(
     sock: &Path,
     size: u64,
-    wait: Option<Duration>,
-    wait_for: WaitFor,
+    wait: Option<(Duration, Instant)>,
+    before: Option<MemoryStatus>,
     progress: &mut dyn FnMut(&MemoryStatus),
 ) -> Result<(), CtlError> {
+    let end = wait.map(|(_, end)| end);
+    let wait_for = match &before {
+        Some(s) if s.guest_online_size.is_some() => "online",
+        _ => "plugged_size",
+    };
+    let mut last = before;
+    // A request that gets no answer by the end of the wait is the wait running out.
+    let timed_out = |e: CtlError, last: &Option<MemoryStatus>| match (e, wait, last) {
+        (CtlError::NoAnswer { .. }, Some((after, end)), Some(last)) if Instant::now() >= end => {
+            CtlError::WaitTimedOut {
+                after,
+                last: Box::new(last.clone()),
+            }
+        }
+        (e, ..) => e,
+    };
     let body = format!("{{\"requested_size\":{size}}}");
-    call(
-        sock,
-        "PATCH",
-        "/hotplug/memory",
-        Some(&body),
-        REQUEST_TIMEOUT,
-    )?;
-    let Some(wait) = wait else {
+    let by = request_deadline(end, REQUEST_TIMEOUT);
+    call_until(sock, "PATCH", "/hotplug/memory", Some(&body), by)
+        .map_err(|e| timed_out(e, &last))?;
+    let Some((after, end)) = wait else {
         return Ok(());
     };
-    let wait_for = match wait_for {
-        WaitFor::Plugged => "plugged_size",
-        WaitFor::Online => "online",
-    };
-    // A wait too long for the clock is a wait without end.
-    let deadline = Instant::now().checked_add(wait);
     loop {
-        let left = deadline
-            .map_or(WAIT_SLICE, |d| d.saturating_duration_since(Instant::now()))
-            .min(WAIT_SLICE);
+        let started = Instant::now();
+        let left = end.saturating_duration_since(started).min(WAIT_SLICE);
         let path = format!(
             "/hotplug/memory?wait_for={wait_for}&timeout_ms={}",
             left.as_millis()
         );
-        let answer = call(sock, "GET", &path, None, left + REQUEST_TIMEOUT)?;
+        let by = request_deadline(Some(end), left + REQUEST_TIMEOUT);
+        let answer = call_until(sock, "GET", &path, None, by).map_err(|e| timed_out(e, &last))?;
         let poll: LongPoll = decode(&answer)?;
         progress(&poll.status);
         if poll.settled {
             return Ok(());
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        if Instant::now() >= end {
             return Err(CtlError::WaitTimedOut {
-                after: wait,
+                after,
                 last: Box::new(poll.status),
             });
         }
+        last = Some(poll.status);
+        // An answer before the slice was over (a server that does not wait): pause for the
+        // rest of it rather than asking again at once.
+        let next = (started + WAIT_SLICE).min(end);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
 }
 
@@ -305,19 +330,26 @@ struct ReadyPoll {
 /// `wait ready`: long-polls until the guest's user space said it is ready
 /// ([`CtlError::ReadyTimedOut`] after `wait`).
 pub(crate) fn wait_ready(sock: &Path, wait: Duration) -> Result<(), CtlError> {
-    let deadline = Instant::now().checked_add(wait);
+    let end = deadline_in(wait);
     loop {
-        // One long poll at most as long as the server allows; the client's deadline decides.
-        let left = deadline
-            .map_or(MAX_POLL, |d| d.saturating_duration_since(Instant::now()))
-            .min(MAX_POLL);
+        let started = Instant::now();
+        let left = end.saturating_duration_since(started).min(WAIT_SLICE);
         let path = format!("/vm?wait_for=guest_ready&timeout_ms={}", left.as_millis());
-        let answer = call(sock, "GET", &path, None, left + REQUEST_TIMEOUT)?;
+        let by = request_deadline(Some(end), left + REQUEST_TIMEOUT);
+        let answer = match call_until(sock, "GET", &path, None, by) {
+            Err(CtlError::NoAnswer { .. }) if Instant::now() >= end => {
+                return Err(CtlError::ReadyTimedOut(wait))
+            }
+            other => other?,
+        };
         if decode::<ReadyPoll>(&answer)?.settled {
             return Ok(());
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        if Instant::now() >= end {
             return Err(CtlError::ReadyTimedOut(wait));
         }
+        // A server that answers at once cannot make the client spin.
+        let next = (started + WAIT_SLICE).min(end);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
 }

@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
-use log::{debug, error, warn};
+use log::{debug, Level};
+
+use crate::guest_log;
 use vm_memory::GuestAddress;
 
 use super::health::RequestRecord;
@@ -53,13 +55,21 @@ impl<R: HotplugMemory> Core<R> {
                 ACK
             }
             Err(e) => {
-                warn!("virtio-mem: cannot back {len:#x} at {addr:#x}, answering BUSY: {e}");
+                guest_log!(
+                    Level::Warn,
+                    "virtio-mem plug BUSY",
+                    "virtio-mem: cannot back {len:#x} at {addr:#x}, answering BUSY: {e}"
+                );
                 // Leave nothing of the failed plug behind (the region should have rolled back).
                 if !matches!(self.region.state(gaddr, len), Ok(RangeState::Unplugged)) {
                     // The roll-back's time counts as bookkeeping, not as a phase.
                     let untimed = &mut memory::OpTimes::default();
                     if let Err(e) = self.region.discard_timed(gaddr, len, untimed) {
-                        error!("virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}");
+                        guest_log!(
+                            Level::Error,
+                            "virtio-mem discard failed",
+                            "virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}"
+                        );
                     }
                 }
                 self.publish(false);
@@ -79,7 +89,11 @@ impl<R: HotplugMemory> Core<R> {
         match result {
             Ok(()) => ACK,
             Err(e) => {
-                error!("virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}");
+                guest_log!(
+                    Level::Error,
+                    "virtio-mem discard failed",
+                    "virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}"
+                );
                 self.busy()
             }
         }
@@ -93,7 +107,11 @@ impl<R: HotplugMemory> Core<R> {
         match result {
             Ok(()) => ACK,
             Err(e) => {
-                error!("virtio-mem: cannot unplug all: {e}");
+                guest_log!(
+                    Level::Error,
+                    "virtio-mem discard failed",
+                    "virtio-mem: cannot unplug all: {e}"
+                );
                 self.busy()
             }
         }
@@ -102,6 +120,11 @@ impl<R: HotplugMemory> Core<R> {
     pub(super) fn state(&self, addr: u64, nb_blocks: u16) -> Response {
         let Some(len) = self.check_range(addr, nb_blocks) else {
             let why = self.range_problem(addr, nb_blocks);
+            guest_log!(
+                Level::Warn,
+                "virtio-mem invalid range",
+                "virtio-mem: STATE of {nb_blocks} blocks at {addr:#x}: {why}"
+            );
             let req = record(RequestKind::State, addr, nb_blocks);
             return self.refuse(
                 Some(req),
@@ -111,7 +134,11 @@ impl<R: HotplugMemory> Core<R> {
         match self.region.state(GuestAddress(addr), len) {
             Ok(state) => Response::state(state),
             Err(e) => {
-                error!("virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}");
+                guest_log!(
+                    Level::Error,
+                    "virtio-mem state unreadable",
+                    "virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}"
+                );
                 self.busy()
             }
         }
@@ -134,6 +161,11 @@ impl<R: HotplugMemory> Core<R> {
         let req = Some(record(kind, addr, nb_blocks));
         let Some(len) = self.check_range(addr, nb_blocks) else {
             let why = self.range_problem(addr, nb_blocks);
+            guest_log!(
+                Level::Warn,
+                "virtio-mem invalid range",
+                "virtio-mem: {op} of {nb_blocks} blocks at {addr:#x}: {why}"
+            );
             return Err(self.refuse(
                 req,
                 format!("{op} of {nb_blocks} blocks at {addr:#x}: {why}"),
@@ -142,13 +174,22 @@ impl<R: HotplugMemory> Core<R> {
         match self.region.state(GuestAddress(addr), len) {
             Ok(state) if state == want => {}
             Ok(state) => {
+                guest_log!(
+                    Level::Warn,
+                    "virtio-mem range in the wrong state",
+                    "virtio-mem: {op} of {len:#x} at {addr:#x}: range is {state:?}"
+                );
                 let why = format!(
                     "{op} of {len:#x} at {addr:#x}: the range is {state:?}, it must be all {want:?}"
                 );
                 return Err(self.refuse(req, why));
             }
             Err(e) => {
-                error!("virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}");
+                guest_log!(
+                    Level::Error,
+                    "virtio-mem state unreadable",
+                    "virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}"
+                );
                 return Err(self.busy());
             }
         }
@@ -188,10 +229,9 @@ impl<R: HotplugMemory> Core<R> {
     }
 
     /// Answers ERROR to `request` (`None`: a chain too malformed to read one), which Linux's
-    /// driver takes as a broken device for good: logged, and kept in the driver's health with
-    /// `reason`.
+    /// driver takes as a broken device for good: kept in the driver's health with `reason` (the
+    /// caller logs it, rate-limited).
     pub(super) fn refuse(&self, request: Option<RequestRecord>, reason: String) -> Response {
-        warn!("virtio-mem: answering ERROR: {reason}");
         self.shared.health().error(request, reason);
         ERROR
     }

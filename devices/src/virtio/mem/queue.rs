@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use log::warn;
+use log::Level;
+
+use crate::guest_log;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -199,6 +201,11 @@ impl<R: HotplugMemory> Core<R> {
                     self.execute(req, &mut timing)
                 }
                 Err(other) => {
+                    guest_log!(
+                        Level::Warn,
+                        "virtio-mem unknown request type",
+                        "virtio-mem: unknown request type {other}"
+                    );
                     let req = RequestRecord {
                         kind: other,
                         addr: wire.addr.to_native(),
@@ -207,12 +214,19 @@ impl<R: HotplugMemory> Core<R> {
                     self.refuse(Some(req), format!("unknown request type {other}"))
                 }
             },
-            None => self.refuse(
-                None,
-                "malformed request chain (a readable request of 24 bytes then a writable \
-                 response of 10, outside unplugged memory)"
-                    .into(),
-            ),
+            None => {
+                guest_log!(
+                    Level::Warn,
+                    "virtio-mem malformed chain",
+                    "virtio-mem: malformed request chain"
+                );
+                self.refuse(
+                    None,
+                    "malformed request chain (a readable request of 24 bytes then a writable \
+                     response of 10, outside unplugged memory)"
+                        .into(),
+                )
+            }
         };
         timing.validated();
         let out = descs
@@ -250,13 +264,21 @@ impl<R: HotplugMemory> Core<R> {
             return 0;
         };
         if !self.buffer_ok(addr, len as u64) {
-            warn!("virtio-mem: response buffer in unplugged hotplug memory");
+            guest_log!(
+                Level::Warn,
+                "virtio-mem response in unplugged memory",
+                "virtio-mem: response buffer in unplugged hotplug memory"
+            );
             return 0;
         }
         match mem.write_slice(&reply.response.to_wire().as_slice()[..len], addr) {
             Ok(()) => len as u32,
             Err(e) => {
-                warn!("virtio-mem: cannot write the response: {e}");
+                guest_log!(
+                    Level::Warn,
+                    "virtio-mem response unwritable",
+                    "virtio-mem: cannot write the response: {e}"
+                );
                 0
             }
         }

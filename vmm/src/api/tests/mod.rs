@@ -45,6 +45,7 @@ impl Mock {
                 usable_region_size: 0,
                 backend: "anonymous".into(),
                 resident_bytes: 3 * MIB / 2,
+                resident_age_ms: Some(0),
                 ahead_bytes: 0,
                 guest_online_size: None,
                 driver: None,
