@@ -124,8 +124,10 @@ fn driver_health_from_no_driver_to_failed() {
     assert_eq!(d["status"].as_u64().unwrap_or(0) & 128, 128, "{d}");
     assert!(!d["last_error"].is_null(), "the ERROR stays on record: {d}");
 
+    // The exit status says the same (docs/ci.md: 252, the driver failed the device).
     tide.send("4");
-    tide.wait_exit(T);
+    let st = tide.wait_exit(T);
+    assert_eq!(st.code(), Some(252), "{st:?}\n{}", tide.stderr());
 }
 
 fn guest_or_skip(test: &str) -> Option<PathBuf> {
