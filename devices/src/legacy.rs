@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::bus::BusDevice;
 
 mod i8042;
+pub mod persist;
 pub use i8042::{I8042, KBD_IRQ};
 
 /// Base port of COM1.

@@ -8,9 +8,11 @@ pub mod config;
 pub mod console;
 pub mod event_loop;
 pub mod guest_report;
+pub mod pause;
 pub mod resident;
 pub mod runner;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio_mem_wiring;
 

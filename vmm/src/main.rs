@@ -21,6 +21,56 @@ enum Command {
     Run(RunArgs),
     /// Talk to a running tide over its API socket.
     Ctl(vmm::api::client::CtlArgs),
+    /// Start a VM from a snapshot (`PUT /snapshot/create`) in this new process.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    /// The state file.
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// The memory file.
+    #[arg(long)]
+    mem_file: PathBuf,
+    /// Serve the HTTP API on this UNIX socket.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Start with the vCPUs paused (PATCH /vm {"state": "Resumed"} runs them).
+    #[arg(long)]
+    paused: bool,
+    /// Host backend of the hotplug region on this host: anon (default), memfd, hugetlb or file:PATH.
+    #[arg(long)]
+    backend: Option<memory::Backend>,
+    /// Do not ask for transparent huge pages on the anon backend.
+    #[arg(long)]
+    no_thp: bool,
+    /// Do not populate ahead the blocks the guest will plug.
+    #[arg(long)]
+    no_populate_ahead: bool,
+    /// Log level: error, warn, info, debug.
+    #[arg(long, default_value = "warn", value_parser = level)]
+    log_level: log::LevelFilter,
+}
+
+/// Prints why the VM stopped and turns it into the exit status.
+fn finish(result: vmm::Result<vmm::vcpu::VmExit>) -> ExitCode {
+    match result {
+        Ok(exit) => {
+            log::info!("{}", exit.reason);
+            if exit.code != 0 {
+                eprintln!("tide: {}", exit.reason);
+            }
+            if let Some(report) = &exit.report {
+                eprintln!("{report}");
+            }
+            ExitCode::from(exit.code.clamp(0, 255) as u8)
+        }
+        Err(e) => {
+            eprintln!("tide: error: {}", vmm::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The one size parser of `tide run` and `tide ctl`.
@@ -166,6 +216,30 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("tide: error: {}", vmm::error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Restore(a) => {
+            let _ = log::set_logger(&StderrLogger);
+            log::set_max_level(a.log_level);
+            if let Err(e) = vmm::signals::install() {
+                eprintln!("tide: error: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+            let config = vmm::snapshot::RestoreConfig {
+                snapshot: a.snapshot,
+                mem_file: a.mem_file,
+                api_socket: a.api_socket,
+                paused: a.paused,
+                backend: a.backend.unwrap_or(memory::Backend::Anon),
+                thp: !a.no_thp,
+                populate_ahead: !a.no_populate_ahead,
+            };
+            match vmm::snapshot::restore::restore(&config) {
+                Ok(vm) => finish(vm.run()),
+                Err(e) => {
+                    eprintln!("tide: error: cannot restore: {}", vmm::error_chain(&e));
                     ExitCode::FAILURE
                 }
             }

@@ -31,6 +31,8 @@ struct Control {
     sampler: Option<ResidentSampler>,
     vcpus: u8,
     boot_memory: u64,
+    /// What a snapshot reads.
+    snapshot: crate::snapshot::create::Sources,
 }
 
 impl Control {
@@ -84,10 +86,55 @@ impl ApiBackend for Control {
         }
     }
 
+    fn pause(&self) -> std::result::Result<(), crate::api::BackendError> {
+        if self.state.stopping() {
+            return Err("the VM is stopping".into());
+        }
+        let state = &self.state;
+        Ok(state.pause.pause(&|| state.stopping())?)
+    }
+
+    fn resume(&self) -> std::result::Result<(), crate::api::BackendError> {
+        if self.state.stopping() {
+            return Err("the VM is stopping".into());
+        }
+        self.state.pause.resume();
+        Ok(())
+    }
+
+    fn snapshot(
+        &self,
+        snapshot_path: &std::path::Path,
+        mem_path: &std::path::Path,
+    ) -> std::result::Result<serde_json::Value, (u16, String)> {
+        use crate::snapshot::SnapshotError as E;
+        match crate::snapshot::create::create(&self.snapshot, snapshot_path, mem_path) {
+            Ok(info) => {
+                log::info!("snapshot {} written: {info:?}", snapshot_path.display());
+                serde_json::to_value(info).map_err(|e| (500, e.to_string()))
+            }
+            Err(e) => {
+                let code = match &e {
+                    E::NotPaused | E::Device(_) => 409,
+                    E::Exists(_) => 400,
+                    _ => 500,
+                };
+                Err((code, crate::error_chain(&e)))
+            }
+        }
+    }
+
     fn vm_info(&self) -> VmInfo {
         let exit = self.state.exit();
+        let state = if exit.is_some() {
+            "stopped"
+        } else if self.state.pause.is_paused() {
+            "paused"
+        } else {
+            "running"
+        };
         VmInfo {
-            state: if exit.is_some() { "stopped" } else { "running" }.into(),
+            state: state.into(),
             exit_code: exit.as_ref().map(|e| e.code),
             exit_reason: exit.map(|e| e.reason),
             vcpus: self.vcpus,
@@ -154,6 +201,23 @@ impl Vmm {
             sampler,
             vcpus: self.config.machine.cpus,
             boot_memory: self.config.machine.memory,
+            snapshot: crate::snapshot::create::Sources {
+                vm: self.vm.clone(),
+                state: self.state.clone(),
+                serial: self.serial.clone(),
+                i8042: self.i8042.clone(),
+                mem: self
+                    .mem_device
+                    .as_ref()
+                    .map(|d| (d.transport.clone(), d.region().clone())),
+                boot_mem: self.boot_mem.clone(),
+                machine: crate::snapshot::format::MachineState {
+                    cpus: self.config.machine.cpus,
+                    boot_memory: self.config.machine.memory,
+                    hotplug_size: self.config.hotplug.size,
+                    block_size: self.config.hotplug.block_size,
+                },
+            },
         });
         let mut api_stop = None;
         if let Some(path) = &self.config.api_socket {
@@ -173,6 +237,11 @@ impl Vmm {
             dev.start()?;
         }
 
+        let msr_index = kvm_ioctls::Kvm::new().map_err(Error::Kvm).and_then(|kvm| {
+            crate::snapshot::vcpu_state::msr_index_list(&kvm)
+                .map_err(|e| Error::GuestFault(crate::error_chain(&e)))
+        })?;
+        self.state.pause.init(self.vcpus.len(), msr_index);
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for v in std::mem::take(&mut self.vcpus) {
             match v.start() {
@@ -181,6 +250,15 @@ impl Vmm {
                     self.state.request_exit(1, format!("{e}"));
                     break;
                 }
+            }
+        }
+        self.state.pause.set_threads(handles);
+        if self.state.pause.requested() {
+            // Started paused (a restore with --paused): the API answers its first request
+            // only once every vCPU has parked, so it never says "running" for a paused VM.
+            let state = self.state.clone();
+            if let Err(e) = state.pause.pause(&|| state.stopping()) {
+                state.request_exit(1, format!("cannot start paused: {e}"));
             }
         }
         while !self.state.stopping() {
@@ -201,7 +279,7 @@ impl Vmm {
                 }
             }
         }
-        vcpu::stop_vcpus(handles);
+        vcpu::stop_vcpus(self.state.pause.take_threads());
         if let Some(dev) = self.mem_device.as_mut() {
             dev.stop();
         }

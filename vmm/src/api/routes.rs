@@ -17,7 +17,8 @@ pub const MAX_WAIT_MS: u64 = 600_000;
 /// 405 answers and the OpenAPI document's test (`openapi.yaml`) read.
 pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("/hotplug/memory", "GET, PATCH"),
-    ("/vm", "GET"),
+    ("/vm", "GET, PATCH"),
+    ("/snapshot/create", "PUT"),
     ("/vm/shutdown", "PUT"),
     ("/metrics", "GET"),
     ("/version", "GET"),
@@ -70,9 +71,28 @@ pub(crate) fn no_hotplug() -> Response {
     Response::error(404, "this VM has no hotplug memory region")
 }
 
-pub(crate) fn long_poll_answer(s: &MemoryStatus, is_settled: bool) -> Response {
+/// The memory status as JSON: Tide's byte fields, and beside them the MiB fields Firecracker's
+/// clients read (`total_size_mib`, `block_size_mib`, `plugged_size_mib`, `requested_size_mib`).
+pub(crate) fn memory_json(s: &MemoryStatus) -> Option<serde_json::Map<String, serde_json::Value>> {
     match serde_json::to_value(s) {
         Ok(serde_json::Value::Object(mut map)) => {
+            for (k, v) in [
+                ("total_size_mib", s.region_size),
+                ("block_size_mib", s.block_size),
+                ("plugged_size_mib", s.plugged_size),
+                ("requested_size_mib", s.requested_size),
+            ] {
+                map.insert(k.into(), (v >> 20).into());
+            }
+            Some(map)
+        }
+        _ => None,
+    }
+}
+
+pub(crate) fn long_poll_answer(s: &MemoryStatus, is_settled: bool) -> Response {
+    match memory_json(s) {
+        Some(mut map) => {
             map.insert("settled".into(), serde_json::Value::Bool(is_settled));
             Response::json(200, &map)
         }
@@ -93,7 +113,9 @@ pub(crate) fn handle(backend: &dyn ApiBackend, req: &Request) -> Outcome {
     match (path, m) {
         ("/hotplug/memory", "GET") => get_memory(backend, req.query.as_deref()),
         ("/hotplug/memory", _) => Outcome::Answer(patch_memory(backend, &req.body)),
-        ("/vm", _) => Outcome::Answer(Response::json(200, &backend.vm_info())),
+        ("/vm", "GET") => Outcome::Answer(Response::json(200, &backend.vm_info())),
+        ("/vm", _) => Outcome::Answer(patch_vm(backend, &req.body)),
+        ("/snapshot/create", _) => Outcome::Answer(put_snapshot(backend, &req.body)),
         ("/vm/shutdown", _) => Outcome::AnswerThenShutdown(Response::no_content()),
         ("/metrics", _) => Outcome::Answer(get_metrics(backend)),
         _ => Outcome::Answer(get_version()),
@@ -128,12 +150,84 @@ fn get_memory(backend: &dyn ApiBackend, query: Option<&str>) -> Outcome {
         return Outcome::Answer(no_hotplug());
     };
     if !wait {
-        return Outcome::Answer(Response::json(200, &status));
+        return Outcome::Answer(match memory_json(&status) {
+            Some(map) => Response::json(200, &map),
+            None => Response::error(500, "cannot serialize the memory status"),
+        });
     }
     if (settled(&status) && backend.resident_current()) || timeout_ms == 0 {
         return Outcome::Answer(long_poll_answer(&status, settled(&status)));
     }
     Outcome::Wait(Instant::now() + Duration::from_millis(timeout_ms))
+}
+
+/// Body of `PATCH /vm`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmStateRequest {
+    state: String,
+}
+
+const VM_STATE_BODY: &str =
+    "invalid body: expected {\"state\": \"Paused\"} or {\"state\": \"Resumed\"}";
+
+/// Parses a JSON object body into `T`, or the 400 answer.
+fn object_body<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, Response> {
+    if body.is_empty() {
+        return Err(Response::error(
+            400,
+            &expected.replace("invalid body", "missing body"),
+        ));
+    }
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v @ serde_json::Value::Object(_)) => serde_json::from_value::<T>(v)
+            .map_err(|e| Response::error(400, &format!("{expected}: {e}"))),
+        Ok(_) => Err(Response::error(400, expected)),
+        Err(e) => Err(Response::error(400, &format!("invalid body: {e}"))),
+    }
+}
+
+/// `PATCH /vm {"state": "Paused" | "Resumed"}`.
+fn patch_vm(backend: &dyn ApiBackend, body: &[u8]) -> Response {
+    let req: VmStateRequest = match object_body(body, VM_STATE_BODY) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let result = match req.state.as_str() {
+        "Paused" => backend.pause(),
+        "Resumed" => backend.resume(),
+        _ => return Response::error(400, VM_STATE_BODY),
+    };
+    match result {
+        Ok(()) => Response::no_content(),
+        Err(e) => Response::error(400, &crate::error_chain(&*e)),
+    }
+}
+
+/// Body of `PUT /snapshot/create`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotRequest {
+    snapshot_path: std::path::PathBuf,
+    mem_file_path: std::path::PathBuf,
+}
+
+const SNAPSHOT_BODY: &str =
+    "invalid body: expected {\"snapshot_path\": PATH, \"mem_file_path\": PATH}";
+
+/// `PUT /snapshot/create`.
+fn put_snapshot(backend: &dyn ApiBackend, body: &[u8]) -> Response {
+    let req: SnapshotRequest = match object_body(body, SNAPSHOT_BODY) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    if req.snapshot_path.as_os_str().is_empty() || req.mem_file_path.as_os_str().is_empty() {
+        return Response::error(400, "snapshot_path and mem_file_path must not be empty");
+    }
+    match backend.snapshot(&req.snapshot_path, &req.mem_file_path) {
+        Ok(info) => Response::json(200, &info),
+        Err((code, msg)) => Response::error(code, &msg),
+    }
 }
 
 /// `GET /version`: Tide's version, named as Firecracker names its own.

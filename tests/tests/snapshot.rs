@@ -1,0 +1,223 @@
+//! Tier 2: pause, snapshot and restore of the test guest with plugged memory. The guest writes
+//! its pattern into what it plugs; the snapshot's memory file holds boot RAM and only the
+//! plugged blocks; a new `tide restore` runs the guest on, which plugs more and unplugs all,
+//! checking the pattern of every block before it unplugs it. Each bad input is refused with
+//! one line before any guest code runs.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tests::{field, http, patch, require_kvm, wait_for_path, wait_settled, TempDir, Tide};
+
+const T: Duration = Duration::from_secs(120);
+const MIB: u64 = 1 << 20;
+/// Boot RAM of the guests here.
+const BOOT: u64 = 128 * MIB;
+
+fn pause(sock: &Path) {
+    let (code, body) = http(sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(code, 204, "{body}");
+}
+
+fn vm_state(sock: &Path) -> String {
+    let (code, body) = http(sock, "GET", "/vm", None);
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["state"].as_str().unwrap().to_string()
+}
+
+fn snapshot(sock: &Path, snap: &Path, mem: &Path) -> (u16, String) {
+    let body = serde_json::json!({ "snapshot_path": snap, "mem_file_path": mem }).to_string();
+    http(sock, "PUT", "/snapshot/create", Some(&body))
+}
+
+fn shutdown(tide: &mut Tide, sock: &Path) {
+    let (code, body) = http(sock, "PUT", "/vm/shutdown", None);
+    assert_eq!(code, 204, "{body}");
+    assert!(tide.wait_exit(T).success(), "{}", tide.stderr());
+}
+
+/// Runs the test guest with 256 MiB plugged (pattern written), pauses it and snapshots it into
+/// `dir`; returns the state and memory files. The first tide has exited when this returns.
+fn snapshot_of_a_plugged_guest(dir: &Path) -> (PathBuf, PathBuf) {
+    let sock = dir.join("first.sock");
+    let mut tide = Tide::run_guest(
+        "console=ttyS0 tide.test=mem-follow",
+        &[
+            "--memory",
+            "128M",
+            "--hotplug-size",
+            "64G",
+            "--requested",
+            "256M",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+    );
+    wait_for_path(&sock, T);
+    tide.wait_for("tide-guest: plugged 268435456 requested 268435456", T);
+    assert_eq!(vm_state(&sock), "running");
+    let snap = dir.join("vm.snap");
+    let mem = dir.join("vm.mem");
+    // Not paused: refused, nothing created.
+    let (code, body) = snapshot(&sock, &snap, &mem);
+    assert_eq!(code, 409, "{body}");
+    assert!(!snap.exists() && !mem.exists());
+    pause(&sock);
+    assert_eq!(vm_state(&sock), "paused");
+    let (code, body) = snapshot(&sock, &snap, &mem);
+    assert_eq!(code, 200, "{body}");
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(field(&info, "plugged_bytes"), 256 * MIB, "{info}");
+    // An existing file is never overwritten.
+    let before = std::fs::read(&snap).unwrap();
+    let (code, body) = snapshot(&sock, &snap, &dir.join("other.mem"));
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("exists already"), "{body}");
+    assert_eq!(std::fs::read(&snap).unwrap(), before);
+    assert!(
+        !dir.join("other.mem").exists(),
+        "a half snapshot was left behind"
+    );
+    shutdown(&mut tide, &sock);
+    (snap, mem)
+}
+
+#[test]
+fn snapshot_and_restore_the_test_guest_with_plugged_memory() {
+    if !require_kvm("snapshot_and_restore_the_test_guest_with_plugged_memory") {
+        return;
+    }
+    let tmp = TempDir::new("snapshot");
+    let (snap, mem) = snapshot_of_a_plugged_guest(&tmp.0);
+    for f in [&snap, &mem] {
+        let m = std::fs::metadata(f).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o600, "{}", f.display());
+    }
+    let m = std::fs::metadata(&mem).unwrap();
+    assert_eq!(
+        m.len(),
+        BOOT + (64 << 30),
+        "the memory file spans boot RAM and the region"
+    );
+    let allocated = m.blocks() * 512;
+    let want = BOOT + 256 * MIB;
+    assert!(
+        allocated.abs_diff(want) <= MIB,
+        "memory file allocates {allocated} bytes, boot RAM + plugged is {want}"
+    );
+
+    let sock = tmp.0.join("restored.sock");
+    let mut tide = Tide::spawn([
+        "restore",
+        "--snapshot",
+        snap.to_str().unwrap(),
+        "--mem-file",
+        mem.to_str().unwrap(),
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "--paused",
+    ]);
+    wait_for_path(&sock, T);
+    assert_eq!(vm_state(&sock), "paused");
+    // The long poll answers once resident_bytes is current.
+    let s = wait_settled(&sock, T);
+    assert_eq!(field(&s, "plugged_size"), 256 * MIB, "{s}");
+    assert_eq!(field(&s, "requested_size"), 256 * MIB, "{s}");
+    assert_eq!(field(&s, "plugged_size_mib"), 256, "{s}");
+    assert_eq!(field(&s, "total_size_mib"), 64 << 10, "{s}");
+    let resident = field(&s, "resident_bytes");
+    assert!((256 * MIB..=260 * MIB).contains(&resident), "{s}");
+    let (code, body) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(code, 204, "{body}");
+    assert_eq!(vm_state(&sock), "running");
+
+    // The guest runs on: it plugs more, then unplugs all, checking its pattern in every
+    // block (those restored from the file included) before unplugging it.
+    patch(&sock, 512 * MIB);
+    tide.wait_for("tide-guest: plugged 536870912 requested 536870912", T);
+    let s = wait_settled(&sock, T);
+    let resident = field(&s, "resident_bytes");
+    assert!((512 * MIB..=516 * MIB).contains(&resident), "{s}");
+    patch(&sock, 0);
+    tide.wait_for("tide-guest: plugged 0 requested 0", T);
+    let s = wait_settled(&sock, T);
+    assert!(field(&s, "resident_bytes") <= MIB, "{s}");
+    let out = tide.stdout();
+    assert!(!out.contains("FAIL"), "{out}");
+    assert!(out.contains("tide-guest: unplug"), "{out}");
+    shutdown(&mut tide, &sock);
+}
+
+/// Runs `tide restore` on `snap` and `mem`; returns its stderr, asserting it failed at once
+/// with one line.
+fn refused(snap: &Path, mem: &Path) -> String {
+    let mut tide = Tide::spawn([
+        "restore",
+        "--snapshot",
+        snap.to_str().unwrap(),
+        "--mem-file",
+        mem.to_str().unwrap(),
+    ]);
+    let st = tide.wait_exit(T);
+    assert!(!st.success());
+    let err = tide.stderr();
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!tide.stdout().contains("tide-guest"), "guest code ran");
+    err
+}
+
+#[test]
+fn bad_snapshots_and_memory_files_are_refused_before_the_guest_runs() {
+    if !require_kvm("bad_snapshots_and_memory_files_are_refused_before_the_guest_runs") {
+        return;
+    }
+    let tmp = TempDir::new("snapshot-bad");
+    let (snap, mem) = snapshot_of_a_plugged_guest(&tmp.0);
+    let good = std::fs::read(&snap).unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = tmp.0.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+
+    let err = refused(&tmp.0.join("missing.snap"), &mem);
+    assert!(err.contains("does not exist"), "{err}");
+    let err = refused(&write("truncated.snap", &good[..good.len() / 2]), &mem);
+    assert!(err.contains("truncated"), "{err}");
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x55;
+    let err = refused(&write("corrupted.snap", &bad), &mem);
+    assert!(err.contains("checksum"), "{err}");
+    let err = refused(
+        &write("foreign.snap", b"\x7fELF this is no snapshot at all"),
+        &mem,
+    );
+    assert!(err.contains("not a Tide snapshot"), "{err}");
+    let mut other = good.clone();
+    other[8] = other[8].wrapping_add(1);
+    let err = refused(&write("version.snap", &other), &mem);
+    assert!(err.contains("format version"), "{err}");
+
+    // A memory file of another length, and one of the right length with other content.
+    let short = tmp.0.join("short.mem");
+    std::fs::File::create(&short)
+        .unwrap()
+        .set_len(BOOT)
+        .unwrap();
+    let err = refused(&snap, &short);
+    assert!(err.contains("does not match"), "{err}");
+    let len = std::fs::metadata(&mem).unwrap().len();
+    let other_mem = tmp.0.join("other.mem");
+    std::fs::File::create(&other_mem)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    let err = refused(&snap, &other_mem);
+    assert!(
+        err.contains("does not match") && err.contains("checksum"),
+        "{err}"
+    );
+}
