@@ -221,3 +221,75 @@ fn bad_snapshots_and_memory_files_are_refused_before_the_guest_runs() {
         "{err}"
     );
 }
+
+/// A snapshot whose write fails (here the file size limit, as a full disk would) removes both
+/// files it created, answers 500 with the cause, and leaves the VM paused: it resumes and runs
+/// on.
+#[test]
+fn a_failed_snapshot_write_leaves_no_file_and_the_vm_paused() {
+    if !require_kvm("a_failed_snapshot_write_leaves_no_file_and_the_vm_paused") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let tmp = TempDir::new("snapshot-full");
+    let sock = tmp.0.join("api.sock");
+    let mut cmd = std::process::Command::new(tests::tide_bin());
+    cmd.args([
+        "run",
+        "--kernel",
+        tests::test_guest().to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 tide.test=mem-follow",
+        "--memory",
+        "128M",
+        "--hotplug-size",
+        "1G",
+        "--requested",
+        "64M",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    // SAFETY: between fork and exec only async-signal-safe calls: setrlimit and signal. Files
+    // over 64 MiB fail to grow with EFBIG (SIGXFSZ ignored) like a full disk fails a write.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 64 << 20,
+                rlim_max: 64 << 20,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        })
+    };
+    let mut child = cmd.spawn().expect("spawn tide");
+    wait_for_path(&sock, T);
+    let s = wait_settled(&sock, T);
+    assert_eq!(field(&s, "plugged_size"), 64 * MIB, "{s}");
+    pause(&sock);
+    let snap = tmp.0.join("vm.snap");
+    let mem = tmp.0.join("vm.mem");
+    let (code, body) = snapshot(&sock, &snap, &mem);
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("vm.mem"), "{body}");
+    assert!(!snap.exists(), "the state file was left behind");
+    assert!(
+        !mem.exists(),
+        "the half-written memory file was left behind"
+    );
+    assert_eq!(vm_state(&sock), "paused");
+    let (code, body) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(code, 204, "{body}");
+    assert_eq!(vm_state(&sock), "running");
+    patch(&sock, 0);
+    let s = wait_settled(&sock, T);
+    assert_eq!(field(&s, "plugged_size"), 0, "{s}");
+    let (code, body) = http(&sock, "PUT", "/vm/shutdown", None);
+    assert_eq!(code, 204, "{body}");
+    assert!(child.wait().expect("wait for tide").success());
+}

@@ -81,3 +81,58 @@ impl SerialDevice {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::BusDevice;
+    use crate::legacy::I8042;
+
+    #[test]
+    fn serial_registers_and_fifo_survive_a_restore() {
+        let mut s =
+            SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(io::sink())).unwrap();
+        s.write(3, &[0x83]); // DLAB on
+        s.write(0, &[0x0c]); // divisor low
+        s.write(3, &[0x03]); // 8N1, DLAB off
+        s.write(1, &[0x01]); // receive interrupt on
+        s.write(7, &[0x5a]); // scratch
+        assert_eq!(s.enqueue_input(b"abc"), 3);
+        let saved = s.save_state();
+        let saved: SerialState =
+            serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+        let mut fresh =
+            SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(io::sink())).unwrap();
+        assert_ne!(fresh.save_state(), saved);
+        fresh.restore_state(&saved, Box::new(io::sink())).unwrap();
+        assert_eq!(fresh.save_state(), saved);
+        let mut b = [0u8; 1];
+        fresh.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+        // A FIFO longer than the UART's is refused.
+        let mut bad = saved.clone();
+        bad.in_buffer = vec![0; 1 << 16];
+        assert!(fresh.restore_state(&bad, Box::new(io::sink())).is_err());
+    }
+
+    #[test]
+    fn i8042_state_survives_a_restore() {
+        let trig = || EventFdTrigger::new().unwrap();
+        let mut k = I8042::new(trig(), trig());
+        k.write(4, &[0x60]); // write the configuration byte next
+        k.write(0, &[0x45]);
+        k.write(4, &[0x20]); // read it back: one byte waits on the data port
+        let saved = k.save_state();
+        assert_eq!(saved.ctr, 0x45);
+        assert_eq!(saved.output, vec![0x45]);
+        let mut fresh = I8042::new(trig(), trig());
+        fresh.restore_state(&saved).unwrap();
+        assert_eq!(fresh.save_state(), saved);
+        let mut b = [0u8; 1];
+        fresh.read(0, &mut b);
+        assert_eq!(b[0], 0x45);
+        let mut bad = saved;
+        bad.output = vec![0; 4096];
+        assert!(fresh.restore_state(&bad).is_err());
+    }
+}

@@ -15,6 +15,9 @@ pub mod restore;
 pub mod vcpu_state;
 pub mod vm_state;
 
+#[cfg(test)]
+mod tests;
+
 use std::path::PathBuf;
 
 pub use format::SnapshotState;

@@ -166,3 +166,7 @@ impl<R: HotplugMemory> VirtioMem<R> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "persist_tests.rs"]
+mod tests;
