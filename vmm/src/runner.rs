@@ -116,6 +116,7 @@ impl ApiBackend for Control {
             Err(e) => {
                 let code = match &e {
                     E::NotPaused | E::Device(_) => 409,
+                    E::Cancelled => 503,
                     E::Exists(_) => 400,
                     _ => 500,
                 };

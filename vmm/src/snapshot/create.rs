@@ -144,7 +144,8 @@ pub fn create(
     let state_guard = Created::new(snapshot_path, &state_file)?;
     let mem_file = memfile::create_new(mem_path)?;
     let mem_guard = Created::new(mem_path, &mem_file)?;
-    let crc32 = memfile::write(&mem_file, mem_path, &segs, len)?;
+    let cancel = || src.state.stopping() || crate::signals::received().is_some();
+    let crc32 = memfile::write(&mem_file, mem_path, &segs, len, &cancel)?;
     // A request that slipped in while the memory was copied would make the copy a mix.
     if device_state(&src.mem)? != virtio_mem {
         return Err(SnapshotError::Device(

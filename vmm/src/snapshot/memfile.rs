@@ -85,12 +85,15 @@ impl Drop for Created {
 }
 
 /// Writes `segments` into `file` at their offsets and sets its length to `len` (the rest
-/// stays holes). Returns the CRC-32 of the bytes written, in segment order.
+/// stays holes). Returns the CRC-32 of the bytes written, in segment order. Gives up with
+/// [`SnapshotError::Cancelled`] as soon as `cancel()` says so (checked every MiB), so that a
+/// stop never waits for a large copy.
 pub fn write(
     file: &File,
     path: &Path,
     segments: &[Segment],
     len: u64,
+    cancel: &dyn Fn() -> bool,
 ) -> Result<u32, SnapshotError> {
     let err = |e| SnapshotError::File(path.to_path_buf(), e);
     let mut crc = crc32fast::Hasher::new();
@@ -98,6 +101,9 @@ pub fn write(
     for s in segments {
         let mut done = 0u64;
         while done < s.len {
+            if cancel() {
+                return Err(SnapshotError::Cancelled);
+            }
             let n = (s.len - done).min(CHUNK as u64) as usize;
             // SAFETY: `s.host + done .. + n` lies inside a live guest memory mapping that the
             // VM keeps for its whole life (the caller's segments come from the boot memory and
@@ -117,13 +123,22 @@ pub fn write(
 }
 
 /// Reads `segments` from `file` into guest memory; returns the CRC-32 of the bytes read.
-pub fn read(file: &File, path: &Path, segments: &[Segment]) -> Result<u32, SnapshotError> {
+/// Gives up like [`write`] when `cancel()` says so.
+pub fn read(
+    file: &File,
+    path: &Path,
+    segments: &[Segment],
+    cancel: &dyn Fn() -> bool,
+) -> Result<u32, SnapshotError> {
     let err = |e| SnapshotError::File(path.to_path_buf(), e);
     let mut crc = crc32fast::Hasher::new();
     let mut buf = vec![0u8; CHUNK];
     for s in segments {
         let mut done = 0u64;
         while done < s.len {
+            if cancel() {
+                return Err(SnapshotError::Cancelled);
+            }
             let n = (s.len - done).min(CHUNK as u64) as usize;
             file.read_exact_at(&mut buf[..n], s.offset + done)
                 .map_err(err)?;

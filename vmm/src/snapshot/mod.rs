@@ -41,6 +41,9 @@ pub enum SnapshotError {
     /// The saved FPU state has the wrong shape.
     #[error("the saved FPU state is malformed")]
     Fpu,
+    /// A stop (signal or API) came while memory was being copied.
+    #[error("cancelled: the VM is stopping")]
+    Cancelled,
     /// The VM is not paused.
     #[error("the VM is not paused (PATCH /vm {{\"state\": \"Paused\"}} first)")]
     NotPaused,

@@ -138,7 +138,8 @@ pub fn restore(cfg: &RestoreConfig) -> Result<Vmm, SnapshotError> {
         }
     }
     let (segs, _) = segments(&boot_mem, hotplug.as_deref(), &plugged);
-    let crc = memfile::read(&mem_file, &cfg.mem_file, &segs)?;
+    let cancel = || crate::signals::received().is_some();
+    let crc = memfile::read(&mem_file, &cfg.mem_file, &segs, &cancel)?;
     if crc != state.memory.crc32 {
         return Err(SnapshotError::MemoryMismatch {
             path: cfg.mem_file.clone(),

@@ -141,3 +141,93 @@ fn a_state_of_another_geometry_is_refused() {
         Err(PersistError::Geometry { .. })
     ));
 }
+
+/// A region whose populate waits at a gate: a request stays in flight as long as the test
+/// wants.
+struct GatedRegion {
+    inner: Arc<memory::HotplugRegion>,
+    entered: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    gate: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl HotplugMemory for GatedRegion {
+    type Error = memory::Error;
+    fn base(&self) -> GuestAddress {
+        self.inner.base()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn block_size(&self) -> u64 {
+        self.inner.block_size()
+    }
+    fn populate_timed(
+        &self,
+        addr: GuestAddress,
+        len: u64,
+        times: &mut memory::OpTimes,
+    ) -> Result<(), memory::Error> {
+        self.entered.lock().unwrap().send(()).unwrap();
+        self.gate.lock().unwrap().recv().unwrap();
+        self.inner.populate_timed(addr, len, times)
+    }
+    fn discard_timed(
+        &self,
+        addr: GuestAddress,
+        len: u64,
+        times: &mut memory::OpTimes,
+    ) -> Result<(), memory::Error> {
+        self.inner.discard_timed(addr, len, times)
+    }
+    fn discard_all_timed(&self, times: &mut memory::OpTimes) -> Result<(), memory::Error> {
+        self.inner.discard_all_timed(times)
+    }
+    fn state(&self, addr: GuestAddress, len: u64) -> Result<RangeState, memory::Error> {
+        self.inner.state(addr, len)
+    }
+    fn plugged_bytes(&self) -> u64 {
+        self.inner.plugged_bytes()
+    }
+    fn set_unplugged_access(&self, access: UnpluggedAccess) -> Result<(), memory::Error> {
+        self.inner.set_unplugged_access(access)
+    }
+}
+
+#[test]
+fn no_state_is_saved_while_a_plug_is_in_flight() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let q = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (open, gate_rx) = std::sync::mpsc::channel();
+    let r = Arc::new(GatedRegion {
+        inner: region(),
+        entered: std::sync::Mutex::new(entered_tx),
+        gate: std::sync::Mutex::new(gate_rx),
+    });
+    let dev = VirtioMem::new(r.clone(), 8 * MIB).unwrap();
+    let mut t = MmioTransport::new(dev, mem.clone()).unwrap();
+    init(&mut t, &q);
+    let mut req = [0u8; 24];
+    req[8..16].copy_from_slice(&BASE.to_le_bytes());
+    req[16..18].copy_from_slice(&1u16.to_le_bytes());
+    mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+    q.desc_table()
+        .store(0, RawDescriptor::from(SplitDescriptor::new(REQ, 24, 1, 1)))
+        .unwrap();
+    q.desc_table()
+        .store(1, RawDescriptor::from(SplitDescriptor::new(RESP, 10, 2, 0)))
+        .unwrap();
+    q.avail().ring().ref_at(0).unwrap().store(0);
+    q.avail().idx().store(1);
+    let runner = t.device().queue_runner();
+    let worker = std::thread::spawn(move || runner.process().unwrap());
+    entered.recv().unwrap();
+    assert!(matches!(
+        t.device().save_state(),
+        Err(PersistError::RequestInFlight)
+    ));
+    open.send(()).unwrap();
+    worker.join().unwrap();
+    let saved = t.device().save_state().unwrap();
+    assert_eq!(saved.plugged, vec![(BASE, BS)]);
+}
