@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tests::{field, http, patch, require_kvm, wait_for_path, wait_settled, TempDir, Tide};
+use tests::{field, http, patch, require_kvm, temp_dir, wait_for_path, wait_settled, Tide};
 
 const T: Duration = Duration::from_secs(120);
 const MIB: u64 = 1 << 20;
@@ -89,8 +89,8 @@ fn snapshot_and_restore_the_test_guest_with_plugged_memory() {
     if !require_kvm("snapshot_and_restore_the_test_guest_with_plugged_memory") {
         return;
     }
-    let tmp = TempDir::new("snapshot");
-    let (snap, mem) = snapshot_of_a_plugged_guest(&tmp.0);
+    let tmp = temp_dir("snapshot");
+    let (snap, mem) = snapshot_of_a_plugged_guest(tmp.as_path());
     for f in [&snap, &mem] {
         let m = std::fs::metadata(f).unwrap();
         assert_eq!(m.permissions().mode() & 0o777, 0o600, "{}", f.display());
@@ -108,7 +108,7 @@ fn snapshot_and_restore_the_test_guest_with_plugged_memory() {
         "memory file allocates {allocated} bytes, boot RAM + plugged is {want}"
     );
 
-    let sock = tmp.0.join("restored.sock");
+    let sock = tmp.as_path().join("restored.sock");
     let mut tide = Tide::spawn([
         "restore",
         "--snapshot",
@@ -173,16 +173,16 @@ fn bad_snapshots_and_memory_files_are_refused_before_the_guest_runs() {
     if !require_kvm("bad_snapshots_and_memory_files_are_refused_before_the_guest_runs") {
         return;
     }
-    let tmp = TempDir::new("snapshot-bad");
-    let (snap, mem) = snapshot_of_a_plugged_guest(&tmp.0);
+    let tmp = temp_dir("snapshot-bad");
+    let (snap, mem) = snapshot_of_a_plugged_guest(tmp.as_path());
     let good = std::fs::read(&snap).unwrap();
     let write = |name: &str, bytes: &[u8]| {
-        let p = tmp.0.join(name);
+        let p = tmp.as_path().join(name);
         std::fs::write(&p, bytes).unwrap();
         p
     };
 
-    let err = refused(&tmp.0.join("missing.snap"), &mem);
+    let err = refused(&tmp.as_path().join("missing.snap"), &mem);
     assert!(err.contains("does not exist"), "{err}");
     let err = refused(&write("truncated.snap", &good[..good.len() / 2]), &mem);
     assert!(err.contains("truncated"), "{err}");
@@ -202,7 +202,7 @@ fn bad_snapshots_and_memory_files_are_refused_before_the_guest_runs() {
     assert!(err.contains("format version"), "{err}");
 
     // A memory file of another length, and one of the right length with other content.
-    let short = tmp.0.join("short.mem");
+    let short = tmp.as_path().join("short.mem");
     std::fs::File::create(&short)
         .unwrap()
         .set_len(BOOT)
@@ -210,7 +210,7 @@ fn bad_snapshots_and_memory_files_are_refused_before_the_guest_runs() {
     let err = refused(&snap, &short);
     assert!(err.contains("does not match"), "{err}");
     let len = std::fs::metadata(&mem).unwrap().len();
-    let other_mem = tmp.0.join("other.mem");
+    let other_mem = tmp.as_path().join("other.mem");
     std::fs::File::create(&other_mem)
         .unwrap()
         .set_len(len)
@@ -231,8 +231,8 @@ fn a_failed_snapshot_write_leaves_no_file_and_the_vm_paused() {
         return;
     }
     use std::os::unix::process::CommandExt;
-    let tmp = TempDir::new("snapshot-full");
-    let sock = tmp.0.join("api.sock");
+    let tmp = temp_dir("snapshot-full");
+    let sock = tmp.as_path().join("api.sock");
     let mut cmd = std::process::Command::new(tests::tide_bin());
     cmd.args([
         "run",
@@ -272,8 +272,8 @@ fn a_failed_snapshot_write_leaves_no_file_and_the_vm_paused() {
     let s = wait_settled(&sock, T);
     assert_eq!(field(&s, "plugged_size"), 64 * MIB, "{s}");
     pause(&sock);
-    let snap = tmp.0.join("vm.snap");
-    let mem = tmp.0.join("vm.mem");
+    let snap = tmp.as_path().join("vm.snap");
+    let mem = tmp.as_path().join("vm.mem");
     let (code, body) = snapshot(&sock, &snap, &mem);
     assert_eq!(code, 500, "{body}");
     assert!(body.contains("vm.mem"), "{body}");

@@ -31,6 +31,8 @@ pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// A built VM, ready to run.
 pub struct Vmm {
     pub(crate) config: VmmConfig,
+    /// Held open for the VM's life: its memory slots, ioeventfds and irqfds go with it (and
+    /// a snapshot reads the in-kernel devices' state through it).
     pub(crate) vm: Arc<VmFd>,
     pub(crate) boot_mem: GuestMemoryMmap,
     pub(crate) vcpus: Vec<Vcpu>,
@@ -50,11 +52,6 @@ impl Vmm {
     /// The boot memory (for tests and diagnostics).
     pub fn boot_memory(&self) -> &GuestMemoryMmap {
         &self.boot_mem
-    }
-
-    /// The KVM VM (for tests and diagnostics).
-    pub fn vm_fd(&self) -> &VmFd {
-        &self.vm
     }
 }
 

@@ -2,7 +2,6 @@
 //! moving that memory into place when the PLUG comes.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -194,25 +193,17 @@ impl HotplugRegion {
         let staged = match &self.fd {
             None => self.stage_anon(len).map(Some),
             Some(file) => {
-                // SAFETY: plain syscall on our own descriptor: allocates the file's pages of
-                // blocks [s, e) without mapping them.
-                let r = unsafe {
-                    libc::fallocate(
-                        file.as_raw_fd(),
-                        0,
-                        (s as u64 * bs) as libc::off_t,
-                        len as libc::off_t,
-                    )
-                };
-                if r == 0 {
-                    Ok(None)
-                } else {
-                    let err = last_err();
-                    // Give back whatever the failed call left allocated.
-                    if let Err(r) = self.release(s, e) {
-                        warn!("giving back a failed populate ahead failed: {r}");
+                // Allocates the file's pages of blocks [s, e) without mapping them.
+                let flags = rustix::fs::FallocateFlags::empty();
+                match rustix::fs::fallocate(file, flags, s as u64 * bs, len as u64) {
+                    Ok(()) => Ok(None),
+                    Err(errno) => {
+                        // Give back whatever the failed call left allocated.
+                        if let Err(r) = self.release(s, e) {
+                            warn!("giving back a failed populate ahead failed: {r}");
+                        }
+                        Err(io::Error::from(errno))
                     }
-                    Err(err)
                 }
             }
         };

@@ -20,7 +20,7 @@ use crate::virtio::{Error, Result};
 
 /// What is populated ahead at a time, aligned in guest physical memory: Linux's memory block
 /// on x86_64, which its driver plugs in one request.
-pub const AHEAD_CHUNK: u64 = 128 << 20;
+pub const AHEAD_CHUNK: u64 = memory::LINUX_MEMORY_BLOCK;
 /// Memory populated ahead is given back after this long without a plug.
 pub const AHEAD_IDLE: Duration = Duration::from_secs(10);
 

@@ -4,7 +4,12 @@
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 
-use super::{MmioTransport, STATUS_DRIVER_OK, STATUS_FEATURES_OK};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK as STATUS_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK as STATUS_FEATURES_OK,
+};
+
+use super::MmioTransport;
 use crate::virtio::device::VirtioDevice;
 use crate::virtio::{Error, Result};
 
@@ -92,6 +97,12 @@ pub struct MmioTransportState {
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
+    /// The device behind the transport, mutably: to restore its own state before
+    /// [`Self::restore_state`].
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
     /// The transport's state (its device's own state is saved by the device).
     pub fn save_state(&self) -> MmioTransportState {
         MmioTransportState {
