@@ -11,7 +11,8 @@
  *
  * Command line (Linux's boot_params.hdr.cmd_line_ptr):
  *   tide.test=hang | triple | flood | mem-follow | mem-hostile | mem-touch-unplugged | mem-busy
- *             | mem-reset | mem-read-unplugged  (flood: prints lines on the console for ever)
+ *             | mem-reset | mem-read-unplugged | mem-log-flood
+ *             (flood: prints lines on the console for ever)
  *   virtio_mmio.device=<size>@<addr>:<irq>   (Linux syntax; may appear several times)
  *   tide.accept_inaccessible=0               do not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
  *   tide.exit_at_zero=1                      mem-follow: power off once requested and plugged are 0
@@ -1535,11 +1536,38 @@ __attribute__((noreturn)) static void scenario_read_unplugged(void)
     scenario_follow();
 }
 
+/* Makes the device log as fast as it can: an invalid (misaligned) PLUG and an out-of-order
+ * status write per round, for ever.  Every 1024 rounds it prints how many requests were answered,
+ * so a host test sees that the device keeps answering whatever happens to Tide's log. */
+__attribute__((noreturn)) static void scenario_log_flood(void)
+{
+    u64 a = cfg.addr, bs = cfg.block_size;
+    hostile = 1;
+    say_line("log-flood: flooding the device with invalid requests");
+    for (u64 n = 1;; n++) {
+        struct vmem_result r = vmem_request(REQ_PLUG, a + (bs > 4096 ? 4096 : bs / 2), 1);
+        if (r.type != RESP_ERROR) {
+            say("log-flood: unexpected answer ");
+            puts_(resp_name(r.type));
+            nl();
+            power_off();
+        }
+        mw(VM_STATUS, ST_ACK); /* clears bits: refused and logged by the transport */
+        if (!(n % 1024)) {
+            say("log-flood: ");
+            put_dec(n);
+            puts_(" requests answered");
+            nl();
+        }
+    }
+}
+
 static void virtio_mem_main(void)
 {
     int want = param_is("tide.test", "mem-follow") || param_is("tide.test", "mem-hostile") ||
                param_is("tide.test", "mem-touch-unplugged") || param_is("tide.test", "mem-busy") ||
-               param_is("tide.test", "mem-reset") || param_is("tide.test", "mem-read-unplugged");
+               param_is("tide.test", "mem-reset") || param_is("tide.test", "mem-read-unplugged") ||
+               param_is("tide.test", "mem-log-flood");
     if (!find_device()) {
         if (want)
             fail("no virtio-mem device (virtio_mmio.device=) on the command line");
@@ -1557,6 +1585,8 @@ static void virtio_mem_main(void)
         scenario_reset();
     if (param_is("tide.test", "mem-read-unplugged"))
         scenario_read_unplugged();
+    if (param_is("tide.test", "mem-log-flood"))
+        scenario_log_flood();
     scenario_follow();
 }
 

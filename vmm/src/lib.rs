@@ -8,6 +8,7 @@ pub mod config;
 pub mod console;
 pub mod event_loop;
 pub mod guest_report;
+pub mod logger;
 pub mod pause;
 pub mod resident;
 pub mod runner;

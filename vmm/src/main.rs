@@ -1,8 +1,10 @@
 //! `tide`: the command line. It only parses into a [`vmm::VmmConfig`] (or an API request) and
 //! hands over; errors print as one line with their cause chain.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{HotplugConfig, KernelConfig, MachineConfig, VmmConfig, DEFAULT_CMDLINE};
@@ -53,21 +55,23 @@ struct RestoreArgs {
     log_level: log::LevelFilter,
 }
 
-/// Prints why the VM stopped and turns it into the exit status.
-fn finish(result: vmm::Result<vmm::vcpu::VmExit>) -> ExitCode {
+/// Prints why the VM stopped (through the log sink) and turns it into the exit status.
+fn exit_status(result: vmm::Result<vmm::vcpu::VmExit>) -> ExitCode {
     match result {
         Ok(exit) => {
             log::info!("{}", exit.reason);
             if exit.code != 0 {
-                eprintln!("tide: {}", exit.reason);
+                vmm::logger::line(&format!("tide: {}", exit.reason));
             }
             if let Some(report) = &exit.report {
-                eprintln!("{report}");
+                for l in report.lines() {
+                    vmm::logger::line(l);
+                }
             }
             ExitCode::from(exit.code.clamp(0, 255) as u8)
         }
         Err(e) => {
-            eprintln!("tide: error: {}", vmm::error_chain(&e));
+            vmm::logger::line(&format!("tide: error: {}", vmm::error_chain(&e)));
             ExitCode::FAILURE
         }
     }
@@ -124,20 +128,14 @@ struct RunArgs {
     log_level: log::LevelFilter,
 }
 
-/// Hand-written rather than env_logger: ten lines for the one `tide: level: message` format
-/// users and tests read, where env_logger would need a custom formatter and more dependencies.
-struct StderrLogger;
+/// Longest time the exit waits for the log sink to write what it holds (a stderr nobody reads
+/// must not hold the exit).
+const LOG_DRAIN: Duration = Duration::from_millis(250);
 
-impl log::Log for StderrLogger {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::max_level()
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            eprintln!("tide: {}: {}", r.level().as_str().to_lowercase(), r.args());
-        }
-    }
-    fn flush(&self) {}
+/// Lets the log sink write its last lines (bounded by [`LOG_DRAIN`]), then exits with `code`.
+fn finish(code: ExitCode) -> ExitCode {
+    vmm::logger::drain(LOG_DRAIN);
+    code
 }
 
 fn main() -> ExitCode {
@@ -156,14 +154,21 @@ fn main() -> ExitCode {
             }
             let text = e.to_string();
             let line = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("tide: {}", line.trim_start_matches("error: ").trim());
+            let _ = writeln!(
+                std::io::stderr(),
+                "tide: {}",
+                line.trim_start_matches("error: ").trim()
+            );
             return ExitCode::from(2);
         }
     };
     match cli.command {
         Command::Run(a) => {
-            let _ = log::set_logger(&StderrLogger);
-            log::set_max_level(a.log_level);
+            // Every line to stderr from here on goes through the log sink, which never blocks.
+            if let Err(e) = vmm::logger::init(a.log_level) {
+                let _ = writeln!(std::io::stderr(), "tide: error: cannot start logging: {e}");
+                return ExitCode::FAILURE;
+            }
             if a.hotplug_size == 0 {
                 let unused = [
                     ("--requested", a.requested.is_some()),
@@ -172,16 +177,16 @@ fn main() -> ExitCode {
                     ("--no-thp", a.no_thp),
                 ];
                 if let Some((opt, _)) = unused.iter().find(|(_, given)| *given) {
-                    eprintln!(
+                    vmm::logger::line(&format!(
                         "tide: {opt} has no effect without a hotplug region (--hotplug-size)"
-                    );
-                    return ExitCode::from(2);
+                    ));
+                    return finish(ExitCode::from(2));
                 }
             }
             // SIGTERM, SIGINT and SIGHUP stop the VM like PUT /vm/shutdown from here on.
             if let Err(e) = vmm::signals::install() {
-                eprintln!("tide: error: cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
+                vmm::logger::line(&format!("tide: error: cannot install signal handlers: {e}"));
+                return finish(ExitCode::FAILURE);
             }
             let config = VmmConfig {
                 kernel: KernelConfig {
@@ -203,29 +208,16 @@ fn main() -> ExitCode {
                 },
                 api_socket: a.api_socket,
             };
-            match vmm::Vmm::new(config).and_then(|v| v.run()) {
-                Ok(exit) => {
-                    log::info!("{}", exit.reason);
-                    if exit.code != 0 {
-                        eprintln!("tide: {}", exit.reason);
-                    }
-                    if let Some(report) = &exit.report {
-                        eprintln!("{report}");
-                    }
-                    ExitCode::from(exit.code.clamp(0, 255) as u8)
-                }
-                Err(e) => {
-                    eprintln!("tide: error: {}", vmm::error_chain(&e));
-                    ExitCode::FAILURE
-                }
-            }
+            finish(exit_status(vmm::Vmm::new(config).and_then(|v| v.run())))
         }
         Command::Restore(a) => {
-            let _ = log::set_logger(&StderrLogger);
-            log::set_max_level(a.log_level);
-            if let Err(e) = vmm::signals::install() {
-                eprintln!("tide: error: cannot install signal handlers: {e}");
+            if let Err(e) = vmm::logger::init(a.log_level) {
+                let _ = writeln!(std::io::stderr(), "tide: error: cannot start logging: {e}");
                 return ExitCode::FAILURE;
+            }
+            if let Err(e) = vmm::signals::install() {
+                vmm::logger::line(&format!("tide: error: cannot install signal handlers: {e}"));
+                return finish(ExitCode::FAILURE);
             }
             let config = vmm::snapshot::RestoreConfig {
                 snapshot: a.snapshot,
@@ -237,17 +229,24 @@ fn main() -> ExitCode {
                 populate_ahead: !a.no_populate_ahead,
             };
             match vmm::snapshot::restore::restore(&config) {
-                Ok(vm) => finish(vm.run()),
+                Ok(vm) => finish(exit_status(vm.run())),
                 Err(e) => {
-                    eprintln!("tide: error: cannot restore: {}", vmm::error_chain(&e));
-                    ExitCode::FAILURE
+                    vmm::logger::line(&format!(
+                        "tide: error: cannot restore: {}",
+                        vmm::error_chain(&e)
+                    ));
+                    finish(ExitCode::FAILURE)
                 }
             }
         }
         Command::Ctl(a) => match vmm::api::client::run(a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("tide ctl: error: {}", vmm::error_chain(&e));
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "tide ctl: error: {}",
+                    vmm::error_chain(&e)
+                );
                 ExitCode::FAILURE
             }
         },

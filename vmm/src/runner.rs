@@ -38,11 +38,13 @@ struct Control {
 impl Control {
     fn status(&self, refresh: bool) -> Option<MemoryStatus> {
         let (shared, region, _) = self.mem.as_ref()?;
-        let resident_bytes = match &self.sampler {
-            Some(s) => s.get(refresh),
-            // One fstat.
-            None if region.resident_bytes_is_cheap() => region.resident_bytes().unwrap_or(0),
-            None => 0,
+        let (resident_bytes, resident_age) = match &self.sampler {
+            Some(s) => s.current(refresh),
+            // One fstat, now.
+            None if region.resident_bytes_is_cheap() => {
+                (region.resident_bytes().unwrap_or(0), Some(Duration::ZERO))
+            }
+            None => (0, None),
         };
         // One lock: the sizes are of one instant.
         let sizes = shared.status();
@@ -54,6 +56,7 @@ impl Control {
             usable_region_size: sizes.usable_region_size,
             backend: region.backend().to_string(),
             resident_bytes,
+            resident_age_ms: resident_age.map(|d| d.as_millis() as u64),
             ahead_bytes: region.ahead_bytes(),
         })
     }
@@ -76,7 +79,25 @@ impl ApiBackend for Control {
 
     fn metrics(&self) -> Option<serde_json::Value> {
         let (_, _, metrics) = self.mem.as_ref()?;
-        serde_json::to_value(metrics.snapshot()).ok()
+        let mut v = serde_json::to_value(metrics.snapshot()).ok()?;
+        if let Some(o) = v.as_object_mut() {
+            // What the rate limit and the log sink kept out of the log.
+            let kinds: serde_json::Map<String, serde_json::Value> = devices::guest_log::counts()
+                .into_iter()
+                .map(|k| {
+                    let v = serde_json::json!({"count": k.count, "logged": k.logged});
+                    (k.kind.to_string(), v)
+                })
+                .collect();
+            o.insert(
+                "log".into(),
+                serde_json::json!({
+                    "dropped_lines": crate::logger::dropped(),
+                    "guest_messages": kinds,
+                }),
+            );
+        }
+        Some(v)
     }
 
     fn resize(&self, requested_size: u64) -> std::result::Result<(), crate::api::BackendError> {
@@ -268,6 +289,10 @@ impl Vmm {
                     .request_exit(1, format!("event loop failed: {e:?}"));
             }
         }
+        // A PLUG being populated stops at its next slice: the stop never waits for it.
+        if let Some(dev) = &self.mem_device {
+            dev.region().stop_populates();
+        }
         // Answer what the API still has pending (parked long polls get 503 "shutting down"),
         // bounded: a client that does not read cannot hold the stop.
         if let Some(h) = &api_stop {
@@ -287,6 +312,9 @@ impl Vmm {
         // Guest output still buffered goes out if stdout takes it soon; never waits longer.
         if !self.console.drain(CONSOLE_DRAIN) {
             log::warn!("console: stdout is not being read; buffered guest output dropped");
+        }
+        if let Some(line) = devices::guest_log::summary() {
+            log::warn!("{line}");
         }
         let dropped = self.console.dropped();
         if dropped > 0 {

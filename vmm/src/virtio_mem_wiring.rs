@@ -104,6 +104,7 @@ impl MemDevice {
 
     /// Stops the device's threads and unplugs everything (the host gets the memory back).
     pub fn stop(&mut self) {
+        self.region.stop_populates();
         self.worker.stop();
         if let Err(e) = self.region.discard_all() {
             log::warn!("cannot discard the hotplug region at exit: {e}");

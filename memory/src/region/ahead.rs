@@ -15,6 +15,8 @@ use crate::{Error, Result};
 
 /// Why [`HotplugRegion::fill`] failed.
 pub(super) enum Fill {
+    /// A stop of the VMM came between two slices ([`HotplugRegion::stop_populates`]).
+    Stopped,
     /// Making blocks read-write.
     Protect(io::Error),
     /// Backing them.
@@ -84,10 +86,22 @@ impl HotplugRegion {
                 protected.map_err(Fill::Protect)?;
                 // Blocks of fd backends populated ahead are in the file already: this only
                 // maps them.
-                let t = Instant::now();
-                let populated = self.populate_blocks(i, x);
-                times.syscall_ns += ns_since(t);
-                populated.map_err(Fill::Populate)?;
+                // In slices, with a check for a stop before each.
+                let slice = (super::POPULATE_SLICE / self.layout.block_size).max(1) as usize;
+                let mut j = i;
+                while j < x {
+                    if self.stop_requested() {
+                        return Err(Fill::Stopped);
+                    }
+                    let k = (j + slice).min(x);
+                    let t = Instant::now();
+                    let populated = self.populate_blocks(j, k);
+                    times.syscall_ns += ns_since(t);
+                    populated.map_err(Fill::Populate)?;
+                    #[cfg(test)]
+                    super::fail::after_slice(self);
+                    j = k;
+                }
             }
             i = y;
         }
@@ -193,6 +207,8 @@ impl HotplugRegion {
         let staged = match &self.fd {
             None => self.stage_anon(len).map(Some),
             Some(file) => {
+                // From before the first page is allocated until `ahead` counts them.
+                self.ahead_inflight.store(len as u64, Ordering::Release);
                 // Allocates the file's pages of blocks [s, e) without mapping them.
                 let flags = rustix::fs::FallocateFlags::empty();
                 match rustix::fs::fallocate(file, flags, s as u64 * bs, len as u64) {
@@ -207,6 +223,8 @@ impl HotplugRegion {
                 }
             }
         };
+        #[cfg(test)]
+        super::fail::ahead_in_flight(self);
         let mut st = self.lock();
         st.in_progress = None;
         self.staging_done.notify_all();
@@ -216,14 +234,20 @@ impl HotplugRegion {
                 if let Some(host) = host {
                     st.staged.push(Staged { a: s, b: e, host });
                 }
+                // Counted in `ahead` before it leaves `ahead_inflight`: never resident.
                 self.ahead.fetch_add(len as u64, Ordering::AcqRel);
+                self.ahead_inflight.store(0, Ordering::Release);
                 Ok(len as u64)
             }
-            Err(source) => Err(Error::Populate {
-                addr: self.guest_addr(s),
-                len: len as u64,
-                source,
-            }),
+            Err(source) => {
+                // The failed call's pages were given back above.
+                self.ahead_inflight.store(0, Ordering::Release);
+                Err(Error::Populate {
+                    addr: self.guest_addr(s),
+                    len: len as u64,
+                    source,
+                })
+            }
         }
     }
 
