@@ -64,11 +64,24 @@ fn snapshot_of_a_plugged_guest(dir: &Path) -> (PathBuf, PathBuf) {
     let (code, body) = snapshot(&sock, &snap, &mem);
     assert_eq!(code, 409, "{body}");
     assert!(!snap.exists() && !mem.exists());
-    pause(&sock);
+    // Through tide ctl, as a user would.
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(tests::tide_bin())
+            .args(["ctl", "--api-socket", sock.to_str().unwrap()])
+            .args(args)
+            .output()
+            .expect("run tide ctl");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ctl(&["pause"]);
     assert_eq!(vm_state(&sock), "paused");
-    let (code, body) = snapshot(&sock, &snap, &mem);
-    assert_eq!(code, 200, "{body}");
-    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    ctl(&["resume"]);
+    assert_eq!(vm_state(&sock), "running");
+    ctl(&["pause"]);
+    assert_eq!(vm_state(&sock), "paused");
+    let body = ctl(&["snapshot", snap.to_str().unwrap(), mem.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
     assert_eq!(field(&info, "plugged_bytes"), 256 * MIB, "{info}");
     // An existing file is never overwritten.
     let before = std::fs::read(&snap).unwrap();
