@@ -7,8 +7,8 @@
 //! file keeps: a memory file that is not the snapshot's is refused before the guest runs.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
 
 use super::SnapshotError;
 
@@ -40,10 +40,9 @@ pub fn create_new(path: &Path) -> Result<File, SnapshotError> {
 }
 
 /// A file this process created; removed on drop unless [`Created::keep`] was called, and only
-/// while the path still names the same file.
+/// while the path still names the same file (memory's [`memory::CreatedPath`] rule).
 pub struct Created {
-    path: PathBuf,
-    ident: (u64, u64),
+    path: memory::CreatedPath,
     keep: bool,
 }
 
@@ -54,8 +53,7 @@ impl Created {
             .metadata()
             .map_err(|e| SnapshotError::File(path.to_path_buf(), e))?;
         Ok(Self {
-            path: path.to_path_buf(),
-            ident: (m.dev(), m.ino()),
+            path: memory::CreatedPath::new(path, &m),
             keep: false,
         })
     }
@@ -71,15 +69,11 @@ impl Drop for Created {
         if self.keep {
             return;
         }
-        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
-            if (m.dev(), m.ino()) == self.ident {
-                if let Err(e) = std::fs::remove_file(&self.path) {
-                    log::warn!(
-                        "cannot remove the half-written {}: {e}",
-                        self.path.display()
-                    );
-                }
-            }
+        if let Err(e) = self.path.remove_if_ours() {
+            log::warn!(
+                "cannot remove the half-written {}: {e}",
+                self.path.path().display()
+            );
         }
     }
 }
