@@ -287,7 +287,17 @@ fn a_failed_snapshot_write_leaves_no_file_and_the_vm_paused() {
             Ok(())
         })
     };
-    let mut child = cmd.spawn().expect("spawn tide");
+    /// Kills tide if the test fails before it has exited.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+    let mut child = Child(cmd.spawn().expect("spawn tide"));
     wait_for_path(&sock, T);
     let s = wait_settled(&sock, T);
     assert_eq!(field(&s, "plugged_size"), 64 * MIB, "{s}");
@@ -311,5 +321,5 @@ fn a_failed_snapshot_write_leaves_no_file_and_the_vm_paused() {
     assert_eq!(field(&s, "plugged_size"), 0, "{s}");
     let (code, body) = http(&sock, "PUT", "/vm/shutdown", None);
     assert_eq!(code, 204, "{body}");
-    assert!(child.wait().expect("wait for tide").success());
+    assert!(child.0.wait().expect("wait for tide").success());
 }
