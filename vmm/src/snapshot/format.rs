@@ -34,6 +34,9 @@ pub struct MachineState {
     pub hotplug_size: u64,
     /// virtio-mem block size.
     pub block_size: u64,
+    /// Whether a triple fault counts as a reset (the guest's command line asked for it).
+    #[serde(default)]
+    pub triple_fault_resets: bool,
 }
 
 /// What the memory file holds: its length, its CRC-32, and the plugged runs written into it.

@@ -119,6 +119,7 @@ pub fn restore(cfg: &RestoreConfig) -> Result<Vmm, SnapshotError> {
             populate_ahead: cfg.populate_ahead,
         },
         api_socket: cfg.api_socket.clone(),
+        timeout: None,
     };
     let kvm = Kvm::new().map_err(|e| vmm_err(Error::Kvm(e)))?;
     let vm = builder::create_vm(&kvm).map_err(vmm_err)?;
@@ -148,7 +149,9 @@ pub fn restore(cfg: &RestoreConfig) -> Result<Vmm, SnapshotError> {
     }
     let copied = t.elapsed();
 
-    let legacy = builder::attach_legacy_devices(&vm).map_err(vmm_err)?;
+    let run_state =
+        Arc::new(RunState::new().map_err(|e| vmm_err(Error::Io("cannot create an event fd", e)))?);
+    let legacy = builder::attach_legacy_devices(&vm, &run_state).map_err(vmm_err)?;
     lock(&legacy.serial)
         .restore_state(&state.serial, Box::new(legacy.console.clone()))
         .map_err(|e| SnapshotError::Legacy(format!("serial: {e}")))?;
@@ -191,8 +194,6 @@ pub fn restore(cfg: &RestoreConfig) -> Result<Vmm, SnapshotError> {
     };
     state.vm.restore(&vm)?;
 
-    let run_state =
-        Arc::new(RunState::new().map_err(|e| vmm_err(Error::Io("cannot create an event fd", e)))?);
     if cfg.paused {
         run_state.pause.request();
     }
@@ -214,6 +215,7 @@ pub fn restore(cfg: &RestoreConfig) -> Result<Vmm, SnapshotError> {
             mmio: mmio.clone(),
             hotplug: window.clone(),
             state: run_state.clone(),
+            triple_fault_resets: m.triple_fault_resets,
         });
     }
     log::info!(
