@@ -13,6 +13,7 @@ use crate::bus::BusDevice;
 
 mod debug_exit;
 mod i8042;
+pub mod persist;
 pub use debug_exit::{DebugExit, OnExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 pub use i8042::{I8042, KBD_IRQ};
 

@@ -32,8 +32,9 @@ pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// A built VM, ready to run.
 pub struct Vmm {
     pub(crate) config: VmmConfig,
-    /// Held open for the VM's life: its memory slots, ioeventfds and irqfds go with it.
-    _vm: VmFd,
+    /// Held open for the VM's life: its memory slots, ioeventfds and irqfds go with it (and
+    /// a snapshot reads the in-kernel devices' state through it).
+    pub(crate) vm: Arc<VmFd>,
     pub(crate) boot_mem: GuestMemoryMmap,
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
@@ -94,7 +95,7 @@ fn build(config: VmmConfig) -> Result<Vmm> {
     )?;
     Ok(Vmm {
         config,
-        _vm: vm,
+        vm: Arc::new(vm),
         boot_mem,
         vcpus,
         serial: legacy.serial,
@@ -116,7 +117,7 @@ fn check_config(config: &VmmConfig) -> Result<()> {
 }
 
 /// Creates the KVM VM with its in-kernel irqchip and PIT.
-fn create_vm(kvm: &Kvm) -> Result<VmFd> {
+pub(crate) fn create_vm(kvm: &Kvm) -> Result<VmFd> {
     let version = kvm.get_api_version();
     if version != 12 {
         return Err(Error::KvmApiVersion(version));
@@ -139,7 +140,7 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd> {
 
 /// Maps boot RAM and reserves the hotplug region, each registered as KVM memory slots (boot RAM
 /// slots first, then the one hotplug slot).
-fn setup_memory(
+pub(crate) fn setup_memory(
     vm: &VmFd,
     config: &VmmConfig,
 ) -> Result<(
@@ -193,16 +194,16 @@ fn setup_memory(
 }
 
 /// The legacy devices on the port-I/O bus, and the console they write to.
-struct LegacyDevices {
-    pio: Bus,
-    serial: Arc<Mutex<SerialDevice>>,
-    i8042: Arc<Mutex<I8042>>,
-    console: crate::console::ConsoleOut,
+pub(crate) struct LegacyDevices {
+    pub(crate) pio: Bus,
+    pub(crate) serial: Arc<Mutex<SerialDevice>>,
+    pub(crate) i8042: Arc<Mutex<I8042>>,
+    pub(crate) console: crate::console::ConsoleOut,
 }
 
 /// Creates the serial port and the i8042 with their irqfds, and the debug-exit port, on a new
 /// port-I/O bus.
-fn attach_legacy_devices(vm: &VmFd, state: &Arc<RunState>) -> Result<LegacyDevices> {
+pub(crate) fn attach_legacy_devices(vm: &VmFd, state: &Arc<RunState>) -> Result<LegacyDevices> {
     let irq = || EventFdTrigger::new().map_err(|e| Error::Io("cannot create an event fd", e));
     // Guest output never blocks a vCPU: bounded buffer, dropped and counted when unread.
     let console = crate::console::ConsoleOut::stdout()
@@ -251,7 +252,7 @@ fn attach_legacy_devices(vm: &VmFd, state: &Arc<RunState>) -> Result<LegacyDevic
 
 /// Puts the guest channel (the guest's `ttyS1`, through which the project's guest init reports
 /// its own view) on the port-I/O bus with its irqfd.
-fn attach_guest_channel(vm: &VmFd, pio: &mut Bus) -> Result<Arc<Mutex<GuestChannel>>> {
+pub(crate) fn attach_guest_channel(vm: &VmFd, pio: &mut Bus) -> Result<Arc<Mutex<GuestChannel>>> {
     let irq = EventFdTrigger::new().map_err(|e| Error::Io("cannot create an event fd", e))?;
     let channel = Arc::new(Mutex::new(
         GuestChannel::new(irq).map_err(|e| Error::Io("cannot create an event fd", e))?,
@@ -271,7 +272,7 @@ fn attach_guest_channel(vm: &VmFd, pio: &mut Bus) -> Result<Arc<Mutex<GuestChann
 }
 
 /// Puts the virtio-mem device over `region` on the MMIO bus and names it on the command line.
-fn attach_mem_device(
+pub(crate) fn attach_mem_device(
     vm: &VmFd,
     config: &VmmConfig,
     region: Arc<memory::HotplugRegion>,
@@ -380,7 +381,7 @@ fn configure_vcpus(
     Ok(vcpus)
 }
 
-fn register_slot(vm: &VmFd, slot: u32, guest: u64, size: u64, host: u64) -> Result<()> {
+pub(crate) fn register_slot(vm: &VmFd, slot: u32, guest: u64, size: u64, host: u64) -> Result<()> {
     let region = kvm_userspace_memory_region {
         slot,
         flags: 0,

@@ -12,9 +12,11 @@ pub mod guest_report;
 pub mod guest_view;
 pub mod logger;
 pub mod panic_watch;
+pub mod pause;
 pub mod resident;
 pub mod runner;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio_mem_wiring;
 

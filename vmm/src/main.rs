@@ -30,6 +30,58 @@ enum Command {
     Run(RunArgs),
     /// Talk to a running tide over its API socket.
     Ctl(vmm::api::client::CtlArgs),
+    /// Start a VM from a snapshot (`PUT /snapshot/create`) in this new process.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args, Debug)]
+struct RestoreArgs {
+    /// The state file.
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// The memory file.
+    #[arg(long)]
+    mem_file: PathBuf,
+    /// Serve the HTTP API on this UNIX socket.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Start with the vCPUs paused (PATCH /vm {"state": "Resumed"} runs them).
+    #[arg(long)]
+    paused: bool,
+    /// Host backend of the hotplug region on this host: anon (default), memfd, hugetlb or file:PATH.
+    #[arg(long)]
+    backend: Option<memory::Backend>,
+    /// Do not ask for transparent huge pages on the anon backend.
+    #[arg(long)]
+    no_thp: bool,
+    /// Do not populate ahead the blocks the guest will plug.
+    #[arg(long)]
+    no_populate_ahead: bool,
+    /// Log level: error, warn, info, debug.
+    #[arg(long, default_value = "warn", value_parser = level)]
+    log_level: log::LevelFilter,
+}
+
+/// Prints why the VM stopped (through the log sink) and turns it into the exit status.
+fn report_exit(result: vmm::Result<vmm::vcpu::VmExit>) -> ExitCode {
+    match result {
+        Ok(exit) => {
+            log::info!("{}", exit.reason);
+            if exit.code != 0 {
+                vmm::logger::line(&format!("tide: {}", exit.reason));
+            }
+            if let Some(report) = &exit.report {
+                for l in report.lines() {
+                    vmm::logger::line(l);
+                }
+            }
+            ExitCode::from(exit.code.clamp(0, 255) as u8)
+        }
+        Err(e) => {
+            vmm::logger::line(&format!("tide: error: {}", vmm::error_chain(&e)));
+            tide_error()
+        }
+    }
 }
 
 /// The one size parser of `tide run` and `tide ctl`.
@@ -181,25 +233,36 @@ fn main() -> ExitCode {
                 api_socket: a.api_socket,
                 timeout: a.timeout,
             };
-            let code = match vmm::Vmm::new(config).and_then(|v| v.run()) {
-                Ok(exit) => {
-                    log::info!("{}", exit.reason);
-                    if exit.code != 0 {
-                        vmm::logger::line(&format!("tide: {}", exit.reason));
-                    }
-                    if let Some(report) = &exit.report {
-                        for l in report.lines() {
-                            vmm::logger::line(l);
-                        }
-                    }
-                    ExitCode::from(exit.code.clamp(0, 255) as u8)
-                }
-                Err(e) => {
-                    vmm::logger::line(&format!("tide: error: {}", vmm::error_chain(&e)));
-                    tide_error()
-                }
+            finish(report_exit(vmm::Vmm::new(config).and_then(|v| v.run())))
+        }
+        Command::Restore(a) => {
+            if let Err(e) = vmm::logger::init(a.log_level) {
+                let _ = writeln!(std::io::stderr(), "tide: error: cannot start logging: {e}");
+                return ExitCode::FAILURE;
+            }
+            if let Err(e) = vmm::signals::install() {
+                vmm::logger::line(&format!("tide: error: cannot install signal handlers: {e}"));
+                return finish(tide_error());
+            }
+            let config = vmm::snapshot::RestoreConfig {
+                snapshot: a.snapshot,
+                mem_file: a.mem_file,
+                api_socket: a.api_socket,
+                paused: a.paused,
+                backend: a.backend.unwrap_or(memory::Backend::Anon),
+                thp: !a.no_thp,
+                populate_ahead: !a.no_populate_ahead,
             };
-            finish(code)
+            match vmm::snapshot::restore::restore(&config) {
+                Ok(vm) => finish(report_exit(vm.run())),
+                Err(e) => {
+                    vmm::logger::line(&format!(
+                        "tide: error: cannot restore: {}",
+                        vmm::error_chain(&e)
+                    ));
+                    finish(tide_error())
+                }
+            }
         }
         Command::Ctl(a) => match vmm::api::client::run(a) {
             Ok(()) => ExitCode::SUCCESS,

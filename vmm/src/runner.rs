@@ -34,6 +34,8 @@ struct Control {
     boot_memory: u64,
     /// The guest's own view, through the guest channel.
     guest: crate::guest_view::GuestViewControl,
+    /// What a snapshot reads.
+    snapshot: crate::snapshot::create::Sources,
 }
 
 impl Control {
@@ -119,10 +121,56 @@ impl ApiBackend for Control {
         }
     }
 
+    fn pause(&self) -> std::result::Result<(), crate::api::BackendError> {
+        if self.state.stopping() {
+            return Err("the VM is stopping".into());
+        }
+        let state = &self.state;
+        Ok(state.pause.pause(&|| state.stopping())?)
+    }
+
+    fn resume(&self) -> std::result::Result<(), crate::api::BackendError> {
+        if self.state.stopping() {
+            return Err("the VM is stopping".into());
+        }
+        self.state.pause.resume();
+        Ok(())
+    }
+
+    fn snapshot(
+        &self,
+        snapshot_path: &std::path::Path,
+        mem_path: &std::path::Path,
+    ) -> std::result::Result<serde_json::Value, (u16, String)> {
+        use crate::snapshot::SnapshotError as E;
+        match crate::snapshot::create::create(&self.snapshot, snapshot_path, mem_path) {
+            Ok(info) => {
+                log::info!("snapshot {} written: {info:?}", snapshot_path.display());
+                serde_json::to_value(info).map_err(|e| (500, e.to_string()))
+            }
+            Err(e) => {
+                let code = match &e {
+                    E::NotPaused | E::Device(_) => 409,
+                    E::Cancelled => 503,
+                    E::Exists(_) => 400,
+                    _ => 500,
+                };
+                Err((code, crate::error_chain(&e)))
+            }
+        }
+    }
+
     fn vm_info(&self) -> VmInfo {
         let exit = self.state.exit();
+        let state = if exit.is_some() {
+            "stopped"
+        } else if self.state.pause.is_paused() {
+            "paused"
+        } else {
+            "running"
+        };
         VmInfo {
-            state: if exit.is_some() { "stopped" } else { "running" }.into(),
+            state: state.into(),
             exit_code: exit.as_ref().map(|e| e.code),
             exit_reason: exit.map(|e| e.reason),
             vcpus: self.vcpus,
@@ -192,6 +240,26 @@ impl Vmm {
             vcpus: self.config.machine.cpus,
             boot_memory: self.config.machine.memory,
             guest: crate::guest_view::GuestViewControl::new(self.guest_channel.clone()),
+            snapshot: crate::snapshot::create::Sources {
+                vm: self.vm.clone(),
+                state: self.state.clone(),
+                serial: self.serial.clone(),
+                i8042: self.i8042.clone(),
+                mem: self
+                    .mem_device
+                    .as_ref()
+                    .map(|d| (d.transport.clone(), d.region().clone())),
+                boot_mem: self.boot_mem.clone(),
+                machine: crate::snapshot::format::MachineState {
+                    cpus: self.config.machine.cpus,
+                    boot_memory: self.config.machine.memory,
+                    hotplug_size: self.config.hotplug.size,
+                    block_size: self.config.hotplug.block_size,
+                    triple_fault_resets: crate::exit_status::triple_fault_is_reset(
+                        &self.config.kernel.cmdline,
+                    ),
+                },
+            },
         });
         let mut api_stop = None;
         if let Some(path) = &self.config.api_socket {
@@ -218,6 +286,11 @@ impl Vmm {
             dev.start()?;
         }
 
+        let msr_index = kvm_ioctls::Kvm::new().map_err(Error::Kvm).and_then(|kvm| {
+            crate::snapshot::vcpu_state::msr_index_list(&kvm)
+                .map_err(|e| Error::GuestFault(crate::error_chain(&e)))
+        })?;
+        self.state.pause.init(self.vcpus.len(), msr_index);
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for v in std::mem::take(&mut self.vcpus) {
             match v.start() {
@@ -227,6 +300,15 @@ impl Vmm {
                         .request_exit(exit_status::TIDE_ERROR, format!("{e}"));
                     break;
                 }
+            }
+        }
+        self.state.pause.set_threads(handles);
+        if self.state.pause.requested() {
+            // Started paused (a restore with --paused): the API answers its first request
+            // only once every vCPU has parked, so it never says "running" for a paused VM.
+            let state = self.state.clone();
+            if let Err(e) = state.pause.pause(&|| state.stopping()) {
+                state.request_exit(1, format!("cannot start paused: {e}"));
             }
         }
         let deadline = self.config.timeout.map(|t| (t, Instant::now() + t));
@@ -265,7 +347,7 @@ impl Vmm {
                 }
             }
         }
-        vcpu::stop_vcpus(handles);
+        vcpu::stop_vcpus(self.state.pause.take_threads());
         let mut exit = self.state.exit().unwrap_or(VmExit {
             code: exit_status::SUCCESS,
             reason: "stopped".into(),

@@ -31,6 +31,8 @@ pub struct VmExit {
 
 /// The VM's run state shared by vCPUs, the event loop and the API: the first stop wins.
 pub struct RunState {
+    /// Pausing the vCPUs.
+    pub pause: crate::pause::Pause,
     exit: Mutex<Option<VmExit>>,
     stop: AtomicBool,
     evt: EventFd,
@@ -45,6 +47,7 @@ impl RunState {
     /// A running VM.
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
+            pause: crate::pause::Pause::default(),
             exit: Mutex::new(None),
             stop: AtomicBool::new(false),
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -118,6 +121,9 @@ impl RunState {
             });
         }
         self.stop.store(true, Ordering::SeqCst);
+        drop(e);
+        // Parked vCPUs see the stop.
+        self.pause.wake();
         let _ = self.evt.write(1);
     }
 
@@ -184,7 +190,7 @@ pub struct Vcpu {
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
@@ -235,7 +241,19 @@ impl Vcpu {
                 )
             }
         };
+        let msr_index = state.pause.msr_index();
         while !state.stopping() {
+            if state.pause.requested() {
+                // Complete the last exit's I/O without entering the guest, so that the saved
+                // state is between two instructions.
+                self.fd.set_kvm_immediate_exit(1);
+                let _ = self.fd.run();
+                self.fd.set_kvm_immediate_exit(0);
+                let saved = crate::snapshot::vcpu_state::VcpuState::save(&msr_index, &self.fd, id)
+                    .map_err(|e| crate::error_chain(&e));
+                state.pause.park(id, saved, &|| state.stopping());
+                continue;
+            }
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if !pio.read(u64::from(port), data) {

@@ -15,13 +15,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::{Error, Result};
 
-type Transport = MmioTransport<VirtioMem<HotplugRegion>>;
+pub(crate) type Transport = MmioTransport<VirtioMem<HotplugRegion>>;
 
 /// The virtio-mem device as the VMM holds it.
 pub struct MemDevice {
-    transport: Arc<Mutex<Transport>>,
+    pub(crate) transport: Arc<Mutex<Transport>>,
     shared: Arc<VirtioMemShared>,
-    region: Arc<HotplugRegion>,
+    pub(crate) region: Arc<HotplugRegion>,
     metrics: Arc<VirtioMemMetrics>,
     worker: VirtioMemWorker<HotplugRegion>,
 }

@@ -16,6 +16,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::EventFdTrigger;
 use crate::bus::BusDevice;
 
+mod persist;
+pub use persist::I8042State;
+
 /// Offset of the data port (0x60) from the controller's base port.
 const DATA: u64 = 0;
 /// Offset of the command/status port (0x64).

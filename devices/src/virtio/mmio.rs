@@ -19,8 +19,11 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::{VirtioDevice, VirtioInterrupt};
+
+mod persist;
 use super::{Error, Result};
 use crate::bus::BusDevice;
+pub use persist::{MmioTransportState, QueuePersist};
 
 /// The value of the magic register: "virt" in little endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -77,6 +80,13 @@ impl Interrupt {
     /// Whether [`Self::device_failed`] was called since the last reset.
     fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
+    }
+
+    /// Sets the status register and the failed flag as a snapshot saved them (no interrupt is
+    /// injected: the interrupt controller's own state says whether one is pending).
+    fn restore(&self, status: u32, failed: bool) {
+        self.status.store(status, Ordering::Release);
+        self.failed.store(failed, Ordering::Release);
     }
 
     fn clear(&self) {

@@ -69,6 +69,17 @@ pub enum CtlCommand {
     },
     /// Stop the VM.
     Shutdown,
+    /// Pause the vCPUs (returns once none runs guest code).
+    Pause,
+    /// Let paused vCPUs run again.
+    Resume,
+    /// Write a snapshot of the paused VM: a state file and a memory file (both new).
+    Snapshot {
+        /// The state file to create.
+        snapshot_path: PathBuf,
+        /// The memory file to create.
+        mem_file_path: PathBuf,
+    },
 }
 
 /// What `tide ctl wait` waits for.
@@ -82,6 +93,8 @@ pub enum WaitCommand {
         timeout: Option<u64>,
     },
 }
+/// How long `tide ctl snapshot` waits for the answer (the memory is written before it comes).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Runs `tide ctl`. A `resize --wait` that runs out of time is [`CtlError::WaitTimedOut`].
 pub fn run(args: CtlArgs) -> Result<(), CtlError> {
@@ -100,6 +113,35 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
         } => wait_ready(sock, Duration::from_secs(timeout.unwrap_or(60))),
         CtlCommand::Shutdown => {
             call(sock, "PUT", "/vm/shutdown", None, REQUEST_TIMEOUT)?;
+            Ok(())
+        }
+        CtlCommand::Pause | CtlCommand::Resume => {
+            let state = if matches!(args.cmd, CtlCommand::Pause) {
+                "Paused"
+            } else {
+                "Resumed"
+            };
+            let body = serde_json::json!({ "state": state }).to_string();
+            call(sock, "PATCH", "/vm", Some(&body), REQUEST_TIMEOUT)?;
+            Ok(())
+        }
+        CtlCommand::Snapshot {
+            snapshot_path,
+            mem_file_path,
+        } => {
+            let body = serde_json::json!({
+                "snapshot_path": snapshot_path,
+                "mem_file_path": mem_file_path,
+            })
+            .to_string();
+            let answer = call(
+                sock,
+                "PUT",
+                "/snapshot/create",
+                Some(&body),
+                SNAPSHOT_TIMEOUT,
+            )?;
+            println!("{}", String::from_utf8_lossy(&answer).trim());
             Ok(())
         }
         CtlCommand::Resize {

@@ -15,6 +15,8 @@
 //! | `PATCH` | `/hotplug/memory` | body `{"requested_size": BYTES}` or `{"requested_size_mib": MIB}`; 204, or 400 |
 //! | `GET`   | `/vm`             | 200 [`VmInfo`] |
 //! | `GET`   | `/vm?wait_for=guest_ready&timeout_ms=N` | long poll until the guest's user space is ready |
+//! | `PATCH` | `/vm`             | body `{"state": "Paused"}` or `{"state": "Resumed"}`; 204, or 400 |
+//! | `PUT`   | `/snapshot/create` | body `{"snapshot_path": P, "mem_file_path": M}` on a paused VM; 200 with sizes and time, 409 when not paused or a plug is in flight, 400 bad body or existing file |
 //! | `PUT`   | `/vm/shutdown`    | 204, then [`ApiBackend::shutdown`] |
 //! | `GET`   | `/metrics`        | 200 the virtio-mem device's per-request metrics; 404 without one |
 //! | `GET`   | `/version`        | 200 `{"tide_version": "..."}` |
@@ -162,7 +164,7 @@ impl DriverStatus {
 /// General information about the VM.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct VmInfo {
-    /// `"running"` or `"stopped"`.
+    /// `"running"`, `"paused"` (every vCPU parked) or `"stopped"`.
     pub state: String,
     /// Exit code once stopped.
     pub exit_code: Option<i32>,
@@ -205,6 +207,22 @@ pub trait ApiBackend: Send + Sync {
     fn vm_info(&self) -> VmInfo;
     /// Starts an ordered stop of the VM.
     fn shutdown(&self);
+    /// Pauses every vCPU (returns once none runs guest code).
+    fn pause(&self) -> Result<(), BackendError> {
+        Err("pausing is not supported".into())
+    }
+    /// Lets paused vCPUs run again.
+    fn resume(&self) -> Result<(), BackendError> {
+        Err("resuming is not supported".into())
+    }
+    /// Takes a snapshot of the paused VM; an error carries its HTTP status and message.
+    fn snapshot(
+        &self,
+        _snapshot_path: &std::path::Path,
+        _mem_path: &std::path::Path,
+    ) -> Result<serde_json::Value, (u16, String)> {
+        Err((400, "snapshots are not supported".into()))
+    }
     /// The virtio-mem device's metrics as a JSON object (`GET /metrics`); `None` without one.
     fn metrics(&self) -> Option<serde_json::Value> {
         None

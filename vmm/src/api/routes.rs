@@ -17,7 +17,8 @@ pub const MAX_WAIT_MS: u64 = 600_000;
 /// 405 answers and the OpenAPI document's test (`openapi.yaml`) read.
 pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("/hotplug/memory", "GET, PATCH"),
-    ("/vm", "GET"),
+    ("/vm", "GET, PATCH"),
+    ("/snapshot/create", "PUT"),
     ("/vm/shutdown", "PUT"),
     ("/metrics", "GET"),
     ("/version", "GET"),
@@ -87,6 +88,25 @@ pub(crate) fn no_hotplug() -> Response {
     Response::error(404, "this VM has no hotplug memory region")
 }
 
+/// The memory status as JSON: Tide's byte fields, and beside them the MiB fields Firecracker's
+/// clients read (`total_size_mib`, `block_size_mib`, `plugged_size_mib`, `requested_size_mib`).
+pub(crate) fn memory_json(s: &MemoryStatus) -> Option<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::to_value(s) {
+        Ok(serde_json::Value::Object(mut map)) => {
+            for (k, v) in [
+                ("total_size_mib", s.region_size),
+                ("block_size_mib", s.block_size),
+                ("plugged_size_mib", s.plugged_size),
+                ("requested_size_mib", s.requested_size),
+            ] {
+                map.insert(k.into(), (v >> 20).into());
+            }
+            Some(map)
+        }
+        _ => None,
+    }
+}
+
 /// `value` (an object) with `"settled": is_settled` added.
 fn with_settled(value: serde_json::Result<serde_json::Value>, is_settled: bool) -> Response {
     match value {
@@ -94,12 +114,18 @@ fn with_settled(value: serde_json::Result<serde_json::Value>, is_settled: bool) 
             map.insert("settled".into(), serde_json::Value::Bool(is_settled));
             Response::json(200, &map)
         }
-        _ => Response::error(500, "cannot serialize the status"),
+        _ => Response::error(500, "cannot serialize the answer"),
     }
 }
 
 pub(crate) fn long_poll_answer(s: &MemoryStatus, is_settled: bool) -> Response {
-    with_settled(serde_json::to_value(s), is_settled)
+    match memory_json(s) {
+        Some(mut map) => {
+            map.insert("settled".into(), serde_json::Value::Bool(is_settled));
+            Response::json(200, &map)
+        }
+        _ => Response::error(500, "cannot serialize the status"),
+    }
 }
 
 /// The answer of a long poll waiting for `what` if it is due now: what it waits for happened,
@@ -152,7 +178,9 @@ pub(crate) fn handle(backend: &dyn ApiBackend, req: &Request) -> Outcome {
     match (path, m) {
         ("/hotplug/memory", "GET") => get_memory(backend, req.query.as_deref()),
         ("/hotplug/memory", _) => Outcome::Answer(patch_memory(backend, &req.body)),
-        ("/vm", _) => get_vm(backend, req.query.as_deref()),
+        ("/vm", "GET") => get_vm(backend, req.query.as_deref()),
+        ("/vm", _) => Outcome::Answer(patch_vm(backend, &req.body)),
+        ("/snapshot/create", _) => Outcome::Answer(put_snapshot(backend, &req.body)),
         ("/vm/shutdown", _) => Outcome::AnswerThenShutdown(Response::no_content()),
         ("/metrics", _) => Outcome::Answer(get_metrics(backend)),
         _ => Outcome::Answer(get_version()),
@@ -218,7 +246,10 @@ fn get_memory(backend: &dyn ApiBackend, query: Option<&str>) -> Outcome {
         return Outcome::Answer(no_hotplug());
     };
     match wait {
-        None => Outcome::Answer(Response::json(200, &status)),
+        None => Outcome::Answer(match memory_json(&status) {
+            Some(map) => Response::json(200, &map),
+            None => Response::error(500, "cannot serialize the memory status"),
+        }),
         Some(what) => start_wait(backend, what, timeout_ms),
     }
 }
@@ -228,6 +259,75 @@ fn get_vm(backend: &dyn ApiBackend, query: Option<&str>) -> Outcome {
         Ok((None, _)) => Outcome::Answer(Response::json(200, &backend.vm_info())),
         Ok((Some(what), timeout_ms)) => start_wait(backend, what, timeout_ms),
         Err(answer) => Outcome::Answer(answer),
+    }
+}
+
+/// Body of `PATCH /vm`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmStateRequest {
+    state: String,
+}
+
+const VM_STATE_BODY: &str =
+    "invalid body: expected {\"state\": \"Paused\"} or {\"state\": \"Resumed\"}";
+
+/// Parses a JSON object body into `T`, or the 400 answer.
+fn object_body<T: serde::de::DeserializeOwned>(body: &[u8], expected: &str) -> Result<T, Response> {
+    if body.is_empty() {
+        return Err(Response::error(
+            400,
+            &expected.replace("invalid body", "missing body"),
+        ));
+    }
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v @ serde_json::Value::Object(_)) => serde_json::from_value::<T>(v)
+            .map_err(|e| Response::error(400, &format!("{expected}: {e}"))),
+        Ok(_) => Err(Response::error(400, expected)),
+        Err(e) => Err(Response::error(400, &format!("invalid body: {e}"))),
+    }
+}
+
+/// `PATCH /vm {"state": "Paused" | "Resumed"}`.
+fn patch_vm(backend: &dyn ApiBackend, body: &[u8]) -> Response {
+    let req: VmStateRequest = match object_body(body, VM_STATE_BODY) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let result = match req.state.as_str() {
+        "Paused" => backend.pause(),
+        "Resumed" => backend.resume(),
+        _ => return Response::error(400, VM_STATE_BODY),
+    };
+    match result {
+        Ok(()) => Response::no_content(),
+        Err(e) => Response::error(400, &crate::error_chain(&*e)),
+    }
+}
+
+/// Body of `PUT /snapshot/create`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotRequest {
+    snapshot_path: std::path::PathBuf,
+    mem_file_path: std::path::PathBuf,
+}
+
+const SNAPSHOT_BODY: &str =
+    "invalid body: expected {\"snapshot_path\": PATH, \"mem_file_path\": PATH}";
+
+/// `PUT /snapshot/create`.
+fn put_snapshot(backend: &dyn ApiBackend, body: &[u8]) -> Response {
+    let req: SnapshotRequest = match object_body(body, SNAPSHOT_BODY) {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    if req.snapshot_path.as_os_str().is_empty() || req.mem_file_path.as_os_str().is_empty() {
+        return Response::error(400, "snapshot_path and mem_file_path must not be empty");
+    }
+    match backend.snapshot(&req.snapshot_path, &req.mem_file_path) {
+        Ok(info) => Response::json(200, &info),
+        Err((code, msg)) => Response::error(code, &msg),
     }
 }
 

@@ -19,8 +19,8 @@ use crate::virtio::{Error, Result};
 
 /// The virtio-mem device over the hotplug memory `R`.
 pub struct VirtioMem<R: HotplugMemory> {
-    core: Arc<Core<R>>,
-    acked_features: u64,
+    pub(super) core: Arc<Core<R>>,
+    pub(super) acked_features: u64,
     queue_sizes: [u16; 1],
 }
 

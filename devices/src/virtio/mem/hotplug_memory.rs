@@ -41,6 +41,25 @@ pub trait HotplugMemory: Send + Sync {
     fn state(&self, addr: GuestAddress, len: u64) -> std::result::Result<RangeState, Self::Error>;
     /// Bytes currently plugged.
     fn plugged_bytes(&self) -> u64;
+    /// The plugged blocks as coalesced `(start, length)` runs in address order.
+    fn plugged_ranges(&self) -> Vec<(GuestAddress, u64)> {
+        let (base, block) = (self.base().0, self.block_size());
+        let mut runs: Vec<(GuestAddress, u64)> = Vec::new();
+        for i in 0..self.size() / block {
+            let addr = base + i * block;
+            if !matches!(
+                self.state(GuestAddress(addr), block),
+                Ok(RangeState::Plugged)
+            ) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((start, len)) if start.0 + *len == addr => *len += block,
+                _ => runs.push((GuestAddress(addr), block)),
+            }
+        }
+        runs
+    }
     /// Sets what guest accesses to unplugged blocks do.
     fn set_unplugged_access(&self, access: UnpluggedAccess)
         -> std::result::Result<(), Self::Error>;
@@ -117,6 +136,10 @@ impl HotplugMemory for memory::HotplugRegion {
 
     fn plugged_bytes(&self) -> u64 {
         memory::HotplugRegion::plugged_bytes(self)
+    }
+
+    fn plugged_ranges(&self) -> Vec<(GuestAddress, u64)> {
+        memory::HotplugRegion::plugged_ranges(self)
     }
 
     fn set_unplugged_access(&self, access: UnpluggedAccess) -> memory::Result<()> {

@@ -113,7 +113,7 @@ fn routing_errors() {
         assert!(a.error().contains("no such endpoint"));
     }
     for (m, p, allow) in [
-        ("POST", "/vm", "GET"),
+        ("POST", "/vm", "GET, PATCH"),
         ("DELETE", "/hotplug/memory", "GET, PATCH"),
         ("PUT", "/hotplug/memory", "GET, PATCH"),
         ("GET", "/vm/shutdown", "PUT"),
