@@ -8,13 +8,15 @@
 //!   background pool's threads claim in order. Whoever needs the job's memory now stops it at
 //!   the next piece boundary ([`SharedWork::stop`]), waits only for the pieces in flight, and
 //!   does the rest itself at its own priority: a PLUG never waits for low-priority work it
-//!   could do faster itself.
+//!   could do faster itself. While it waits for the pieces in flight, the background pool runs
+//!   at the waiter's priority where the process may raise it (`CAP_SYS_NICE`, `RLIMIT_NICE`);
+//!   elsewhere the pieces' small size bounds that wait.
 
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::populate::{advise_raw, background_workers, Job};
+use crate::populate::{advise_raw, background_workers, Job, BACKGROUND_NICE};
 use crate::sync::lock;
 use crate::sys::last_err;
 
@@ -49,6 +51,65 @@ fn wait_foreground_idle() {
     let mut n = lock(&FOREGROUND);
     while *n > 0 {
         n = FOREGROUND_IDLE.wait(n).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// The thread ids of the background pool.
+static BACKGROUND_TIDS: Mutex<Vec<libc::id_t>> = Mutex::new(Vec::new());
+/// How many waiters raise the background pool's priority now.
+static BOOSTS: Mutex<usize> = Mutex::new(0);
+
+fn gettid() -> libc::id_t {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::id_t }
+}
+
+/// Records the calling thread as one of the background pool's.
+pub(crate) fn register_background_thread() {
+    lock(&BACKGROUND_TIDS).push(gettid());
+}
+
+fn set_background_nice(nice: i32) {
+    for &tid in lock(&BACKGROUND_TIDS).iter() {
+        // SAFETY: plain syscall on a thread id of this process's own pool (those threads live
+        // as long as the process).
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
+        if r != 0 {
+            // Raising a nice value back needs CAP_SYS_NICE or RLIMIT_NICE: without them the
+            // wait is bounded by the pieces' size only.
+            log::trace!(
+                "cannot set a background populate thread's nice value: {}",
+                last_err()
+            );
+            return;
+        }
+    }
+}
+
+/// While alive, the background pool runs at the creating thread's priority (where allowed).
+struct Boost;
+
+impl Boost {
+    fn new() -> Boost {
+        let mut n = lock(&BOOSTS);
+        if *n == 0 {
+            // SAFETY: plain syscall on the calling thread's own id. -1 is both a nice value
+            // and the error return; an error cannot happen for our own thread id.
+            let own = unsafe { libc::getpriority(libc::PRIO_PROCESS, gettid()) };
+            set_background_nice(own.clamp(-20, BACKGROUND_NICE));
+        }
+        *n += 1;
+        Boost
+    }
+}
+
+impl Drop for Boost {
+    fn drop(&mut self) {
+        let mut n = lock(&BOOSTS);
+        *n -= 1;
+        if *n == 0 {
+            set_background_nice(BACKGROUND_NICE);
+        }
     }
 }
 
@@ -183,6 +244,8 @@ impl SharedWork {
         let mut p = lock(&self.progress);
         p.end = p.next;
         self.changed.notify_all();
+        // The pieces in flight run at nice BACKGROUND_NICE: raise them while we wait.
+        let _boost = (p.finished < p.next).then(Boost::new);
         while p.finished < p.next {
             p = self.changed.wait(p).unwrap_or_else(|e| e.into_inner());
         }

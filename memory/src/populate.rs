@@ -51,8 +51,8 @@ pub const BACKGROUND_NICE: i32 = 10;
 /// stops a populate ahead waits for the pieces in flight, which run at nice
 /// [`BACKGROUND_NICE`].
 pub const BACKGROUND_PIECE_SMALL_PAGES: u64 = 1 << 20;
-/// Largest background piece of 2 MiB pages (about 0.8 ms of one core here).
-pub const BACKGROUND_PIECE_HUGE_PAGES: u64 = 16 << 20;
+/// Largest background piece of 2 MiB pages (about 0.2 ms of one core here).
+pub const BACKGROUND_PIECE_HUGE_PAGES: u64 = 4 << 20;
 
 /// The CPUs this process may run on, read once.
 fn allowed_cpus() -> Vec<usize> {
@@ -161,6 +161,7 @@ fn start_pool(priority: Priority) -> Option<Pool> {
                 pin_to(cpu);
                 if priority == Priority::Background {
                     lower_thread_priority();
+                    crate::background::register_background_thread();
                 }
                 for job in rx {
                     match job {

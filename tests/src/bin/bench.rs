@@ -48,6 +48,9 @@ const LONG: Duration = Duration::from_secs(120);
 
 type Res<T> = Result<T, String>;
 
+#[path = "bench/ahead.rs"]
+mod ahead;
+
 // ------------------------------------------------------------------------------------------------
 // Backends
 
@@ -1799,6 +1802,8 @@ fn main() {
     let mut out = None;
     let mut quick = false;
     let mut linux_only = false;
+    let mut ahead_only = false;
+    let mut linux_ahead = false;
     let mut i = 1;
     while i < args.len() {
         match args[i].as_str() {
@@ -1808,12 +1813,17 @@ fn main() {
             }
             "--quick" => quick = true,
             "--linux-only" => linux_only = true,
+            "--ahead-only" => ahead_only = true,
+            "--linux-ahead" => linux_ahead = true,
             "-h" | "--help" => {
-                println!("usage: bench --out DIR [--quick] [--linux-only]");
+                println!("usage: bench --out DIR [--quick] [--linux-only] [--ahead-only] [--linux-ahead]");
+                println!("  --linux-only   only Linux's own driver (tier 3)");
+                println!("  --ahead-only   only section 7: populate ahead with and without, quiet and beside two busy loops");
+                println!("  --linux-ahead  also Linux's own driver with and without populate ahead (two more guests)");
                 return;
             }
             a => {
-                eprintln!("bench: unknown argument {a:?}; usage: bench --out DIR [--quick] [--linux-only]");
+                eprintln!("bench: unknown argument {a:?}; usage: bench --out DIR [--quick] [--linux-only] [--ahead-only] [--linux-ahead]");
                 std::process::exit(2);
             }
         }
@@ -1842,7 +1852,7 @@ fn main() {
 
     let mut rows: Vec<Row> = Vec::new();
     let mut goals = Vec::new();
-    if !linux_only {
+    if !linux_only && !ahead_only {
         host_and_test_guest(
             &tide,
             quick,
@@ -1854,18 +1864,32 @@ fn main() {
         );
     }
 
-    println!(
-        "6. Linux's virtio-mem driver (tier-3 guest from TIDE_GUEST_DIR; boot takes minutes on an \
-         emulating KVM)"
-    );
-    let linux_lines = match linux_driver(&mut rows) {
-        Ok(l) => l,
-        Err(e) => {
-            println!("  SKIP {e}");
-            skipped.push(format!("Linux driver: {e}"));
-            Vec::new()
+    let linux_lines = if ahead_only {
+        Vec::new()
+    } else {
+        println!(
+            "6. Linux's virtio-mem driver (tier-3 guest from TIDE_GUEST_DIR; boot takes minutes on \
+             an emulating KVM)"
+        );
+        match linux_driver(&mut rows) {
+            Ok(l) => l,
+            Err(e) => {
+                println!("  SKIP {e}");
+                skipped.push(format!("Linux driver: {e}"));
+                Vec::new()
+            }
         }
     };
+    if !linux_only {
+        ahead::populate_ahead_section(&tide, reps, &mut rows, &mut goals, &mut skipped);
+    }
+    if linux_ahead {
+        println!("8. Linux's own driver with and without populate ahead (two tier-3 guests)");
+        if let Err(e) = ahead::linux_driver_ahead(reps.min(2), &mut rows, &mut goals) {
+            println!("  SKIP {e}");
+            skipped.push(format!("Linux driver with and without populate ahead: {e}"));
+        }
+    }
 
     let elapsed = start.elapsed().as_secs_f64();
     let json = Value::Array(rows.iter().map(Row::json).collect());
