@@ -92,11 +92,6 @@ impl SerialDevice {
             }
         }
     }
-
-    /// Free room in the receive FIFO.
-    pub fn input_room(&self) -> usize {
-        self.serial.fifo_capacity()
-    }
 }
 
 impl BusDevice for SerialDevice {

@@ -1,13 +1,12 @@
 //! Populate and discard throughput of `HotplugRegion` beside raw `madvise` on a fresh mapping of
 //! the same kind. Run with `cargo bench -p memory --bench populate`.
 
+use memory::{GIB, MIB};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::Instant;
 
 use memory::{Backend, GuestAddress, HotplugLayout, HotplugRegion, RegionOptions};
 
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 const SIZE: u64 = GIB;
 const ROUNDS: usize = 3;
 

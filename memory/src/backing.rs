@@ -9,23 +9,20 @@
 //!
 //! Every file Tide uses is locked (`flock(LOCK_EX)`), so a second Tide cannot share it.
 
-use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use crate::{Error, Result};
+use crate::{CreatedPath, Error, Result};
 
 /// A backing file opened under the policy of this module.
 #[derive(Debug)]
 pub(crate) struct BackingFile {
     /// The open, locked and sized file.
     pub(crate) file: File,
-    /// The path, device and inode of a file Tide created by name (to remove at the end).
-    created: Option<(PathBuf, u64, u64)>,
+    /// A file Tide created by name (to remove at the end).
+    created: Option<CreatedPath>,
 }
 
 fn refuse(path: &Path, reason: &'static str) -> Error {
@@ -37,12 +34,8 @@ fn refuse(path: &Path, reason: &'static str) -> Error {
 
 /// Takes an exclusive, non-blocking lock on `file`.
 fn lock(file: &File) -> io::Result<()> {
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(io::Error::from)
 }
 
 /// Whether an existing regular file at `path` is locked by another process (another Tide).
@@ -114,7 +107,7 @@ impl BackingFile {
                         _ => io_err(e),
                     })?;
                 let md = file.metadata().map_err(io_err)?;
-                (file, Some((path.to_path_buf(), md.dev(), md.ino())))
+                (file, Some(CreatedPath::new(path, &md)))
             }
             Err(e) => return Err(io_err(e)),
         };
@@ -130,21 +123,13 @@ impl BackingFile {
 
     /// An unnamed file (`O_TMPFILE`) in directory `dir`: it disappears with its last reference.
     fn unnamed_in(dir: &Path) -> io::Result<File> {
-        let c = CString::new(dir.as_os_str().as_bytes())
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: `c` is a valid NUL-terminated path; the result is checked.
-        let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
-                0o600 as libc::c_uint,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a freshly opened descriptor that nothing else owns.
-        Ok(unsafe { File::from_raw_fd(fd) })
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
+        Ok(File::from(rustix::fs::open(
+            dir,
+            flags,
+            Mode::from_raw_mode(0o600),
+        )?))
     }
 
     /// Bytes of storage allocated to the file (`st_blocks` * 512): for a tmpfs or hugetlbfs file
@@ -158,17 +143,12 @@ impl Drop for BackingFile {
     fn drop(&mut self) {
         // Remove the file only if PATH still names the file we created (someone may have
         // renamed it and put another file there). Unlinked while still locked.
-        if let Some((path, dev, ino)) = &self.created {
-            match std::fs::symlink_metadata(path) {
-                Ok(md) if md.dev() == *dev && md.ino() == *ino => {
-                    if let Err(e) = std::fs::remove_file(path) {
-                        log::warn!("cannot remove backing file {}: {e}", path.display());
-                    }
-                }
-                _ => log::warn!(
-                    "backing file {} was moved or replaced; leaving it",
-                    path.display()
-                ),
+        if let Some(created) = &self.created {
+            let path = created.path().display();
+            match created.remove_if_ours() {
+                Ok(true) => {}
+                Ok(false) => log::warn!("backing file {path} was moved or replaced; leaving it"),
+                Err(e) => log::warn!("cannot remove backing file {path}: {e}"),
             }
         }
     }

@@ -2,6 +2,8 @@
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+use crate::size::{GIB, MIB};
+use crate::sys::PAGE_SIZE;
 use crate::{aligned, Error, Result};
 
 /// First guest physical address of the 32-bit MMIO gap (3 GiB).
@@ -11,10 +13,12 @@ pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// Width of the guest physical address space the layout must fit in.
 pub const GUEST_PHYS_BITS: u32 = 46;
 /// Smallest allowed hotplug block size (2 MiB).
-pub const MIN_BLOCK_SIZE: u64 = 2 << 20;
-
-const PAGE_SIZE: u64 = 4096;
-const GIB: u64 = 1 << 30;
+pub const MIN_BLOCK_SIZE: u64 = 2 * MIB;
+/// The hotplug block size when none is given: the smallest.
+pub const DEFAULT_BLOCK_SIZE: u64 = MIN_BLOCK_SIZE;
+/// Linux's memory block on x86_64: the unit its virtio-mem driver plugs and unplugs in, and
+/// the alignment it wants of hotplug memory.
+pub const LINUX_MEMORY_BLOCK: u64 = 128 * MIB;
 
 /// Where the guest's memory lives in guest physical address space.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +38,37 @@ pub struct HotplugLayout {
     pub size: u64,
     /// Granularity of plug and unplug (a power of two, at least 2 MiB).
     pub block_size: u64,
+}
+
+impl HotplugLayout {
+    /// The geometry rule of a hotplug window: a power-of-two block size of at least
+    /// `min_block_size` (else [`Error::BlockSize`] with `reason`), a block-aligned base, a
+    /// non-zero size that is a multiple of the block size, and an end within 64 bits.
+    pub fn check(&self, min_block_size: u64, reason: &'static str) -> Result<()> {
+        let (base, size, block_size) = (self.base.0, self.size, self.block_size);
+        check_block_size(block_size, min_block_size, reason)?;
+        if !aligned(base, block_size) {
+            return Err(Error::BlockSize {
+                block_size,
+                reason: "the hotplug base address is not aligned to it",
+            });
+        }
+        if size == 0 || !aligned(size, block_size) {
+            return Err(Error::HotplugSize {
+                size,
+                block_size,
+                reason: "must be a non-zero multiple of the block size",
+            });
+        }
+        if base.checked_add(size).is_none() {
+            return Err(Error::AddressSpace {
+                base,
+                size,
+                bits: 64,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl MemoryLayout {
@@ -117,7 +152,8 @@ impl MemoryLayout {
     }
 
     /// The highest boot RAM address plus one (0 if there is no boot RAM).
-    pub fn boot_ram_end(&self) -> u64 {
+    #[cfg(test)]
+    fn boot_ram_end(&self) -> u64 {
         self.boot_ranges
             .iter()
             .map(|(start, len)| start.0.saturating_add(*len))
@@ -126,7 +162,8 @@ impl MemoryLayout {
     }
 
     /// Total boot RAM in bytes.
-    pub fn boot_ram_size(&self) -> u64 {
+    #[cfg(test)]
+    fn boot_ram_size(&self) -> u64 {
         self.boot_ranges.iter().map(|(_, len)| *len).sum()
     }
 }
@@ -157,8 +194,6 @@ pub(crate) fn check_block_size(block_size: u64, min: u64, reason: &'static str) 
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemoryBackend};
-
-    const MIB: u64 = 1 << 20;
 
     #[test]
     fn small_boot_ram() {

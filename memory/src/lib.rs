@@ -16,6 +16,7 @@ mod background;
 mod backing;
 mod bitmap;
 mod cgroup;
+mod created_path;
 mod error;
 mod layout;
 mod listener;
@@ -28,10 +29,11 @@ mod sys;
 
 pub use access::{RangeState, UnpluggedAccess};
 pub use backend::Backend;
+pub use created_path::CreatedPath;
 pub use error::{Error, Result};
 pub use layout::{
-    create_boot_memory, HotplugLayout, MemoryLayout, GUEST_PHYS_BITS, MIN_BLOCK_SIZE, MMIO_GAP_END,
-    MMIO_GAP_START,
+    create_boot_memory, HotplugLayout, MemoryLayout, DEFAULT_BLOCK_SIZE, GUEST_PHYS_BITS,
+    LINUX_MEMORY_BLOCK, MIN_BLOCK_SIZE, MMIO_GAP_END, MMIO_GAP_START,
 };
 pub use listener::{ListenerError, ListenerId, RamDiscardListener};
 pub use populate::{
@@ -40,7 +42,7 @@ pub use populate::{
     PIECE_MIN_SMALL_PAGES, POPULATE_THREADS_MAX,
 };
 pub use region::{HotplugRegion, OpTimes, RegionOptions};
-pub use size::parse_size;
+pub use size::{parse_size, GIB, KIB, MIB};
 pub use sync::lock;
 pub use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 

@@ -138,32 +138,12 @@ impl HotplugRegion {
             block_size,
         } = *layout;
         let base = base.0;
-        crate::layout::check_block_size(
-            block_size,
-            PAGE_SIZE,
-            "must be a power of two of at least 4 KiB",
-        )?;
-        if !aligned(base, block_size) {
-            return Err(Error::BlockSize {
-                block_size,
-                reason: "the hotplug base address is not aligned to it",
-            });
-        }
-        if size == 0 || !aligned(size, block_size) {
-            return Err(Error::HotplugSize {
-                size,
-                block_size,
-                reason: "must be a non-zero multiple of the block size",
-            });
-        }
-        let len = usize::try_from(size)
-            .ok()
-            .filter(|_| base.checked_add(size).is_some())
-            .ok_or(Error::AddressSpace {
-                base,
-                size,
-                bits: 64,
-            })?;
+        layout.check(PAGE_SIZE, "must be a power of two of at least 4 KiB")?;
+        let len = usize::try_from(size).map_err(|_| Error::AddressSpace {
+            base,
+            size,
+            bits: 64,
+        })?;
         let blocks = usize::try_from(size / block_size).map_err(|_| Error::AddressSpace {
             base,
             size,

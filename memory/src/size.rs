@@ -2,6 +2,13 @@
 
 use crate::{Error, Result};
 
+/// One kibibyte.
+pub const KIB: u64 = 1 << 10;
+/// One mebibyte.
+pub const MIB: u64 = 1 << 20;
+/// One gibibyte.
+pub const GIB: u64 = 1 << 30;
+
 /// Parses a size such as `"512M"`, `"8G"`, `"1T"`, `"4096"`, `"2MiB"` or `"64K"`.
 ///
 /// Units are binary (K = 1024) and case-insensitive; `K`, `KB` and `KiB` are all accepted, and

@@ -2,12 +2,11 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
 
 use log::{debug, error};
 
 pub(crate) const PAGE_SIZE: u64 = 4096;
-pub(crate) const HUGE_PAGE_SIZE: u64 = 2 << 20;
+pub(crate) const HUGE_PAGE_SIZE: u64 = 2 * crate::size::MIB;
 pub(crate) const FREE_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
 pub(crate) const MAX_MAP_COUNT: &str = "/proc/sys/vm/max_map_count";
 pub(crate) const OVERCOMMIT_MEMORY: &str = "/proc/sys/vm/overcommit_memory";
@@ -44,17 +43,12 @@ pub(crate) fn unmap(addr: usize, len: usize) {
 }
 
 pub(crate) fn create_memfd(size: u64, hugetlb: bool) -> io::Result<File> {
-    let mut flags = libc::MFD_CLOEXEC;
+    use rustix::fs::MemfdFlags;
+    let mut flags = MemfdFlags::CLOEXEC;
     if hugetlb {
-        flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+        flags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB;
     }
-    // SAFETY: the name is a valid NUL-terminated string; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"tide-hotplug".as_ptr(), flags) };
-    if fd < 0 {
-        return Err(last_err());
-    }
-    // SAFETY: fd is a freshly created descriptor that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = File::from(rustix::fs::memfd_create(c"tide-hotplug", flags)?);
     file.set_len(size)?;
     Ok(file)
 }

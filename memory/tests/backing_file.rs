@@ -1,15 +1,13 @@
-//! The `file:PATH` backend never destroys what it did not create (issue 11, failures 1 and 2).
+//! The `file:PATH` backend never destroys what it did not create.
 //! No KVM needed.
 
+use memory::{GIB, MIB};
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use memory::{Backend, Error, GuestAddress, HotplugLayout, HotplugRegion};
-
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 
 fn layout() -> HotplugLayout {
     HotplugLayout {

@@ -1,5 +1,6 @@
 //! Hotplug region tests against real host syscalls (no KVM).
 
+use memory::{GIB, KIB, MIB};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -10,9 +11,6 @@ use memory::{
 };
 use vm_memory::{Bytes, GuestMemoryRegion, MemoryRegionAddress};
 
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
 const BASE: u64 = 4 * GIB;
 

@@ -7,7 +7,7 @@
  * Ends with an i8042 reset (outb 0x64, 0xFE), which Tide treats as a clean power-off.
  *
  * The emulated /dev/kvm of the development machines runs 64-bit code at ~1 us per instruction, so this
- * code keeps its instruction count small and uses no SSE/AVX, xsave or int3 (see shared/README.md).
+ * code keeps its instruction count small and uses no SSE/AVX, xsave or int3 (see docs/testing.md).
  *
  * Command line (Linux's boot_params.hdr.cmd_line_ptr):
  *   tide.test=hang | triple | flood | mem-follow | mem-hostile | mem-touch-unplugged | mem-busy

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub mod linux;
@@ -58,7 +58,7 @@ pub fn require_kvm(test: &str) -> bool {
 }
 
 /// Whether this host's KVM emulates guest code instead of running it on hardware (the `kvm_pvm`
-/// software nested KVM of shared/README.md): real Linux guests cannot boot there.
+/// software nested KVM of docs/testing.md): real Linux guests cannot boot there.
 pub fn kvm_is_emulating() -> Option<&'static str> {
     Path::new("/sys/module/kvm_pvm")
         .exists()
@@ -74,15 +74,25 @@ pub struct Tide {
     err: Arc<Mutex<Vec<u8>>>,
     /// When the process was started.
     pub started: Instant,
+    /// When its first console byte came.
+    first_output: Arc<OnceLock<Instant>>,
     status: Option<ExitStatus>,
 }
 
-fn pump(mut r: impl Read + Send + 'static, buf: Arc<Mutex<Vec<u8>>>) {
+/// Copies `r` into `buf` on a thread; `first` gets the time of the first byte.
+fn pump(
+    mut r: impl Read + Send + 'static,
+    buf: Arc<Mutex<Vec<u8>>>,
+    first: Option<Arc<OnceLock<Instant>>>,
+) {
     std::thread::spawn(move || {
         let mut b = [0u8; 4096];
         while let Ok(n) = r.read(&mut b) {
             if n == 0 {
                 break;
+            }
+            if let Some(f) = &first {
+                f.get_or_init(Instant::now);
             }
             buf.lock().unwrap().extend_from_slice(&b[..n]);
         }
@@ -114,8 +124,17 @@ impl Tide {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
+        Self::try_spawn(&tide_bin(), args, console).expect("spawn tide")
+    }
+
+    /// Starts the `tide` binary `bin` with `args` (a pipe on its stdin when `console`).
+    pub fn try_spawn<I, S>(bin: &Path, args: I, console: bool) -> std::io::Result<Tide>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
         let started = Instant::now();
-        let mut child = Command::new(tide_bin())
+        let mut child = Command::new(bin)
             .args(args)
             .stdin(if console {
                 Stdio::piped()
@@ -124,19 +143,70 @@ impl Tide {
             })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tide");
+            .spawn()?;
         let out = Arc::new(Mutex::new(Vec::new()));
         let err = Arc::new(Mutex::new(Vec::new()));
-        pump(child.stdout.take().unwrap(), out.clone());
-        pump(child.stderr.take().unwrap(), err.clone());
-        Tide {
+        let first_output = Arc::new(OnceLock::new());
+        pump(
+            child.stdout.take().unwrap(),
+            out.clone(),
+            Some(first_output.clone()),
+        );
+        pump(child.stderr.take().unwrap(), err.clone(), None);
+        Ok(Tide {
             stdin: child.stdin.take(),
             child,
             out,
             err,
             started,
+            first_output,
             status: None,
+        })
+    }
+
+    /// When the first console byte came, if it did.
+    pub fn first_output(&self) -> Option<Instant> {
+        self.first_output.get().copied()
+    }
+
+    /// Whether `tide` has exited (and how).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Waits until `cond` holds, without panicking: an error names `what` when `tide` exits
+    /// first or `timeout` passes.
+    pub fn try_wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        cond: impl Fn(&Tide) -> bool,
+    ) -> Result<(), String> {
+        let end = Instant::now() + timeout;
+        loop {
+            if cond(self) {
+                return Ok(());
+            }
+            if let Some(st) = self.exited() {
+                std::thread::sleep(Duration::from_millis(50));
+                if cond(self) {
+                    return Ok(());
+                }
+                return Err(format!(
+                    "tide exited ({st}) before {what}; stderr: {}",
+                    self.stderr().trim()
+                ));
+            }
+            if Instant::now() > end {
+                return Err(format!(
+                    "timed out after {timeout:?} waiting for {what}; stderr: {}",
+                    self.stderr().trim()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -159,8 +229,8 @@ impl Tide {
         cmdline: &str,
         extra: &[&str],
     ) -> (Tide, PathBuf, TempDir) {
-        let tmp = TempDir::new(tag);
-        let sock = tmp.0.join("api.sock");
+        let tmp = temp_dir(tag);
+        let sock = tmp.as_path().join("api.sock");
         let mut args = extra.to_vec();
         let sock_arg = sock.display().to_string();
         args.extend(["--api-socket", &sock_arg]);
@@ -309,22 +379,38 @@ impl Drop for Tide {
     }
 }
 
-fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+/// A `kB` field of `/proc/PID/status`.
+pub fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with(key))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// One HTTP/1.1 request over a UNIX socket; returns (status code, body).
+/// One HTTP/1.1 request over a UNIX socket; returns (status code, body). Panics when the socket
+/// cannot be reached.
 pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).expect("connect to the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    try_http(socket, method, path, body).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`http`], with an error instead of a panic when the socket cannot be reached or written. An
+/// answer that cannot be read (60 s without one) is `(0, "")`.
+pub fn try_http(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
+    let err = |what: &str, e: std::io::Error| format!("{method} {path}: {what}: {e}");
+    let mut s = UnixStream::connect(socket).map_err(|e| err("connect to the API socket", e))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| err("set a read timeout", e))?;
     let body = body.unwrap_or("");
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(req.as_bytes())
+        .map_err(|e| err("send the request", e))?;
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
     let code = resp
@@ -336,7 +422,7 @@ pub fn http(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    (code, body)
+    Ok((code, body))
 }
 
 /// How long [`Tide::run_guest_with_api`] waits for the API socket.
@@ -355,25 +441,12 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
     }
 }
 
-/// A unique temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
+pub use vmm_sys_util::tempdir::TempDir;
 
-impl TempDir {
-    /// Creates one named after `tag`.
-    pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(
-            format!("tide-{tag}-{}-{:?}", std::process::id(), Instant::now())
-                .replace([' ', ':', '.'], "_"),
-        );
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A new temporary directory named after `tag`, removed (with what is in it) on drop.
+pub fn temp_dir(tag: &str) -> TempDir {
+    TempDir::new_with_prefix(std::env::temp_dir().join(format!("tide-{tag}-")))
+        .expect("create a temporary directory")
 }
 
 /// `GET /hotplug/memory` as JSON; panics unless it answers 200.

@@ -9,13 +9,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::{kvm_is_emulating, wait_for_path, TempDir, Tide};
+use crate::{kvm_is_emulating, temp_dir, wait_for_path, TempDir, Tide};
 
 /// Guest physical address where Tide places the hotplug region of a guest with less than 3 GiB of
 /// boot RAM (the first 1 GiB boundary above 4 GiB: `memory::MemoryLayout`).
 pub const HOTPLUG_BASE: u64 = 0x1_0000_0000;
 /// Linux's memory block size on x86_64 with less than 64 GiB of boot RAM.
-pub const LINUX_MEMORY_BLOCK: u64 = 128 << 20;
+pub use memory::LINUX_MEMORY_BLOCK;
 
 /// How long a boot may take before a test gives up: generous, since an emulating KVM on a loaded
 /// machine has been seen to take 3 minutes. A bound for failures, not a timing assertion.
@@ -75,8 +75,8 @@ impl LinuxGuest {
     /// started for it, and kernel messages kept off the console so that they never split a
     /// command's output (the tests read them with `dmesg`).
     pub fn boot(dir: &Path, tag: &str, extra: &[&str]) -> LinuxGuest {
-        let tmp = TempDir::new(tag);
-        let sock = tmp.0.join("api.sock");
+        let tmp = temp_dir(tag);
+        let sock = tmp.as_path().join("api.sock");
         let mut args: Vec<String> = [
             "run",
             "--kernel",
@@ -243,7 +243,7 @@ impl LinuxGuest {
 
 /// Whether a kernel log line reports a problem (see [`LinuxGuest::kernel_log_problems`]).
 /// `emulating`: the guest runs on an emulating KVM, whose CPUID instruction returns the host's
-/// values whatever Tide set (shared/README.md section 7), so Linux sees CPUID's initial APIC ID 0
+/// values whatever Tide set (docs/testing.md), so Linux sees CPUID's initial APIC ID 0
 /// on every vCPU although Tide gives each its own: a fact of that KVM, not of Tide.
 pub fn is_problem(line: &str, emulating: bool) -> bool {
     let l = line.to_ascii_lowercase();

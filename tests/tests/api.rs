@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use tests::{http, require_kvm, tide_bin, wait_for_path, TempDir, Tide};
+use tests::{http, require_kvm, temp_dir, tide_bin, wait_for_path, Tide};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -48,8 +48,8 @@ fn resize_a_running_guest_with_tide_ctl_and_curl() {
     if !require_kvm("resize_a_running_guest_with_tide_ctl_and_curl") {
         return;
     }
-    let tmp = TempDir::new("api");
-    let sock = tmp.0.join("tide.sock");
+    let tmp = temp_dir("api");
+    let sock = tmp.as_path().join("tide.sock");
     let mut tide = Tide::run_guest(
         "console=ttyS0 tide.test=mem-follow",
         &[
@@ -165,8 +165,8 @@ fn an_api_socket_in_use_is_refused_and_a_stale_one_replaced() {
     if !require_kvm("an_api_socket_in_use_is_refused_and_a_stale_one_replaced") {
         return;
     }
-    let tmp = TempDir::new("api-stale");
-    let sock = tmp.0.join("tide.sock");
+    let tmp = temp_dir("api-stale");
+    let sock = tmp.as_path().join("tide.sock");
     // A stale socket file (nobody listening) is replaced.
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(sock.exists());

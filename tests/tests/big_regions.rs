@@ -7,7 +7,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tests::{http, require_kvm, wait_for_path, TempDir, Tide};
+use tests::{http, require_kvm, temp_dir, wait_for_path, Tide};
 
 const OVERCOMMIT: &str = "/proc/sys/vm/overcommit_memory";
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -32,8 +32,8 @@ impl Drop for Overcommit {
 /// Boots the test guest with a `size` hotplug region, reads the VMM's peak Rss while the guest
 /// runs, shuts it down over the API and returns (seconds from start to exit, peak Rss bytes).
 fn boot_and_stop(size: &str) -> (f64, u64) {
-    let tmp = TempDir::new("big");
-    let sock = tmp.0.join("api.sock");
+    let tmp = temp_dir("big");
+    let sock = tmp.as_path().join("api.sock");
     let started = Instant::now();
     let mut tide = Tide::run_guest(
         "console=ttyS0 tide.test=hang",

@@ -101,15 +101,15 @@ fn bad_kernels_and_sizes_give_one_line_errors() {
         &["run", "--kernel", "/nonexistent/kernel"],
         "cannot open kernel /nonexistent/kernel",
     );
-    let dir = tests::TempDir::new("badkernel");
-    let corrupt = dir.0.join("corrupt");
+    let dir = tests::temp_dir("badkernel");
+    let corrupt = dir.as_path().join("corrupt");
     std::fs::write(&corrupt, vec![0x5au8; 8192]).unwrap();
     if std::path::Path::new("/dev/kvm").exists() {
         assert_one_line_error(
             &["run", "--kernel", corrupt.to_str().unwrap()],
             "cannot load kernel",
         );
-        let elf_corrupt = dir.0.join("bad.elf");
+        let elf_corrupt = dir.as_path().join("bad.elf");
         let mut bytes = std::fs::read(&guest).unwrap();
         bytes.truncate(80);
         std::fs::write(&elf_corrupt, bytes).unwrap();

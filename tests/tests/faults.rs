@@ -2,15 +2,16 @@
 //! `requested_size`: a memory cgroup too small for the plug, an empty or tiny hugetlb pool,
 //! resizes and shutdowns in the middle of a long plug, and API clients that hang up halfway.
 
+use memory::{GIB, MIB};
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tests::{field, http, patch, require_kvm, status, wait_for_path, wait_settled, TempDir, Tide};
+use tests::{
+    field, http, patch, require_kvm, status, temp_dir, wait_for_path, wait_settled, TempDir, Tide,
+};
 
-const GIB: u64 = 1 << 30;
-const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(120);
 
 fn is_root() -> bool {
@@ -25,7 +26,7 @@ fn vm_running(sock: &Path) -> bool {
 
 /// Starts the test guest in `mem-follow` with an API socket in `tmp`.
 fn follow_guest(tmp: &TempDir, extra: &[&str]) -> (Tide, PathBuf) {
-    let sock = tmp.0.join("api.sock");
+    let sock = tmp.as_path().join("api.sock");
     let mut args = vec!["--api-socket", sock.to_str().unwrap()];
     args.extend_from_slice(extra);
     let mut tide = Tide::run_guest("console=ttyS0 tide.test=mem-follow", &args);
@@ -165,8 +166,8 @@ fn plug_past_a_memory_cgroup_limit_gets_busy_and_a_fitting_one_works() {
             return;
         }
     };
-    let tmp = TempDir::new("cgroup");
-    let sock = tmp.0.join("api.sock");
+    let tmp = temp_dir("cgroup");
+    let sock = tmp.as_path().join("api.sock");
     let mut tide = Tide::run_guest(
         "console=ttyS0 tide.test=mem-follow",
         &[
@@ -349,7 +350,7 @@ fn tiny_hugetlb_pool_busy_for_a_big_plug_and_a_small_one_works() {
         println!("SKIP {name}: asked for 16 huge pages, the kernel gave {pages}");
         return;
     }
-    let tmp = TempDir::new("hugetlb");
+    let tmp = temp_dir("hugetlb");
     let (mut tide, sock) = follow_guest(
         &tmp,
         &[
@@ -441,7 +442,7 @@ fn resize_and_shutdown_in_the_middle_of_a_4g_plug() {
     if !require_kvm(name) {
         return;
     }
-    let tmp = TempDir::new("midplug");
+    let tmp = temp_dir("midplug");
     // The test guest takes the usable region size once, at start (tests/guest/guest.c,
     // scenario_follow): start with 2 GiB requested so that it is 4 GiB, then go down to 0.
     let (mut tide, sock) = follow_guest(
@@ -499,7 +500,7 @@ fn half_requests_and_hang_ups_during_a_plug_leak_nothing() {
     if !require_kvm(name) {
         return;
     }
-    let tmp = TempDir::new("halfreq");
+    let tmp = temp_dir("halfreq");
     let (mut tide, sock) = follow_guest(
         &tmp,
         &["--hotplug-size", "2G", "--requested", "0", "--no-thp"],

@@ -1,8 +1,9 @@
-//! Tier 2, issue 11: Tide as a well-behaved host process. It never destroys user files
+//! Tier 2: Tide as a well-behaved host process. It never destroys user files
 //! (`file:PATH`), stops cleanly on SIGTERM, SIGINT and SIGHUP, never hangs on a console nobody
 //! reads, keeps status requests cheap with gigabytes plugged, and refuses options that would
 //! have no effect.
 
+use memory::{GIB, MIB};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -10,13 +11,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tests::{
-    field, http, patch, require_kvm, status, test_guest, tide_bin, wait_for_path, wait_settled,
-    TempDir, Tide,
+    field, http, patch, require_kvm, status, temp_dir, test_guest, tide_bin, wait_for_path,
+    wait_settled, Tide,
 };
 
 const T: Duration = Duration::from_secs(120);
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 
 /// Runs `tide run` with the test guest in `hang` mode and `extra`, expecting it to refuse to
 /// start: returns its one-line error.
@@ -33,26 +32,26 @@ fn file_backend(p: &Path) -> String {
     format!("file:{}", p.display())
 }
 
-/// Failure 1: `--backend file:PATH` truncated, and at exit deleted, whatever was at PATH.
+/// Once, `--backend file:PATH` truncated, and at exit deleted, whatever was at PATH.
 #[test]
 fn file_backend_never_touches_existing_files_links_fifos_or_devices() {
     if !require_kvm("file_backend_never_touches_existing_files_links_fifos_or_devices") {
         return;
     }
-    let tmp = TempDir::new("backing");
-    let data = tmp.0.join("users-data");
+    let tmp = temp_dir("backing");
+    let data = tmp.as_path().join("users-data");
     std::fs::write(&data, b"precious").unwrap();
     let err = refused(&["--hotplug-size", "64M", "--backend", &file_backend(&data)]);
     assert!(err.contains("already exists"), "{err}");
     assert_eq!(std::fs::read(&data).unwrap(), b"precious");
 
-    let link = tmp.0.join("link");
+    let link = tmp.as_path().join("link");
     std::os::unix::fs::symlink(&data, &link).unwrap();
     let err = refused(&["--hotplug-size", "64M", "--backend", &file_backend(&link)]);
     assert!(err.contains("symbolic link"), "{err}");
     assert_eq!(std::fs::read(&data).unwrap(), b"precious");
 
-    let fifo = tmp.0.join("fifo");
+    let fifo = tmp.as_path().join("fifo");
     let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(st.success());
     let err = refused(&["--hotplug-size", "64M", "--backend", &file_backend(&fifo)]);
@@ -70,9 +69,9 @@ fn file_backend_never_touches_existing_files_links_fifos_or_devices() {
         .is_char_device());
 
     // A directory: an unnamed file inside it, nothing left behind.
-    let dir = tmp.0.join("dir");
+    let dir = tmp.as_path().join("dir");
     std::fs::create_dir(&dir).unwrap();
-    let sock = tmp.0.join("api.sock");
+    let sock = tmp.as_path().join("api.sock");
     let mut tide = Tide::run_guest(
         "console=ttyS0 tide.test=mem-follow",
         &[
@@ -96,15 +95,15 @@ fn file_backend_never_touches_existing_files_links_fifos_or_devices() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
 }
 
-/// Failure 2: a second Tide on the same backing file truncated the first VM's memory.
+/// Once, a second Tide on the same backing file truncated the first VM's memory.
 #[test]
 fn second_tide_on_the_same_backing_file_is_refused() {
     if !require_kvm("second_tide_on_the_same_backing_file_is_refused") {
         return;
     }
-    let tmp = TempDir::new("backing2");
-    let path = tmp.0.join("guest-ram");
-    let sock = tmp.0.join("api.sock");
+    let tmp = temp_dir("backing2");
+    let path = tmp.as_path().join("guest-ram");
+    let sock = tmp.as_path().join("api.sock");
     let mut first = Tide::run_guest(
         "console=ttyS0 tide.test=mem-follow",
         &[
@@ -131,7 +130,7 @@ fn second_tide_on_the_same_backing_file_is_refused() {
     assert!(!path.exists(), "Tide removes the file it created");
 }
 
-/// Failure 3: SIGTERM and SIGINT killed Tide with no cleanup.
+/// Once, SIGTERM and SIGINT killed Tide with no cleanup.
 #[test]
 fn stop_signals_stop_the_vm_like_a_shutdown() {
     if !require_kvm("stop_signals_stop_the_vm_like_a_shutdown") {
@@ -142,9 +141,9 @@ fn stop_signals_stop_the_vm_like_a_shutdown() {
         (libc::SIGINT, "SIGINT"),
         (libc::SIGHUP, "SIGHUP"),
     ] {
-        let tmp = TempDir::new("signals");
-        let path = tmp.0.join("guest-ram");
-        let sock = tmp.0.join("api.sock");
+        let tmp = temp_dir("signals");
+        let path = tmp.as_path().join("guest-ram");
+        let sock = tmp.as_path().join("api.sock");
         let mut tide = Tide::run_guest(
             "console=ttyS0 tide.test=mem-follow",
             &[
@@ -177,15 +176,15 @@ fn stop_signals_stop_the_vm_like_a_shutdown() {
     }
 }
 
-/// Failure 4: with nobody reading stdout, a vCPU blocked in `write` and the stop waited for it
+/// Once, with nobody reading stdout, a vCPU blocked in `write` and the stop waited for it
 /// for ever.
 #[test]
 fn shutdown_completes_when_nobody_reads_the_console() {
     if !require_kvm("shutdown_completes_when_nobody_reads_the_console") {
         return;
     }
-    let tmp = TempDir::new("console");
-    let sock = tmp.0.join("api.sock");
+    let tmp = temp_dir("console");
+    let sock = tmp.as_path().join("api.sock");
     let mut child = Command::new(tide_bin())
         .args(["run", "--kernel"])
         .arg(test_guest())
@@ -203,10 +202,8 @@ fn shutdown_completes_when_nobody_reads_the_console() {
     loop {
         let mut n: libc::c_int = 0;
         // SAFETY: FIONREAD writes one int into `n`.
-        assert_eq!(
-            unsafe { libc::ioctl(out.as_raw_fd(), libc::FIONREAD, &mut n) },
-            0
-        );
+        let r = unsafe { libc::ioctl(out.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(r, 0);
         // Within one page of the 64 KiB default: the writer's next chunk does not fit.
         if n >= 65536 - 8192 {
             break;
@@ -255,7 +252,7 @@ fn timed(f: impl FnOnce()) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// Failure 6: PATCH, GET and every tick of a waiting long poll read /proc/self/smaps on the
+/// Once, PATCH, GET and every tick of a waiting long poll read /proc/self/smaps on the
 /// event loop (26-54 ms each with 2 GiB plugged in 4 KiB pages). Prints the figures.
 #[test]
 fn status_stays_cheap_with_2g_plugged_in_4k_pages() {
@@ -340,7 +337,7 @@ fn status_stays_cheap_with_2g_plugged_in_4k_pages() {
     assert!(tide.wait_exit(T).success());
 }
 
-/// Failure 7: options that have no effect are errors, not silently ignored; one size parser.
+/// Options that have no effect are errors, not silently ignored; one size parser.
 #[test]
 fn options_without_effect_are_refused_and_sizes_parse_alike() {
     for args in [

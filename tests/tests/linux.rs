@@ -7,12 +7,11 @@
 //! workaround parameters of its artifact directory's `cmdline` file, and boots take minutes, so
 //! each test shares one boot between its steps.
 
+use memory::MIB;
 use std::time::Duration;
 
 use tests::linux::{guest_dir, LinuxGuest, COMMAND_TIMEOUT, HOTPLUG_BASE, LINUX_MEMORY_BLOCK};
 use tests::{field, kvm_is_emulating, patch, require_kvm, status, wait_settled};
-
-const MIB: u64 = 1 << 20;
 
 fn guest_or_skip(test: &str) -> Option<std::path::PathBuf> {
     if !require_kvm(test) {

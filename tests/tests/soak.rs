@@ -5,11 +5,11 @@
 //! `TIDE_SOAK_CYCLES` sets the number of cycles (default 1000; one cycle is one PATCH and one
 //! long poll until settled).
 
+use memory::MIB;
 use std::time::{Duration, Instant};
 
 use tests::{field, http, require_kvm, wait_settled, Tide};
 
-const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(120);
 const HIGH: u64 = 64 * MIB;
 

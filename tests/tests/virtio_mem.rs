@@ -2,14 +2,13 @@
 //! ioeventfds and irqfds; the tests check what the guest sees and what the host's resident
 //! memory does.
 
+use memory::{GIB, MIB};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tests::{field, http, require_kvm, status, wait_for_path, TempDir, Tide};
+use tests::{field, http, require_kvm, status, temp_dir, wait_for_path, Tide};
 
-const GIB: u64 = 1 << 30;
-const MIB: u64 = 1 << 20;
 const T: Duration = Duration::from_secs(120);
 
 fn wait_plugged(sock: &Path, want: u64) -> serde_json::Value {
@@ -166,10 +165,10 @@ fn readable_unplugged_memory_reads_zero_without_allocating() {
     if !require_kvm("readable_unplugged_memory_reads_zero_without_allocating") {
         return;
     }
-    let tmp = TempDir::new("readable");
-    let file = format!("file:{}", tmp.0.join("guest-mem").display());
+    let tmp = temp_dir("readable");
+    let file = format!("file:{}", tmp.as_path().join("guest-mem").display());
     for backend in ["anon", "memfd", file.as_str()] {
-        let sock = tmp.0.join("api.sock");
+        let sock = tmp.as_path().join("api.sock");
         let mut tide = Tide::run_guest(
             "console=ttyS0 tide.test=mem-read-unplugged tide.accept_inaccessible=0",
             &[
@@ -241,8 +240,8 @@ fn plug_the_host_cannot_back_gets_busy_and_the_guest_goes_on() {
     if !require_kvm("plug_the_host_cannot_back_gets_busy_and_the_guest_goes_on") {
         return;
     }
-    let tmp = TempDir::new("busy");
-    let mnt = tmp.0.join("tmpfs");
+    let tmp = temp_dir("busy");
+    let mnt = tmp.as_path().join("tmpfs");
     std::fs::create_dir_all(&mnt).unwrap();
     let mounted = is_root()
         && Command::new("mount")

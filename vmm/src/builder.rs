@@ -31,7 +31,8 @@ pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// A built VM, ready to run.
 pub struct Vmm {
     pub(crate) config: VmmConfig,
-    pub(crate) vm: VmFd,
+    /// Held open for the VM's life: its memory slots, ioeventfds and irqfds go with it.
+    _vm: VmFd,
     pub(crate) boot_mem: GuestMemoryMmap,
     pub(crate) vcpus: Vec<Vcpu>,
     pub(crate) serial: Arc<Mutex<SerialDevice>>,
@@ -50,11 +51,6 @@ impl Vmm {
     /// The boot memory (for tests and diagnostics).
     pub fn boot_memory(&self) -> &GuestMemoryMmap {
         &self.boot_mem
-    }
-
-    /// The KVM VM (for tests and diagnostics).
-    pub fn vm_fd(&self) -> &VmFd {
-        &self.vm
     }
 }
 
@@ -95,7 +91,7 @@ fn build(config: VmmConfig) -> Result<Vmm> {
     )?;
     Ok(Vmm {
         config,
-        vm,
+        _vm: vm,
         boot_mem,
         vcpus,
         serial: legacy.serial,

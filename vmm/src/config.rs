@@ -60,7 +60,7 @@ impl Default for HotplugConfig {
     fn default() -> Self {
         Self {
             size: 0,
-            block_size: 2 << 20,
+            block_size: memory::DEFAULT_BLOCK_SIZE,
             backend: memory::Backend::Anon,
             requested: 0,
             thp: true,

@@ -148,8 +148,8 @@ impl MutEventSubscriber for ConsoleInput {
     }
 }
 
-/// Stops the VM when the guest resets through the i8042, or when anything requested a stop.
-pub struct StopWatch {
+/// What stops the VM: the guest resetting through the i8042, a signal, or any stop request.
+pub struct StopSources {
     /// The i8042 whose reset fd is watched.
     pub i8042: Arc<Mutex<I8042>>,
     /// The VM's run state.
@@ -162,7 +162,7 @@ const RESET: u32 = 1;
 const STOP: u32 = 2;
 const SIGNAL: u32 = 3;
 
-impl MutEventSubscriber for StopWatch {
+impl MutEventSubscriber for StopSources {
     fn init(&mut self, ops: &mut EventOps) {
         let reset: RawFd = lock(&self.i8042).reset_evt().as_raw_fd();
         watch(ops, reset, RESET, "the guest's reset");

@@ -145,7 +145,7 @@ fn main() -> ExitCode {
                 },
                 hotplug: HotplugConfig {
                     size: a.hotplug_size,
-                    block_size: a.block_size.unwrap_or(2 << 20),
+                    block_size: a.block_size.unwrap_or(memory::DEFAULT_BLOCK_SIZE),
                     backend: a.backend.unwrap_or(memory::Backend::Anon),
                     requested: a.requested.unwrap_or(0),
                     thp: !a.no_thp,

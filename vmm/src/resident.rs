@@ -5,7 +5,7 @@
 //! 4 KiB pages: 13 ms for 1 GiB here). A `resident` thread, at background priority, takes that
 //! reading when a status request finds it older than [`MAX_AGE`] and when a settled long poll
 //! finds it older than the last plug or unplug, pausing four times a walk's duration between
-//! walks (at least [`MIN_PAUSE`], at most [`MIN_INTERVAL`]); status requests return the latest
+//! walks (at least [`MIN_PAUSE`], at most [`MAX_PAUSE`]); status requests return the latest
 //! reading and never wait for one. A long poll answers `settled` only once a reading taken
 //! after the last plug or unplug is in ([`ResidentSampler::is_current`]). Plugs and unplugs
 //! themselves do not start a reading: walks in the middle of a resize would take CPU and the
@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 /// Longest pause enforced between two readings. The pause is four times the last walk's
 /// duration (so the thread spends at most a fifth of a core walking), between
 /// [`MIN_PAUSE`] and this.
-pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
+pub const MAX_PAUSE: Duration = Duration::from_millis(250);
 /// Shortest pause between two readings.
 pub const MIN_PAUSE: Duration = Duration::from_millis(5);
 /// A status request asks for a new reading when the latest one is older than this.
@@ -166,7 +166,7 @@ fn sample(i: &Inner, region: &HotplugRegion, done: Option<&EventFd>) {
         }
         i.seen_plugged.store(plugged, Ordering::SeqCst);
         i.seen.store(changes, Ordering::SeqCst);
-        pause = (now.elapsed() * 4).clamp(MIN_PAUSE, MIN_INTERVAL);
+        pause = (now.elapsed() * 4).clamp(MIN_PAUSE, MAX_PAUSE);
         last = Some(Instant::now());
         *memory::lock(&i.taken) = Some(now);
         if let Some(done) = done {

@@ -9,7 +9,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::terminal::Terminal;
 
 use crate::api::{ApiBackend, MemoryStatus, VmInfo};
-use crate::event_loop::{ConsoleInput, StopWatch};
+use crate::event_loop::{ConsoleInput, StopSources};
 use crate::resident::ResidentSampler;
 use crate::vcpu::{self, RunState, VmExit};
 use crate::{Error, Result, Vmm};
@@ -130,7 +130,7 @@ impl Vmm {
         vcpu::install_kick_handler()?;
         let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> =
             EventManager::new().map_err(Error::EventManager)?;
-        em.add_subscriber(Box::new(StopWatch {
+        em.add_subscriber(Box::new(StopSources {
             i8042: self.i8042.clone(),
             state: self.state.clone(),
             signals: crate::signals::event(),

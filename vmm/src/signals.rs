@@ -3,6 +3,9 @@
 //!
 //! The handler only does async-signal-safe things: atomics, `write` to an event fd that the
 //! event loop watches, and, for the second signal, `tcsetattr` and `_exit`.
+//!
+//! Not signal-hook: its safe registrations (`flag`, `pipe`) cannot restore the terminal before
+//! the second signal's `_exit`, and its `low_level::register` is the same unsafe contract.
 
 use std::io;
 use std::os::fd::AsRawFd;

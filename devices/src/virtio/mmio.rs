@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use log::{debug, error, warn};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_config::*;
+use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -20,7 +21,7 @@ use super::{Error, Result};
 use crate::bus::BusDevice;
 
 /// The value of the magic register: "virt" in little endian.
-pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
+pub const MMIO_MAGIC: u32 = 0x7472_6976;
 /// The only transport version this implementation speaks.
 pub const MMIO_VERSION: u32 = 2;
 /// The vendor ID the transport reports: "TIDE" in little endian.
@@ -29,55 +30,9 @@ pub const MMIO_VENDOR_ID: u32 = 0x4544_4954;
 pub const MMIO_SIZE: u64 = 0x1000;
 /// The offset of the queue notify register, where the vmm puts the queues' ioeventfds (with the
 /// queue index as datamatch).
-pub const NOTIFY_REG_OFFSET: u64 = 0x050;
+pub const NOTIFY_REG_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 /// The offset at which the device-specific configuration space starts.
-pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
-
-/// Device status bit: the guest found the device.
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-/// Device status bit: the guest has a driver for the device.
-pub const STATUS_DRIVER: u32 = 2;
-/// Device status bit: the driver is ready to drive the device.
-pub const STATUS_DRIVER_OK: u32 = 4;
-/// Device status bit: feature negotiation is complete.
-pub const STATUS_FEATURES_OK: u32 = 8;
-/// Device status bit: the device hit an error and needs a reset.
-pub const STATUS_DEVICE_NEEDS_RESET: u32 = 64;
-/// Device status bit: the driver gave up on the device.
-pub const STATUS_FAILED: u32 = 128;
-
-/// Interrupt status bit: the device used a buffer.
-pub const INT_USED_RING: u32 = 1;
-/// Interrupt status bit: the device configuration changed.
-pub const INT_CONFIG: u32 = 2;
-
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_VENDOR_ID: u64 = 0x00c;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = NOTIFY_REG_OFFSET;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC_LOW: u64 = 0x080;
-const REG_QUEUE_DESC_HIGH: u64 = 0x084;
-const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
-const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
-const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
-const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-const REG_SHM_LEN_LOW: u64 = 0x0b0;
-const REG_SHM_LEN_HIGH: u64 = 0x0b4;
-const REG_SHM_BASE_LOW: u64 = 0x0b8;
-const REG_SHM_BASE_HIGH: u64 = 0x0bc;
-const REG_CONFIG_GENERATION: u64 = 0x0fc;
+pub const CONFIG_SPACE_OFFSET: u64 = VIRTIO_MMIO_CONFIG as u64;
 
 /// The interrupt line of one virtio-mmio transport.
 ///
@@ -118,7 +73,7 @@ impl Interrupt {
     }
 
     /// Whether [`Self::device_failed`] was called since the last reset.
-    pub fn has_failed(&self) -> bool {
+    fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
 
@@ -135,11 +90,11 @@ impl Interrupt {
 
 impl VirtioInterrupt for Interrupt {
     fn trigger_used(&self) -> Result<()> {
-        self.trigger(INT_USED_RING)
+        self.trigger(VIRTIO_MMIO_INT_VRING)
     }
 
     fn trigger_config(&self) -> Result<()> {
-        self.trigger(INT_CONFIG)
+        self.trigger(VIRTIO_MMIO_INT_CONFIG)
     }
 
     /// The transport shows `DEVICE_NEEDS_RESET` until the driver resets it.
@@ -217,16 +172,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &self.device
     }
 
-    /// The device behind the transport, mutably.
-    pub fn device_mut(&mut self) -> &mut D {
-        &mut self.device
-    }
-
     /// The device status register as the driver reads it.
     pub fn status(&self) -> u32 {
         self.status
             | if self.needs_reset || self.interrupt.has_failed() {
-                STATUS_DEVICE_NEEDS_RESET
+                VIRTIO_CONFIG_S_NEEDS_RESET
             } else {
                 0
             }
@@ -272,7 +222,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.device.device_type()
         );
         self.needs_reset = true;
-        if self.status & STATUS_DRIVER_OK != 0 {
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             if let Err(e) = self.interrupt.trigger_config() {
                 error!("virtio-mmio: {e}");
             }
@@ -286,8 +236,8 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// The selected queue if the driver may change its configuration now: after FEATURES_OK,
     /// before DRIVER_OK, and (unless `even_if_ready`) while the queue is not ready.
     fn configurable_queue(&mut self, even_if_ready: bool) -> Option<&mut Queue> {
-        if self.status & STATUS_FEATURES_OK == 0
-            || self.status & (STATUS_DRIVER_OK | STATUS_FAILED) != 0
+        if self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0
+            || self.status & (VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED) != 0
         {
             return None;
         }
@@ -324,10 +274,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         // DEVICE_NEEDS_RESET belongs to the device; the driver cannot set or clear it.
-        let value = value & !STATUS_DEVICE_NEEDS_RESET;
-        if value & STATUS_FAILED != 0 {
+        let value = value & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        if value & VIRTIO_CONFIG_S_FAILED != 0 {
             debug!("virtio-mmio: driver marked the device FAILED");
-            self.status |= STATUS_FAILED;
+            self.status |= VIRTIO_CONFIG_S_FAILED;
             return;
         }
         let current = self.status;
@@ -336,14 +286,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         let added = value & !current;
-        const AD: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
-        const ADF: u32 = AD | STATUS_FEATURES_OK;
+        const AD: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+        const ADF: u32 = AD | VIRTIO_CONFIG_S_FEATURES_OK;
         match (current, added) {
             (_, 0) => {}
-            (0, STATUS_ACKNOWLEDGE) => self.status = STATUS_ACKNOWLEDGE,
-            (STATUS_ACKNOWLEDGE, STATUS_DRIVER) => self.status = AD,
-            (AD, STATUS_FEATURES_OK) => self.negotiate_features(),
-            (ADF, STATUS_DRIVER_OK) => self.activate(),
+            (0, VIRTIO_CONFIG_S_ACKNOWLEDGE) => self.status = VIRTIO_CONFIG_S_ACKNOWLEDGE,
+            (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER) => self.status = AD,
+            (AD, VIRTIO_CONFIG_S_FEATURES_OK) => self.negotiate_features(),
+            (ADF, VIRTIO_CONFIG_S_DRIVER_OK) => self.activate(),
             _ => warn!("virtio-mmio: status {current:#x} -> {value:#x} out of order; ignored"),
         }
     }
@@ -363,13 +313,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         match self.device.set_acked_features(acked) {
-            Ok(()) => self.status |= STATUS_FEATURES_OK,
+            Ok(()) => self.status |= VIRTIO_CONFIG_S_FEATURES_OK,
             Err(e) => warn!("virtio-mmio: device refused features {acked:#x}: {e}"),
         }
     }
 
     fn activate(&mut self) {
-        self.status |= STATUS_DRIVER_OK;
+        self.status |= VIRTIO_CONFIG_S_DRIVER_OK;
         if self.needs_reset {
             // A queue failed validation earlier: the driver must reset.
             self.device_failed("driver set DRIVER_OK on a device that needs reset");
@@ -419,41 +369,51 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn read_register(&self, offset: u64) -> u32 {
+        // Registers lie below the configuration space: the offset fits.
+        let Ok(offset) = u32::try_from(offset) else {
+            return 0;
+        };
         let queue = self.selected_queue();
         match offset {
-            REG_MAGIC => MMIO_MAGIC_VALUE,
-            REG_VERSION => MMIO_VERSION,
-            REG_DEVICE_ID => self.device.device_type(),
-            REG_VENDOR_ID => MMIO_VENDOR_ID,
-            REG_DEVICE_FEATURES => match self.device_features_select {
+            VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => self.device.device_type(),
+            VIRTIO_MMIO_VENDOR_ID => MMIO_VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_select {
                 0 => self.device.avail_features() as u32,
                 1 => (self.device.avail_features() >> 32) as u32,
                 _ => 0,
             },
-            REG_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
-            REG_QUEUE_NUM => queue.map_or(0, |q| u32::from(q.size())),
-            REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
-            REG_INTERRUPT_STATUS => self.interrupt.status(),
-            REG_STATUS => self.status(),
-            REG_QUEUE_DESC_LOW => queue.map_or(0, |q| q.desc_table() as u32),
-            REG_QUEUE_DESC_HIGH => queue.map_or(0, |q| (q.desc_table() >> 32) as u32),
-            REG_QUEUE_DRIVER_LOW => queue.map_or(0, |q| q.avail_ring() as u32),
-            REG_QUEUE_DRIVER_HIGH => queue.map_or(0, |q| (q.avail_ring() >> 32) as u32),
-            REG_QUEUE_DEVICE_LOW => queue.map_or(0, |q| q.used_ring() as u32),
-            REG_QUEUE_DEVICE_HIGH => queue.map_or(0, |q| (q.used_ring() >> 32) as u32),
+            VIRTIO_MMIO_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
+            VIRTIO_MMIO_QUEUE_NUM => queue.map_or(0, |q| u32::from(q.size())),
+            VIRTIO_MMIO_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
+            VIRTIO_MMIO_STATUS => self.status(),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => queue.map_or(0, |q| q.desc_table() as u32),
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => queue.map_or(0, |q| (q.desc_table() >> 32) as u32),
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => queue.map_or(0, |q| q.avail_ring() as u32),
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => queue.map_or(0, |q| (q.avail_ring() >> 32) as u32),
+            VIRTIO_MMIO_QUEUE_USED_LOW => queue.map_or(0, |q| q.used_ring() as u32),
+            VIRTIO_MMIO_QUEUE_USED_HIGH => queue.map_or(0, |q| (q.used_ring() >> 32) as u32),
             // No shared memory regions: their length reads as all ones ("no such region").
-            REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH | REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
-            REG_CONFIG_GENERATION => self.device.config_generation(),
+            VIRTIO_MMIO_SHM_LEN_LOW
+            | VIRTIO_MMIO_SHM_LEN_HIGH
+            | VIRTIO_MMIO_SHM_BASE_LOW
+            | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.device.config_generation(),
             _ => 0,
         }
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
+        let Ok(offset) = u32::try_from(offset) else {
+            return;
+        };
         match offset {
-            REG_DEVICE_FEATURES_SEL => self.device_features_select = value,
-            REG_DRIVER_FEATURES => {
-                let negotiating = self.status & STATUS_DRIVER != 0
-                    && self.status & (STATUS_FEATURES_OK | STATUS_FAILED) == 0;
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_select = value,
+            VIRTIO_MMIO_DRIVER_FEATURES => {
+                let negotiating = self.status & VIRTIO_CONFIG_S_DRIVER != 0
+                    && self.status & (VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_FAILED) == 0;
                 if !negotiating {
                     return;
                 }
@@ -470,9 +430,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     _ => {}
                 }
             }
-            REG_DRIVER_FEATURES_SEL => self.driver_features_select = value,
-            REG_QUEUE_SEL => self.queue_select = value,
-            REG_QUEUE_NUM => {
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_select = value,
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_select = value,
+            VIRTIO_MMIO_QUEUE_NUM => {
                 if let Some(q) = self.configurable_queue(false) {
                     // Invalid sizes (0, not a power of two, over the max) are ignored.
                     if q.try_set_size(value.try_into().unwrap_or(0)).is_err() {
@@ -480,26 +440,26 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     }
                 }
             }
-            REG_QUEUE_READY => self.set_queue_ready(value),
-            REG_QUEUE_NOTIFY => self.process(value as usize),
-            REG_INTERRUPT_ACK => self.interrupt.ack(value),
-            REG_STATUS => self.set_status(value),
-            REG_QUEUE_DESC_LOW => {
+            VIRTIO_MMIO_QUEUE_READY => self.set_queue_ready(value),
+            VIRTIO_MMIO_QUEUE_NOTIFY => self.process(value as usize),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
+            VIRTIO_MMIO_STATUS => self.set_status(value),
+            VIRTIO_MMIO_QUEUE_DESC_LOW => {
                 self.set_queue_address(|q| q.set_desc_table_address(Some(value), None))
             }
-            REG_QUEUE_DESC_HIGH => {
+            VIRTIO_MMIO_QUEUE_DESC_HIGH => {
                 self.set_queue_address(|q| q.set_desc_table_address(None, Some(value)))
             }
-            REG_QUEUE_DRIVER_LOW => {
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
                 self.set_queue_address(|q| q.set_avail_ring_address(Some(value), None))
             }
-            REG_QUEUE_DRIVER_HIGH => {
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
                 self.set_queue_address(|q| q.set_avail_ring_address(None, Some(value)))
             }
-            REG_QUEUE_DEVICE_LOW => {
+            VIRTIO_MMIO_QUEUE_USED_LOW => {
                 self.set_queue_address(|q| q.set_used_ring_address(Some(value), None))
             }
-            REG_QUEUE_DEVICE_HIGH => {
+            VIRTIO_MMIO_QUEUE_USED_HIGH => {
                 self.set_queue_address(|q| q.set_used_ring_address(None, Some(value)))
             }
             _ => {

@@ -11,7 +11,7 @@ pub mod mmio;
 
 pub use device::{VirtioDevice, VirtioInterrupt};
 pub use mem::{
-    HotplugMemory, RangeState, UnpluggedAccess, VirtioMem, VirtioMemQueue, VirtioMemShared,
+    HotplugMemory, QueueRunner, RangeState, UnpluggedAccess, VirtioMem, VirtioMemShared,
     VIRTIO_ID_MEM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
 };
 pub use mmio::{Interrupt, MmioTransport};
@@ -93,5 +93,7 @@ pub enum Error {
 /// The result type of this module.
 pub type Result<T> = std::result::Result<T, Error>;
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 #[cfg(test)]
 mod tests;

@@ -163,22 +163,13 @@ impl HotplugRegion {
         match &self.fd {
             None => self.advise(a, b, libc::MADV_DONTNEED),
             Some(file) => {
-                let off = (a as u64 * self.layout.block_size) as libc::off_t;
-                let len = self.byte_len(a, b) as libc::off_t;
-                // SAFETY: plain syscall on our own descriptor; punching a hole also unmaps the
-                // freed pages from every shared mapping of the file.
-                let r = unsafe {
-                    libc::fallocate(
-                        file.as_raw_fd(),
-                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                        off,
-                        len,
-                    )
-                };
-                if r != 0 {
-                    return Err(last_err());
-                }
-                Ok(())
+                use rustix::fs::FallocateFlags;
+                let off = a as u64 * self.layout.block_size;
+                let len = self.byte_len(a, b) as u64;
+                // Punching a hole also unmaps the freed pages from every shared mapping of the
+                // file.
+                let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+                Ok(rustix::fs::fallocate(file, flags, off, len)?)
             }
         }
     }

@@ -7,6 +7,7 @@
 //! Content-Length and a JSON body; the server keeps no connection open afterwards.
 #![no_main]
 
+use memory::{GIB, MIB};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -16,9 +17,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use libfuzzer_sys::fuzz_target;
 use vmm::api::{ApiBackend, ApiServer, MemoryStatus, VmInfo};
-
-const GIB: u64 = 1 << 30;
-const MIB: u64 = 1 << 20;
 
 /// A backend whose guest follows at once: every long poll is settled, so none waits.
 struct Mock {

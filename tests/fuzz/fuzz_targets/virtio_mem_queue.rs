@@ -114,7 +114,7 @@ fuzz_target!(|data: &[u8]| {
         GuestAddress(AVAIL_ADDR),
         GuestAddress(USED_ADDR),
     );
-    init(&mut t, features, qsize, d, a, u);
+    driver_init(&mut t, features, qsize, d, a, u);
     assert!(
         t.is_activated(),
         "a well-behaved driver could not start the device"
@@ -219,7 +219,7 @@ fuzz_target!(|data: &[u8]| {
                 drv.used_seen = 0;
                 drv.q.set_avail_idx(0);
                 drv.q.set_used_idx(0);
-                init(&mut t, features, qsize, d, a, u);
+                driver_init(&mut t, features, qsize, d, a, u);
             }
             // Read the configuration space as the driver does.
             10 => {

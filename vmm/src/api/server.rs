@@ -27,6 +27,7 @@ use super::routes::{handle, long_poll_answer, no_hotplug, settled, shutting_down
 use super::socket;
 use super::{ApiBackend, MemoryStatus};
 use crate::event_loop::watch;
+use memory::CreatedPath;
 
 pub use super::routes::{DEFAULT_WAIT_MS, MAX_WAIT_MS};
 pub use super::socket::ApiError;
@@ -85,8 +86,8 @@ struct Conn {
 pub struct ApiServer {
     listener: UnixListener,
     path: PathBuf,
-    /// Device and inode of the socket file we created, so that drop removes only ours.
-    ident: (u64, u64),
+    /// The socket file we created, so that drop removes only ours.
+    socket_file: CreatedPath,
     backend: Arc<dyn ApiBackend>,
     conns: HashMap<u32, Conn>,
     next_id: u32,
@@ -145,11 +146,11 @@ impl ApiServer {
     /// somebody listens on gives [`ApiError::InUse`]; anything else at `path` gives
     /// [`ApiError::NotASocket`]. The socket file is removed when the server is dropped.
     pub fn bind(path: &Path, backend: Arc<dyn ApiBackend>) -> Result<Self, ApiError> {
-        let (listener, ident) = socket::bind(path)?;
+        let (listener, socket_file) = socket::bind(path)?;
         let server = ApiServer {
             listener,
             path: path.to_path_buf(),
-            ident,
+            socket_file,
             backend,
             conns: HashMap::new(),
             next_id: FIRST_CONN,
@@ -512,7 +513,7 @@ impl MutEventSubscriber for ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        socket::remove_if_ours(&self.path, self.ident);
+        let _ = self.socket_file.remove_if_ours();
     }
 }
 

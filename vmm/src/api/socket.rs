@@ -2,9 +2,11 @@
 //! start, and removing only the file this process made.
 
 use std::io::{self, ErrorKind};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+
+use memory::CreatedPath;
 
 /// Errors setting up the API socket.
 #[derive(Debug, thiserror::Error)]
@@ -32,13 +34,13 @@ pub enum ApiError {
     Timer(#[source] io::Error),
 }
 
-/// Binds a UNIX socket at `path` (mode 0600, non-blocking) and returns it with the device and
-/// inode of its file, so that [`remove_if_ours`] removes only that file.
+/// Binds a UNIX socket at `path` (mode 0600, non-blocking) and returns it with its file, which
+/// is removed at the end only if `path` still names it ([`CreatedPath::remove_if_ours`]).
 ///
 /// An existing socket nobody listens on (connecting is refused) is stale and replaced; one
 /// somebody listens on gives [`ApiError::InUse`]; anything else at `path` gives
 /// [`ApiError::NotASocket`].
-pub(crate) fn bind(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiError> {
+pub(crate) fn bind(path: &Path) -> Result<(UnixListener, CreatedPath), ApiError> {
     match std::fs::symlink_metadata(path) {
         Ok(md) if md.file_type().is_socket() => match UnixStream::connect(path) {
             Ok(_) => return Err(ApiError::InUse(path.to_path_buf())),
@@ -60,12 +62,11 @@ pub(crate) fn bind(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiError> 
     let tmp = PathBuf::from(tmp_name);
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp).map_err(|e| ApiError::Bind(path.to_path_buf(), e))?;
-    let setup = || -> io::Result<(u64, u64)> {
+    let setup = || -> io::Result<CreatedPath> {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
         rename_noreplace(&tmp, path)?;
-        let md = std::fs::symlink_metadata(path)?;
-        Ok((md.dev(), md.ino()))
+        CreatedPath::at(path)
     };
     let ident = match setup() {
         Ok(ident) => ident,
@@ -77,36 +78,8 @@ pub(crate) fn bind(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiError> 
     Ok((listener, ident))
 }
 
-/// Removes the socket file at `path` if it still is the one [`bind`] made (`ident`).
-pub(crate) fn remove_if_ours(path: &Path, ident: (u64, u64)) {
-    if let Ok(md) = std::fs::symlink_metadata(path) {
-        if (md.dev(), md.ino()) == ident {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
 /// Renames `from` to `to`, failing (EEXIST) rather than replacing anything at `to`.
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-    };
-    let (from, to) = (c(from)?, c(to)?);
-    // SAFETY: both paths are valid NUL-terminated strings; no memory is written.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    Ok(renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE)?)
 }

@@ -27,7 +27,7 @@ use crate::virtio::{Error, Result};
 
 /// What is populated ahead at a time, aligned in guest physical memory: Linux's memory block
 /// on x86_64, which its driver plugs in one request.
-pub const AHEAD_CHUNK: u64 = 128 << 20;
+pub const AHEAD_CHUNK: u64 = memory::LINUX_MEMORY_BLOCK;
 /// The most memory populated ahead and not plugged at a time: two of Linux's memory blocks,
 /// the one the guest plugs next and the one after.
 pub const AHEAD_MAX: u64 = 2 * AHEAD_CHUNK;

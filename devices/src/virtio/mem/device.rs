@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex};
 use log::debug;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::Queue;
-use vm_memory::{Address, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, GuestMemoryMmap};
 
 use super::hotplug_memory::HotplugMemory;
 use super::metrics::VirtioMemMetrics;
-use super::queue::{Active, Core, QueueSlot, Slot, VirtioMemQueue};
+use super::queue::{Active, Core, QueueRunner, QueueSlot, Slot};
 use super::shared::{SizeState, VirtioMemShared, BUSY_RETRY_MIN};
 use super::spec::*;
 use super::UnpluggedAccess;
@@ -31,28 +31,18 @@ impl<R: HotplugMemory> VirtioMem<R> {
     /// it; `requested_size` must be a multiple of the block size no larger than the region.
     /// Blocks already plugged in the region count as plugged.
     pub fn new(region: Arc<R>, requested_size: u64) -> Result<Self> {
-        let base = region.base().raw_value();
-        let size = region.size();
-        let block_size = region.block_size();
-        let bad = Error::BadRegion {
-            base,
-            size,
-            block_size,
+        let layout = memory::HotplugLayout {
+            base: region.base(),
+            size: region.size(),
+            block_size: region.block_size(),
         };
-        if !block_size.is_power_of_two()
-            || size == 0
-            || size & (block_size - 1) != 0
-            || base & (block_size - 1) != 0
-            || base.checked_add(size).is_none()
-        {
-            return Err(bad);
-        }
+        layout.check(1, "").map_err(|_| Error::BadRegion {
+            base: layout.base.0,
+            size: layout.size,
+            block_size: layout.block_size,
+        })?;
         let shared = Arc::new(VirtioMemShared {
-            layout: memory::HotplugLayout {
-                base: GuestAddress(base),
-                size,
-                block_size,
-            },
+            layout,
             state: Mutex::new(SizeState {
                 requested: 0,
                 plugged: 0,
@@ -106,8 +96,8 @@ impl<R: HotplugMemory> VirtioMem<R> {
     }
 
     /// The handle that runs the request queue off the transport's lock.
-    pub fn queue_runner(&self) -> VirtioMemQueue<R> {
-        VirtioMemQueue(self.core.clone())
+    pub(crate) fn queue_runner(&self) -> QueueRunner<R> {
+        QueueRunner(self.core.clone())
     }
 }
 
@@ -147,7 +137,8 @@ impl<R: HotplugMemory> VirtioDevice for VirtioMem<R> {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        let config = self.core.shared.config_bytes();
+        let config = self.core.shared.config();
+        let config = config.as_slice();
         let Ok(start) = usize::try_from(offset) else {
             return;
         };

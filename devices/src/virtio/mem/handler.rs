@@ -11,20 +11,15 @@ use super::metrics::Timing;
 use super::queue::Core;
 use super::request::*;
 use super::shared::BUSY_RETRY_MIN;
-use super::spec::*;
 use super::RangeState;
 
 impl<R: HotplugMemory> Core<R> {
     pub(super) fn execute(&self, req: Request, m: &mut Timing) -> Response {
         match req.kind {
-            VIRTIO_MEM_REQ_PLUG => self.plug(req.addr, req.nb_blocks, m),
-            VIRTIO_MEM_REQ_UNPLUG => self.unplug(req.addr, req.nb_blocks, m),
-            VIRTIO_MEM_REQ_UNPLUG_ALL => self.unplug_all(m),
-            VIRTIO_MEM_REQ_STATE => self.state(req.addr, req.nb_blocks),
-            other => {
-                warn!("virtio-mem: unknown request type {other}");
-                ERROR
-            }
+            RequestKind::Plug => self.plug(req.addr, req.nb_blocks, m),
+            RequestKind::Unplug => self.unplug(req.addr, req.nb_blocks, m),
+            RequestKind::UnplugAll => self.unplug_all(m),
+            RequestKind::State => self.state(req.addr, req.nb_blocks),
         }
     }
 
@@ -107,18 +102,12 @@ impl<R: HotplugMemory> Core<R> {
             warn!("virtio-mem: STATE of {nb_blocks} blocks at {addr:#x}: invalid range");
             return ERROR;
         };
-        let state = match self.region.state(GuestAddress(addr), len) {
-            Ok(RangeState::Plugged) => VIRTIO_MEM_STATE_PLUGGED,
-            Ok(RangeState::Unplugged) => VIRTIO_MEM_STATE_UNPLUGGED,
-            Ok(RangeState::Mixed) => VIRTIO_MEM_STATE_MIXED,
+        match self.region.state(GuestAddress(addr), len) {
+            Ok(state) => Response::state(state),
             Err(e) => {
                 error!("virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}");
-                return self.busy();
+                self.busy()
             }
-        };
-        Response {
-            kind: VIRTIO_MEM_RESP_ACK,
-            state,
         }
     }
 

@@ -15,6 +15,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::request::{Answer, RequestKind};
+
 /// The time of one request, by phase (nanoseconds), and what it was. The phases inside the
 /// hotplug memory are its own [`memory::OpTimes`].
 #[derive(Debug, Clone, Copy, Default)]
@@ -67,13 +69,13 @@ impl Default for RequestMetrics {
 }
 
 impl RequestMetrics {
-    /// Records one request answered `answer` (a virtio-mem response code) after `total_ns`,
-    /// whose used-buffer interrupt then took `notify_ns`.
-    pub fn record(&self, s: &Sample, answer: u16, total_ns: u64, notify_ns: u64) {
+    /// Records one request answered `answer` after `total_ns`, whose used-buffer interrupt
+    /// then took `notify_ns`.
+    pub fn record(&self, s: &Sample, answer: Answer, total_ns: u64, notify_ns: u64) {
         self.notify_ns.fetch_add(notify_ns, Relaxed);
         self.count.fetch_add(1, Relaxed);
         self.bytes.fetch_add(s.bytes, Relaxed);
-        if let Some(a) = self.answers.get(usize::from(answer)) {
+        if let Some(a) = self.answers.get(answer as usize) {
             a.fetch_add(1, Relaxed);
         }
         self.total_ns.fetch_add(total_ns, Relaxed);
@@ -227,20 +229,21 @@ pub struct VirtioMemMetrics {
 }
 
 impl VirtioMemMetrics {
-    /// The metrics of request type `kind` (unknown types count as invalid).
-    pub fn of(&self, kind: Option<u16>) -> &RequestMetrics {
+    /// The metrics of request type `kind` (`None`: malformed chains and unknown types).
+    pub fn of(&self, kind: Option<RequestKind>) -> &RequestMetrics {
         match kind {
-            Some(super::spec::VIRTIO_MEM_REQ_PLUG) => &self.plug,
-            Some(super::spec::VIRTIO_MEM_REQ_UNPLUG) => &self.unplug,
-            Some(super::spec::VIRTIO_MEM_REQ_UNPLUG_ALL) => &self.unplug_all,
-            Some(super::spec::VIRTIO_MEM_REQ_STATE) => &self.state,
-            _ => &self.invalid,
+            Some(RequestKind::Plug) => &self.plug,
+            Some(RequestKind::Unplug) => &self.unplug,
+            Some(RequestKind::UnplugAll) => &self.unplug_all,
+            Some(RequestKind::State) => &self.state,
+            None => &self.invalid,
         }
     }
 
     /// The metrics as one JSON object: `{"plug": {...}, "unplug": {...}, "unplug_all": {...},
     /// "state": {...}, "invalid": {...}, "ahead": {...}}`, times in nanoseconds.
-    pub fn to_json(&self) -> String {
+    #[cfg(test)]
+    fn to_json(&self) -> String {
         serde_json::to_string(&self.snapshot()).unwrap_or_default()
     }
 
@@ -268,7 +271,7 @@ pub(super) struct Timing {
     /// When the device took the chain off the queue.
     pub(super) start: Instant,
     /// The request type, once parsed.
-    pub(super) kind: Option<u16>,
+    pub(super) kind: Option<RequestKind>,
     pub(super) sample: Sample,
     /// Whether validation time was taken already.
     pub(super) validated: bool,
@@ -316,9 +319,11 @@ mod tests {
                 ahead_wait_ns: 15,
             },
         };
-        m.of(Some(0)).record(&s, 0, 100, 7);
-        m.of(Some(0)).record(&s, 2, 300, 7);
-        m.of(Some(9)).record(&Sample::default(), 3, 5, 0);
+        m.of(Some(RequestKind::Plug))
+            .record(&s, Answer::Ack, 100, 7);
+        m.of(Some(RequestKind::Plug))
+            .record(&s, Answer::Busy, 300, 7);
+        m.of(None).record(&Sample::default(), Answer::Error, 5, 0);
         assert_eq!(m.plug.count(), 2);
         assert_eq!(m.plug.total_ns(), 400);
         assert_eq!(m.invalid.count(), 1);

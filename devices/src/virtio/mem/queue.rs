@@ -8,7 +8,7 @@ use std::time::Instant;
 use log::warn;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::hotplug_memory::HotplugMemory;
 use super::metrics::{Timing, VirtioMemMetrics};
@@ -54,7 +54,7 @@ pub(super) struct QueueSlot {
 }
 
 /// The part of the device its queue runner needs: shared between [`VirtioMem`] (on the
-/// transport's side) and [`VirtioMemQueue`] (on the worker's side).
+/// transport's side) and [`QueueRunner`] (on the worker's side).
 pub(super) struct Core<R: HotplugMemory> {
     pub(super) region: Arc<R>,
     pub(super) shared: Arc<VirtioMemShared>,
@@ -64,15 +64,15 @@ pub(super) struct Core<R: HotplugMemory> {
 
 /// A handle that runs the device's request queue from any thread (the vmm's worker), without
 /// the transport's lock: guest MMIO accesses to the transport never wait for a populate.
-pub struct VirtioMemQueue<R: HotplugMemory>(pub(super) Arc<Core<R>>);
+pub struct QueueRunner<R: HotplugMemory>(pub(super) Arc<Core<R>>);
 
-impl<R: HotplugMemory> Clone for VirtioMemQueue<R> {
+impl<R: HotplugMemory> Clone for QueueRunner<R> {
     fn clone(&self) -> Self {
         Self(self.0.clone())
     }
 }
 
-impl<R: HotplugMemory> VirtioMemQueue<R> {
+impl<R: HotplugMemory> QueueRunner<R> {
     /// Processes what the driver made available, one request at a time. Returns at once when
     /// the device is not activated, or when another thread has the queue out (that thread then
     /// looks at the queue again). An error means the device cannot go on: the transport shows
@@ -88,7 +88,7 @@ impl<R: HotplugMemory> Core<R> {
         memory::lock(&self.queue)
     }
 
-    /// See [`VirtioMemQueue::process`].
+    /// See [`QueueRunner::process`].
     pub(super) fn process(&self) -> Result<()> {
         let (mut active, epoch) = {
             let mut q = self.slot();
@@ -122,8 +122,11 @@ impl<R: HotplugMemory> Core<R> {
             let result = match step {
                 Ok(Some((head, reply))) => {
                     used += 1;
-                    let (kind, sample, answer) =
-                        (reply.timing.kind, reply.timing.sample, reply.response.kind);
+                    let (kind, sample, answer) = (
+                        reply.timing.kind,
+                        reply.timing.sample,
+                        reply.response.answer,
+                    );
                     let len = self.write_reply(&active.mem, reply);
                     let used = active.queue.add_used(&active.mem, head, len);
                     // The service time ends with the answer on the used ring; the interrupt
@@ -184,10 +187,14 @@ impl<R: HotplugMemory> Core<R> {
     /// Carries out the request of one chain; returns the response to write and where.
     fn handle_chain(&self, mem: &GuestMemoryMmap, descs: &[Descriptor], start: Instant) -> Reply {
         let mut timing = Timing::new(start);
-        let response = match self.read_request(mem, descs) {
-            Some(req) => {
+        let response = match self.read_request(mem, descs).map(|w| Request::parse(&w)) {
+            Some(Ok(req)) => {
                 timing.kind = Some(req.kind);
                 self.execute(req, &mut timing)
+            }
+            Some(Err(other)) => {
+                warn!("virtio-mem: unknown request type {other}");
+                ERROR
             }
             None => {
                 warn!("virtio-mem: malformed request chain");
@@ -209,7 +216,7 @@ impl<R: HotplugMemory> Core<R> {
     /// The request of a well-shaped chain: a device-readable descriptor of at least 24 bytes
     /// followed by a device-writable one of at least 10, both in guest memory the device may
     /// access (so that no request is carried out whose answer cannot be delivered).
-    fn read_request(&self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Option<Request> {
+    fn read_request(&self, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Option<VirtioMemReq> {
         let (input, output) = (descs.first()?, descs.get(1)?);
         if input.is_write_only()
             || (input.len() as usize) < REQUEST_SIZE
@@ -221,9 +228,7 @@ impl<R: HotplugMemory> Core<R> {
         {
             return None;
         }
-        let mut bytes = [0u8; REQUEST_SIZE];
-        mem.read_slice(&mut bytes, input.addr()).ok()?;
-        Some(Request::parse(&bytes))
+        mem.read_obj(input.addr()).ok()
     }
 
     /// Writes a reply into guest memory; returns the number of bytes written for the used ring.
@@ -235,7 +240,7 @@ impl<R: HotplugMemory> Core<R> {
             warn!("virtio-mem: response buffer in unplugged hotplug memory");
             return 0;
         }
-        match mem.write_slice(&reply.response.bytes()[..len], addr) {
+        match mem.write_slice(&reply.response.to_wire().as_slice()[..len], addr) {
             Ok(()) => len as u32,
             Err(e) => {
                 warn!("virtio-mem: cannot write the response: {e}");

@@ -8,7 +8,7 @@ use log::error;
 use memory::HotplugLayout;
 use vm_memory::GuestAddress;
 
-use super::spec::CONFIG_SIZE;
+use super::request::VirtioMemConfig;
 use crate::virtio::device::VirtioInterrupt;
 use crate::virtio::{Error, Result};
 
@@ -68,7 +68,7 @@ pub struct VirtioMemShared {
 
 impl VirtioMemShared {
     /// Has `evt` signalled after every change of the requested size.
-    pub fn notify_resize(&self, evt: Arc<vmm_sys_util::eventfd::EventFd>) {
+    pub(crate) fn notify_resize(&self, evt: Arc<vmm_sys_util::eventfd::EventFd>) {
         *memory::lock(&self.resize_evt) = Some(evt);
     }
 
@@ -240,21 +240,18 @@ impl VirtioMemShared {
             state.generation = state.generation.wrapping_add(1);
         }
     }
-    pub(super) fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
+
+    /// The configuration space now.
+    pub(super) fn config(&self) -> VirtioMemConfig {
         let state = self.lock();
-        let mut bytes = [0u8; CONFIG_SIZE];
-        let fields = [
-            (0x00, self.layout.block_size),
-            (0x10, self.layout.base.0),
-            (0x18, self.layout.size),
-            (0x20, state.usable),
-            (0x28, state.plugged),
-            (0x30, state.requested),
-        ];
-        for (offset, value) in fields {
-            bytes[offset..offset + 8].copy_from_slice(&value.to_le_bytes());
+        VirtioMemConfig {
+            block_size: self.layout.block_size.into(),
+            addr: self.layout.base.0.into(),
+            region_size: self.layout.size.into(),
+            usable_region_size: state.usable.into(),
+            plugged_size: state.plugged.into(),
+            requested_size: state.requested.into(),
+            ..Default::default()
         }
-        // node_id (u16 at 0x08) stays 0: VIRTIO_MEM_F_ACPI_PXM is not offered.
-        bytes
     }
 }

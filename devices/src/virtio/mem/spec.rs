@@ -1,7 +1,7 @@
-//! The numbers virtio 1.2 section 5.15 defines for virtio-mem, and the sizes they imply.
+//! The numbers virtio 1.2 section 5.15 defines for virtio-mem (virtio-bindings has none of
+//! them but the device ID), and the sizes they imply.
 
-/// The virtio device ID of virtio-mem.
-pub const VIRTIO_ID_MEM: u32 = 24;
+pub use virtio_bindings::virtio_ids::VIRTIO_ID_MEM;
 /// Feature bit: the device reports an ACPI proximity domain in `node_id` (not offered).
 pub const VIRTIO_MEM_F_ACPI_PXM: u32 = 0;
 /// Feature bit: the driver will not access unplugged memory.

@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::ahead::Ahead;
 use super::hotplug_memory::HotplugMemory;
 use super::metrics::VirtioMemMetrics;
-use super::queue::VirtioMemQueue;
+use super::queue::QueueRunner;
 use super::shared::VirtioMemShared;
 use super::VirtioMem;
 use crate::virtio::{Error, Result};
@@ -27,7 +27,7 @@ const LONGEST_WAIT_MS: i32 = 1000;
 /// The threads of one virtio-mem device: the queue worker and, when asked for, the
 /// populate-ahead thread.
 pub struct VirtioMemWorker<R: HotplugMemory + 'static> {
-    runner: VirtioMemQueue<R>,
+    runner: QueueRunner<R>,
     shared: Arc<VirtioMemShared>,
     region: Arc<R>,
     metrics: Arc<VirtioMemMetrics>,
@@ -131,7 +131,7 @@ impl<R: HotplugMemory + 'static> VirtioMemWorker<R> {
 }
 
 struct QueueWorker<R: HotplugMemory> {
-    runner: VirtioMemQueue<R>,
+    runner: QueueRunner<R>,
     queue_evts: Vec<EventFd>,
     stop: Arc<EventFd>,
     changed: Arc<EventFd>,

@@ -7,18 +7,7 @@
 //! side by side, so that both see the same host; each keeps its best of `reps`, and the spread
 //! (worst / best) is reported with it.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
-
-use serde_json::json;
-use tests::TempDir;
-
-use super::{
-    metrics, mib, patch, raise_hugetlb_pool, secs_str, settle, Delta, Kind, RawMap, Res, Row, Vmm,
-    GIB,
-};
+use super::*;
 
 /// Linux's pattern with the test guest: one 128 MiB request at a time.
 const LINUX_PATTERN: &str = "console=ttyS0 tide.test=mem-follow tide.verify=0 tide.chunk=128M";
@@ -151,8 +140,11 @@ fn one_backend(
 ) -> Res<()> {
     let k = kind.name();
     let raw = raw_1g(kind, reps)?;
-    let dir = TempDir::new("bench-ahead");
-    let (s_with, s_without) = (dir.0.join("with.sock"), dir.0.join("without.sock"));
+    let dir = temp_dir("bench-ahead");
+    let (s_with, s_without) = (
+        dir.as_path().join("with.sock"),
+        dir.as_path().join("without.sock"),
+    );
     let with = Vmm::start_follow_with(tide, &s_with, kind, "8G", LINUX_PATTERN, &[])?;
     let without = Vmm::start_follow_with(
         tide,
