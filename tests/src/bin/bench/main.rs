@@ -9,6 +9,11 @@
 //!    `PATCH /hotplug/memory` to `plugged_size` reaching it (the long poll), and back to 0;
 //! 3. `tide` start to the guest's first serial byte, and the VMM's own resident memory;
 //! 4. the cost of the one KVM memory slot of the hotplug region, by region size;
+//! 5. the resize trace; 6. Linux's own driver (tier 3, `--linux-only` alone);
+//! 7. populate ahead with and without, Linux's pattern, quiet and beside two busy loops at
+//!    nice 0, per backend, alternated (`--ahead-only` alone);
+//! 8. with `--linux-ahead` (alone, or with `--ahead-only`): Linux's own driver with and without
+//!    populate ahead, PATCH to the guest's `MemTotal`;
 //!
 //! and writes `DIR/results.json`, `DIR/results.md`, `DIR/resize.png` (plugged size and host
 //! resident memory over time) and `DIR/resize.csv` (its samples). `--quick` does 1 GiB and one
@@ -217,8 +222,9 @@ fn main() {
             "-h" | "--help" => {
                 println!("usage: bench --out DIR [--quick] [--linux-only] [--ahead-only] [--linux-ahead]");
                 println!("  --linux-only   only Linux's own driver (tier 3)");
-                println!("  --ahead-only   only section 7: populate ahead with and without, quiet and beside two busy loops");
-                println!("  --linux-ahead  also Linux's own driver with and without populate ahead (two more guests)");
+                println!("  --ahead-only   section 7 only: populate ahead with and without, quiet and beside two busy loops");
+                println!("  --linux-ahead  section 8 only: Linux's own driver with and without populate ahead (two guests, needs TIDE_GUEST_DIR);");
+                println!("                 with --ahead-only, sections 7 and 8");
                 return;
             }
             a => {
@@ -251,7 +257,9 @@ fn main() {
 
     let mut rows: Vec<Row> = Vec::new();
     let mut goals = Vec::new();
-    if !linux_only && !ahead_only {
+    // --ahead-only and --linux-ahead pick their sections alone.
+    let picked = ahead_only || linux_ahead;
+    if !linux_only && !picked {
         host_and_test_guest(
             &tide,
             quick,
@@ -263,7 +271,7 @@ fn main() {
         );
     }
 
-    let linux_lines = if ahead_only {
+    let linux_lines = if picked && !linux_only {
         Vec::new()
     } else {
         println!(
@@ -279,7 +287,7 @@ fn main() {
             }
         }
     };
-    if !linux_only {
+    if ahead_only || !(linux_only || linux_ahead) {
         ahead::populate_ahead_section(&tide, reps, &mut rows, &mut goals, &mut skipped);
     }
     if linux_ahead {
