@@ -50,6 +50,9 @@ struct State {
     staged: Vec<Staged>,
     /// The populate ahead under way (without the lock); a PLUG of any of its blocks stops it.
     in_progress: Option<Arc<StageJob>>,
+    /// The last PLUG failed for lack of memory: nothing is populated ahead until one succeeds
+    /// (that memory is the guest's when it tries again).
+    short_of_memory: bool,
 }
 
 /// The hot-pluggable memory of a guest: one `MAP_NORESERVE` reservation of the whole hotplug
@@ -199,6 +202,7 @@ impl HotplugRegion {
                 ahead: Bitmap::new(blocks),
                 staged: Vec::new(),
                 in_progress: None,
+                short_of_memory: false,
             }),
         })
     }
@@ -338,6 +342,7 @@ impl HotplugRegion {
             }
             if let Some(room) = room {
                 if short(Some(room)) {
+                    st.short_of_memory = true;
                     return Err(Error::Populate {
                         addr: addr.0,
                         len,
@@ -366,6 +371,7 @@ impl HotplugRegion {
         }
         if let Err(e) = filled {
             self.roll_back(a, b, st.access);
+            st.short_of_memory |= matches!(e, Fill::Populate(_));
             return Err(match e {
                 Fill::Protect(source) => Error::Protect {
                     addr: addr.0,
@@ -402,6 +408,7 @@ impl HotplugRegion {
         st.transitions = transitions;
         Self::mark_split(&mut st, a, b);
         self.plugged.fetch_add(len, Ordering::AcqRel);
+        st.short_of_memory = false;
         Ok(())
     }
 

@@ -941,6 +941,21 @@ fn hugetlb_plug_elsewhere_gets_the_pages_populated_ahead() {
     assert_eq!(r.ahead_bytes(), 0);
     assert_eq!(r.plugged_bytes(), ahead);
     assert_eq!(read_u64(&r, 2 * GIB + ahead - 8), 0);
+    // A PLUG the pool cannot back fails; until a PLUG succeeds nothing is populated ahead: the
+    // pages left are the guest's when it tries again.
+    let left = free_hugepages();
+    assert!(r.populate(ga(3 * GIB), (left + 1) * 2 * MIB).is_err());
+    assert_eq!(
+        r.populate_ahead_next(4 * GIB, 2 * MIB, 128 * MIB).unwrap(),
+        0
+    );
+    assert_eq!(free_hugepages(), left);
+    r.populate(ga(3 * GIB), 2 * MIB).unwrap();
+    assert_eq!(
+        r.populate_ahead_next(4 * GIB, 2 * MIB, 128 * MIB).unwrap(),
+        2 * MIB
+    );
+    assert_eq!(r.release_ahead(0), 2 * MIB);
     r.discard_all().unwrap();
     assert_eq!(free_hugepages(), free);
 }

@@ -156,8 +156,8 @@ impl HotplugRegion {
     /// first run of them not populated ahead yet, at most up to the next `chunk`-aligned guest
     /// address, and backs it outside the guest's view: a staging mapping on anonymous regions
     /// (moved into place by the PLUG), `fallocate` on the others. The blocks stay unplugged and
-    /// inaccessible. Returns the bytes populated ahead (0: nothing left to do, or a PLUG took
-    /// the job over before any of it was done).
+    /// inaccessible. Returns the bytes populated ahead (0: nothing left to do, a PLUG took the
+    /// job over before any of it was done, or the last PLUG failed for lack of memory).
     ///
     /// The work runs without the region's lock on the background pool, in pieces that do not
     /// start while a PLUG or an UNPLUG is under way. A PLUG of these blocks (or one short of
@@ -170,7 +170,7 @@ impl HotplugRegion {
         let bs = self.layout.block_size;
         let job = {
             let mut st = self.lock();
-            if st.in_progress.is_some() {
+            if st.in_progress.is_some() || st.short_of_memory {
                 return Ok(0);
             }
             let limit = st.bitmap.len().min((usable_end / bs) as usize);
