@@ -91,6 +91,16 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The backend's file system cannot punch holes, so unplugged memory could never be
+    /// given back (ramfs, some FUSE or network file systems).
+    #[error("the {backend} backend cannot give unplugged memory back: its file system does not punch holes (fallocate PUNCH_HOLE): {source}")]
+    NoHolePunch {
+        /// The backend, as given.
+        backend: String,
+        /// The OS error of the probe.
+        #[source]
+        source: io::Error,
+    },
     /// Creating or sizing the backing file failed.
     #[error("cannot create backing file {path:?} of {size:#x} bytes: {source}")]
     File {
@@ -183,6 +193,14 @@ pub enum Error {
         /// The OS error (ENOMEM, EFAULT for a full tmpfs or empty hugetlb pool, ...).
         #[source]
         source: io::Error,
+    },
+    /// The VMM is stopping: the populate stopped between two slices (it was rolled back).
+    #[error("populate of [{addr:#x}, +{len:#x}) stopped: the VMM is stopping")]
+    Stopped {
+        /// First guest physical address of the range.
+        addr: u64,
+        /// Length of the range.
+        len: u64,
     },
     /// Releasing the host memory of a range failed.
     #[error("cannot discard host memory of [{addr:#x}, +{len:#x}): {source}")]

@@ -1,10 +1,9 @@
 //! Populating memory with `madvise`, on a pool of threads pinned one to each CPU.
 //!
-//! Why a pinned pool rather than threads started per call (measured on this project's 2-core
-//! build machine, 128 MiB of warm anonymous memory, median of 7, quiet machine): one thread
-//! 41 ms; two threads started for the call 42 ms (the scheduler kept both on one CPU for most
-//! of the call); two long-lived unpinned threads 22-24 ms; two pinned threads 21-23 ms, the
-//! steadiest, and a hand-off costs tens of microseconds instead of a thread start.
+//! A pinned pool rather than threads started per call: threads started for a call were often
+//! kept on one CPU by the scheduler, pinned long-lived ones were the fastest and steadiest, and a
+//! hand-off costs tens of microseconds instead of a thread start (the measurements behind this
+//! file's constants are in docs/benchmarks.md, "Figures behind the constants").
 
 use std::io;
 use std::sync::mpsc::{self, Sender};
@@ -18,14 +17,12 @@ use crate::sys::{last_err, HUGE_PAGE_SIZE, PAGE_SIZE};
 /// Most threads one populate uses.
 pub const POPULATE_THREADS_MAX: usize = 16;
 
-/// The smallest piece worth its own thread when the memory has 4 KiB pages: zeroing and
-/// mapping 4 KiB pages runs at about 3 GiB/s a core here, so 1 MiB is ~300 us against a
-/// hand-off of ~50-100 us (2 MiB: one thread 0.59 ms, two 0.43 ms).
+/// The smallest piece worth its own thread when the memory has 4 KiB pages: several times the
+/// cost of a hand-off to a pool thread.
 pub const PIECE_MIN_SMALL_PAGES: u64 = 1 << 20;
 
 /// The smallest piece worth its own thread when the memory has 2 MiB pages (THP, hugetlb):
-/// huge pages populate at about 20 GiB/s a core here, so one thread is faster up to 16 MiB
-/// (0.45 ms either way) and two win from 32 MiB (0.96 against 1.21 ms).
+/// below it one thread is as fast as two.
 pub const PIECE_MIN_HUGE_PAGES: u64 = 16 << 20;
 
 /// Who waits for a populate.

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -25,12 +25,17 @@ use crate::sys::{
 use crate::{aligned, Error, Result};
 
 mod ahead;
+mod discard;
+#[cfg(test)]
+mod fail;
 mod limits;
 mod reservation;
+mod unplugged;
 
 use ahead::{Fill, StageJob, Staged};
 pub use reservation::RegionOptions;
 use reservation::{reserve, Reserved};
+use unplugged::access_code;
 
 struct State {
     bitmap: Bitmap,
@@ -73,10 +78,23 @@ pub struct HotplugRegion {
     plugged: AtomicU64,
     /// Bytes populated ahead (not plugged).
     ahead: AtomicU64,
+    /// Bytes of a populate ahead of an fd backend under way (allocated in part, not yet in
+    /// `ahead`): never counted as resident.
+    ahead_inflight: AtomicU64,
     /// Whether populate ahead may be used (not on anon with `vm.overcommit_memory=2`, where a
     /// staging mapping would be charged and its charge would move into the region).
     ahead_ok: bool,
     state: Mutex<State>,
+    /// `state.access`, readable without the lock ([`access_code`]).
+    access_now: AtomicU8,
+    /// An access change asked for while the lock was held by a populate
+    /// ([`HotplugRegion::set_unplugged_access`]); whoever takes the lock next makes it. 0: none.
+    access_wanted: AtomicU8,
+    /// Set by [`HotplugRegion::stop_populates`]: populates stop at their next slice.
+    stopping: AtomicBool,
+    /// Populates and discards begun so far, and those under way ([`Self::changes`]).
+    changes_begun: AtomicU64,
+    changes_running: AtomicU64,
 }
 
 impl fmt::Debug for HotplugRegion {
@@ -104,6 +122,20 @@ pub struct OpTimes {
     pub ahead_bytes: u64,
     /// Waiting for a populate ahead of the range that was under way when the PLUG came.
     pub ahead_wait_ns: u64,
+}
+
+/// How much of a PLUG is populated between two checks for a stop
+/// ([`HotplugRegion::stop_populates`]): a few tens of milliseconds of 4 KiB pages at the
+/// populate rates of docs/benchmarks.md.
+pub const POPULATE_SLICE: u64 = 64 << 20;
+
+/// A populate or discard under way ([`HotplugRegion::changes`]).
+pub(super) struct ChangeGuard<'a>(&'a HotplugRegion);
+
+impl Drop for ChangeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.changes_running.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn ns_since(t: Instant) -> u64 {
@@ -190,7 +222,13 @@ impl HotplugRegion {
             budget,
             plugged: AtomicU64::new(0),
             ahead: AtomicU64::new(0),
+            ahead_inflight: AtomicU64::new(0),
             ahead_ok,
+            access_now: AtomicU8::new(access_code(UnpluggedAccess::default())),
+            access_wanted: AtomicU8::new(0),
+            stopping: AtomicBool::new(false),
+            changes_begun: AtomicU64::new(0),
+            changes_running: AtomicU64::new(0),
             state: Mutex::new(State {
                 bitmap: Bitmap::new(blocks),
                 transitions: 0,
@@ -252,8 +290,36 @@ impl HotplugRegion {
         self.budget
     }
 
+    /// The state's lock; an access change asked for while a populate held it is made first.
     fn lock(&self) -> MutexGuard<'_, State> {
-        crate::lock(&self.state)
+        let mut st = crate::lock(&self.state);
+        self.apply_wanted_access(&mut st);
+        st
+    }
+
+    /// From now on every populate (a PLUG's) stops at its next slice ([`POPULATE_SLICE`]),
+    /// rolls back and fails with [`Error::Stopped`]: the VMM's stop never waits for a big one.
+    pub fn stop_populates(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    pub(super) fn stop_requested(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// (populates and discards begun so far, those under way now): a measurement of resident
+    /// memory taken between two equal readings with none under way saw no change in flight.
+    pub fn changes(&self) -> (u64, u64) {
+        // Running first: a change that begins in between shows in `begun`.
+        let running = self.changes_running.load(Ordering::SeqCst);
+        (self.changes_begun.load(Ordering::SeqCst), running)
+    }
+
+    /// Counts a populate or discard from now until the guard drops.
+    pub(super) fn change(&self) -> ChangeGuard<'_> {
+        self.changes_running.fetch_add(1, Ordering::SeqCst);
+        self.changes_begun.fetch_add(1, Ordering::SeqCst);
+        ChangeGuard(self)
     }
 
     /// Checks a guest range and returns its block indices `[first, end)`.
@@ -310,6 +376,7 @@ impl HotplugRegion {
     /// pieces in flight waited for, and the rest populated here. When the host is short of
     /// memory, what is populated ahead for other blocks is given back before failing.
     pub fn populate_timed(&self, addr: GuestAddress, len: u64, times: &mut OpTimes) -> Result<()> {
+        let _change = self.change();
         let (a, b) = self.check(addr, len)?;
         let _foreground = Foreground::enter();
         let mut st = self.lock();
@@ -373,6 +440,7 @@ impl HotplugRegion {
             self.roll_back(a, b, st.access);
             st.short_of_memory |= matches!(e, Fill::Populate(_));
             return Err(match e {
+                Fill::Stopped => Error::Stopped { addr: addr.0, len },
                 Fill::Protect(source) => Error::Protect {
                     addr: addr.0,
                     len,
@@ -412,87 +480,6 @@ impl HotplugRegion {
         Ok(())
     }
 
-    /// Discards blocks `[a, b)`, all plugged, with the lock held.
-    fn discard_locked(
-        &self,
-        st: &mut State,
-        a: usize,
-        b: usize,
-        transitions: u64,
-        times: &mut OpTimes,
-    ) -> Result<()> {
-        let addr = self.guest_addr(a);
-        let len = self.byte_len(a, b) as u64;
-        // The listeners stop using the range before its memory goes.
-        for (_, l) in &st.listeners {
-            l.on_discard(GuestAddress(addr), len);
-        }
-        // Discarded, made inaccessible, discarded again: protecting populated pages costs a
-        // third of the discard itself (128 MiB of 4 KiB pages here: mprotect 3.8 ms, then
-        // MADV_DONTNEED 9.5 ms), protecting discarded ones ~10 us; the second discard, as cheap,
-        // frees what a guest still writing to the blocks (a vCPU of a driver that unplugs while
-        // using them) allocated between the first and the protection.
-        let t = Instant::now();
-        let released = self.release(a, b);
-        times.syscall_ns += ns_since(t);
-        let t = Instant::now();
-        let protected = self.protect(a, b, st.access.prot());
-        times.protect_ns += ns_since(t);
-        let t = Instant::now();
-        let released = released.and(self.release(a, b));
-        times.syscall_ns += ns_since(t);
-        st.bitmap.set_range(a, b, false);
-        st.transitions = transitions;
-        Self::mark_split(st, a, b);
-        self.plugged.fetch_sub(len, Ordering::AcqRel);
-        released.map_err(|source| Error::Discard { addr, len, source })?;
-        protected.map_err(|source| Error::Protect { addr, len, source })
-    }
-
-    /// Unplugs `[addr, addr + len)`: tells the listeners, gives the host memory back
-    /// (`MADV_DONTNEED` or a punched hole), re-protects it per [`UnpluggedAccess`] and gives
-    /// back what a write racing with the protection may have allocated.
-    ///
-    /// The range must be non-empty, block aligned, inside the region and wholly plugged.
-    pub fn discard(&self, addr: GuestAddress, len: u64) -> Result<()> {
-        self.discard_timed(addr, len, &mut OpTimes::default())
-    }
-
-    /// [`HotplugRegion::discard`], adding where its time went to `times`.
-    pub fn discard_timed(&self, addr: GuestAddress, len: u64, times: &mut OpTimes) -> Result<()> {
-        let (a, b) = self.check(addr, len)?;
-        let _foreground = Foreground::enter();
-        let mut st = self.lock();
-        if st.bitmap.count(a, b) != b - a {
-            return Err(Error::NotPlugged { addr: addr.0, len });
-        }
-        let transitions = self.check_budget(&st, a, b, false, 0)?;
-        self.discard_locked(&mut st, a, b, transitions, times)
-    }
-
-    /// Unplugs everything that is plugged, run by run. Returns the first error, after trying
-    /// every run.
-    pub fn discard_all(&self) -> Result<()> {
-        self.discard_all_timed(&mut OpTimes::default())
-    }
-
-    /// [`HotplugRegion::discard_all`], adding where its time went to `times`.
-    pub fn discard_all_timed(&self, times: &mut OpTimes) -> Result<()> {
-        let _foreground = Foreground::enter();
-        let mut st = self.lock();
-        let mut result = Ok(());
-        for (a, b) in st.bitmap.runs(true) {
-            // Discarding a whole run only merges runs, so it never exceeds the budget.
-            let t = st.transitions - st.bitmap.window_transitions(a, b)
-                + st.bitmap.window_transitions_if(a, b, false);
-            let r = self.discard_locked(&mut st, a, b, t, times);
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        result
-    }
-
     /// The plug state of `[addr, addr + len)`, validated like [`HotplugRegion::populate`].
     pub fn state(&self, addr: GuestAddress, len: u64) -> Result<RangeState> {
         let (a, b) = self.check(addr, len)?;
@@ -505,37 +492,6 @@ impl HotplugRegion {
         } else {
             RangeState::Mixed
         })
-    }
-
-    /// How unplugged blocks are currently protected.
-    pub fn unplugged_access(&self) -> UnpluggedAccess {
-        self.lock().access
-    }
-
-    /// Changes how unplugged blocks are protected, re-protecting every unplugged run. On
-    /// failure the runs already changed are set back and the old access stays.
-    pub fn set_unplugged_access(&self, access: UnpluggedAccess) -> Result<()> {
-        let mut st = self.lock();
-        if st.access == access {
-            return Ok(());
-        }
-        let runs = st.bitmap.runs(false);
-        for (i, &(a, b)) in runs.iter().enumerate() {
-            if let Err(source) = self.protect(a, b, access.prot()) {
-                for &(a, b) in &runs[..i] {
-                    if let Err(e) = self.protect(a, b, st.access.prot()) {
-                        error!("restoring protection of unplugged blocks failed: {e}");
-                    }
-                }
-                return Err(Error::Protect {
-                    addr: self.guest_addr(a),
-                    len: self.byte_len(a, b) as u64,
-                    source,
-                });
-            }
-        }
-        st.access = access;
-        Ok(())
     }
 
     /// Registers a listener and replays every plugged run to it through

@@ -11,7 +11,9 @@
  *
  * Command line (Linux's boot_params.hdr.cmd_line_ptr):
  *   tide.test=hang | triple | flood | mem-follow | mem-hostile | mem-touch-unplugged | mem-busy
- *             | mem-reset | mem-read-unplugged  (flood: prints lines on the console for ever)
+ *             | mem-reset | mem-read-unplugged | mem-log-flood | mem-failed
+ *             (flood: prints lines on the console for ever; mem-failed: the driver sets FAILED)
+ *   tide.exit=<n>                            write n to the debug-exit port 0xf4 after the boot facts
  *   virtio_mmio.device=<size>@<addr>:<irq>   (Linux syntax; may appear several times)
  *   tide.accept_inaccessible=0               do not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
  *   tide.exit_at_zero=1                      mem-follow: power off once requested and plugged are 0
@@ -1535,15 +1537,51 @@ __attribute__((noreturn)) static void scenario_read_unplugged(void)
     scenario_follow();
 }
 
+/* Makes the device log as fast as it can: an invalid (misaligned) PLUG and an out-of-order
+ * status write per round, for ever.  Every 1024 rounds it prints how many requests were answered,
+ * so a host test sees that the device keeps answering whatever happens to Tide's log. */
+__attribute__((noreturn)) static void scenario_log_flood(void)
+{
+    u64 a = cfg.addr, bs = cfg.block_size;
+    hostile = 1;
+    say_line("log-flood: flooding the device with invalid requests");
+    for (u64 n = 1;; n++) {
+        struct vmem_result r = vmem_request(REQ_PLUG, a + (bs > 4096 ? 4096 : bs / 2), 1);
+        if (r.type != RESP_ERROR) {
+            say("log-flood: unexpected answer ");
+            puts_(resp_name(r.type));
+            nl();
+            power_off();
+        }
+        mw(VM_STATUS, ST_ACK); /* clears bits: refused and logged by the transport */
+        if (!(n % 1024)) {
+            say("log-flood: ");
+            put_dec(n);
+            puts_(" requests answered");
+            nl();
+        }
+    }
+}
+
 static void virtio_mem_main(void)
 {
     int want = param_is("tide.test", "mem-follow") || param_is("tide.test", "mem-hostile") ||
                param_is("tide.test", "mem-touch-unplugged") || param_is("tide.test", "mem-busy") ||
-               param_is("tide.test", "mem-reset") || param_is("tide.test", "mem-read-unplugged");
+               param_is("tide.test", "mem-reset") || param_is("tide.test", "mem-read-unplugged") ||
+               param_is("tide.test", "mem-log-flood") || param_is("tide.test", "mem-failed");
     if (!find_device()) {
         if (want)
             fail("no virtio-mem device (virtio_mmio.device=) on the command line");
         return;
+    }
+    if (param_is("tide.test", "mem-failed")) {
+        /* A driver that gives up during its probe, as Linux's does when the probe fails. */
+        mw(VM_STATUS, 0);
+        mw(VM_STATUS, ST_ACK);
+        mw(VM_STATUS, ST_ACK | ST_DRIVER);
+        say_line("virtio-mem: driver gives up: status FAILED");
+        mw(VM_STATUS, ST_ACK | ST_DRIVER | ST_FAILED);
+        power_off();
     }
     irq_init(mmio_irq);
     device_init();
@@ -1557,6 +1595,8 @@ static void virtio_mem_main(void)
         scenario_reset();
     if (param_is("tide.test", "mem-read-unplugged"))
         scenario_read_unplugged();
+    if (param_is("tide.test", "mem-log-flood"))
+        scenario_log_flood();
     scenario_follow();
 }
 
@@ -1580,6 +1620,16 @@ void guest_main(u64 boot_params)
 
     report_e820(boot_params);
 
+    const char *exit_code = find_param("tide.exit");
+    if (exit_code) {
+        u64 n = parse_num(&exit_code, 0);
+        say("debug-exit ");
+        put_dec(n);
+        nl();
+        outb(0xf4, (u8)n);
+        say_line("debug-exit returned (the VM was not stopped)");
+        power_off();
+    }
     if (param_is("tide.test", "hang")) {
         say_line("hanging (hlt with interrupts off)");
         halt_forever();

@@ -1,11 +1,19 @@
 //! `tide`: the command line. It only parses into a [`vmm::VmmConfig`] (or an API request) and
 //! hands over; errors print as one line with their cause chain.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{HotplugConfig, KernelConfig, MachineConfig, VmmConfig, DEFAULT_CMDLINE};
+use vmm::exit_status::TIDE_ERROR;
+
+/// Tide's own error as the process's exit status.
+fn tide_error() -> ExitCode {
+    ExitCode::from(TIDE_ERROR as u8)
+}
 
 /// Tide: a minimal KVM VMM whose guest memory grows and shrinks through virtio-mem.
 #[derive(Parser, Debug)]
@@ -18,6 +26,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a guest and run it until it powers off or resets.
+    #[command(after_help = vmm::exit_status::TABLE)]
     Run(RunArgs),
     /// Talk to a running tide over its API socket.
     Ctl(vmm::api::client::CtlArgs),
@@ -72,22 +81,24 @@ struct RunArgs {
     /// Log level: error, warn, info, debug.
     #[arg(long, default_value = "warn", value_parser = level)]
     log_level: log::LevelFilter,
+    /// Run this shell command in the project's guest (resources/build-guest.sh; its /init reads
+    /// tide.exec=), stream its output, power off and exit with its status.
+    #[arg(long, value_name = "CMD")]
+    exec: Option<String>,
+    /// Stop the guest after this long (90s, 5m, 1h; plain number: seconds), print where its vCPUs
+    /// were and exit with 124.
+    #[arg(long, value_name = "DURATION", value_parser = vmm::config::parse_duration)]
+    timeout: Option<std::time::Duration>,
 }
 
-/// Hand-written rather than env_logger: ten lines for the one `tide: level: message` format
-/// users and tests read, where env_logger would need a custom formatter and more dependencies.
-struct StderrLogger;
+/// Longest time the exit waits for the log sink to write what it holds (a stderr nobody reads
+/// must not hold the exit).
+const LOG_DRAIN: Duration = Duration::from_millis(250);
 
-impl log::Log for StderrLogger {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::max_level()
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            eprintln!("tide: {}: {}", r.level().as_str().to_lowercase(), r.args());
-        }
-    }
-    fn flush(&self) {}
+/// Lets the log sink write its last lines (bounded by [`LOG_DRAIN`]), then exits with `code`.
+fn finish(code: ExitCode) -> ExitCode {
+    vmm::logger::drain(LOG_DRAIN);
+    code
 }
 
 fn main() -> ExitCode {
@@ -106,14 +117,21 @@ fn main() -> ExitCode {
             }
             let text = e.to_string();
             let line = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("tide: {}", line.trim_start_matches("error: ").trim());
-            return ExitCode::from(2);
+            let _ = writeln!(
+                std::io::stderr(),
+                "tide: {}",
+                line.trim_start_matches("error: ").trim()
+            );
+            return tide_error();
         }
     };
     match cli.command {
         Command::Run(a) => {
-            let _ = log::set_logger(&StderrLogger);
-            log::set_max_level(a.log_level);
+            // Every line to stderr from here on goes through the log sink, which never blocks.
+            if let Err(e) = vmm::logger::init(a.log_level) {
+                let _ = writeln!(std::io::stderr(), "tide: error: cannot start logging: {e}");
+                return tide_error();
+            }
             if a.hotplug_size == 0 {
                 let unused = [
                     ("--requested", a.requested.is_some()),
@@ -122,22 +140,31 @@ fn main() -> ExitCode {
                     ("--no-thp", a.no_thp),
                 ];
                 if let Some((opt, _)) = unused.iter().find(|(_, given)| *given) {
-                    eprintln!(
+                    vmm::logger::line(&format!(
                         "tide: {opt} has no effect without a hotplug region (--hotplug-size)"
-                    );
-                    return ExitCode::from(2);
+                    ));
+                    return finish(tide_error());
                 }
+            }
+            let mut cmdline = a.cmdline;
+            if let Some(cmd) = &a.exec {
+                if cmd.trim().is_empty() {
+                    vmm::logger::line("tide: --exec needs a command");
+                    return finish(tide_error());
+                }
+                cmdline.push(' ');
+                cmdline.push_str(&vmm::config::exec_param(cmd));
             }
             // SIGTERM, SIGINT and SIGHUP stop the VM like PUT /vm/shutdown from here on.
             if let Err(e) = vmm::signals::install() {
-                eprintln!("tide: error: cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
+                vmm::logger::line(&format!("tide: error: cannot install signal handlers: {e}"));
+                return finish(tide_error());
             }
             let config = VmmConfig {
                 kernel: KernelConfig {
                     path: a.kernel,
                     initrd: a.initrd,
-                    cmdline: a.cmdline,
+                    cmdline,
                 },
                 machine: MachineConfig {
                     cpus: a.cpus,
@@ -152,28 +179,36 @@ fn main() -> ExitCode {
                     populate_ahead: !a.no_populate_ahead,
                 },
                 api_socket: a.api_socket,
+                timeout: a.timeout,
             };
-            match vmm::Vmm::new(config).and_then(|v| v.run()) {
+            let code = match vmm::Vmm::new(config).and_then(|v| v.run()) {
                 Ok(exit) => {
                     log::info!("{}", exit.reason);
                     if exit.code != 0 {
-                        eprintln!("tide: {}", exit.reason);
+                        vmm::logger::line(&format!("tide: {}", exit.reason));
                     }
                     if let Some(report) = &exit.report {
-                        eprintln!("{report}");
+                        for l in report.lines() {
+                            vmm::logger::line(l);
+                        }
                     }
                     ExitCode::from(exit.code.clamp(0, 255) as u8)
                 }
                 Err(e) => {
-                    eprintln!("tide: error: {}", vmm::error_chain(&e));
-                    ExitCode::FAILURE
+                    vmm::logger::line(&format!("tide: error: {}", vmm::error_chain(&e)));
+                    tide_error()
                 }
-            }
+            };
+            finish(code)
         }
         Command::Ctl(a) => match vmm::api::client::run(a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("tide ctl: error: {}", vmm::error_chain(&e));
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "tide ctl: error: {}",
+                    vmm::error_chain(&e)
+                );
                 ExitCode::FAILURE
             }
         },

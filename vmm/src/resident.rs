@@ -2,7 +2,7 @@
 //!
 //! For anon, the only per-region figure is the `Rss` of `/proc/self/smaps`, a walk of the
 //! region's page tables under the mmap lock (tens of milliseconds with gigabytes plugged in
-//! 4 KiB pages: 13 ms for 1 GiB here). A `resident` thread, at background priority, takes that
+//! 4 KiB pages: docs/memory.md, "Cheap status"). A `resident` thread, at background priority, takes that
 //! reading when a status request finds it older than [`MAX_AGE`] and when a settled long poll
 //! finds it older than the last plug or unplug, pausing four times a walk's duration between
 //! walks (at least [`MIN_PAUSE`], at most [`MAX_PAUSE`]); status requests return the latest
@@ -45,6 +45,9 @@ struct Inner {
     /// reading is current only if the count has not moved since it started.
     seen_plugged: AtomicU64,
     taken: Mutex<Option<Instant>>,
+    /// The latest reading taken with no populate or discard under way: (value, plugged bytes
+    /// then, when). A status moves it by what was plugged since ([`ResidentSampler::current`]).
+    clean: Mutex<Option<(u64, u64, Instant)>>,
     want: Mutex<Want>,
     cv: Condvar,
 }
@@ -88,6 +91,7 @@ impl ResidentSampler {
             seen: AtomicU64::new(u64::MAX),
             seen_plugged: AtomicU64::new(u64::MAX),
             taken: Mutex::new(None),
+            clean: Mutex::new(None),
             want: Mutex::new(Want {
                 dirty: true,
                 stop: false,
@@ -121,6 +125,26 @@ impl ResidentSampler {
             }
         }
         self.inner.value.load(Ordering::SeqCst)
+    }
+
+    /// A current figure: the latest reading taken with no populate or discard under way, moved
+    /// by what was plugged or unplugged since (Tide populates every plugged block and discards
+    /// every unplugged one), and how old that reading is. Before the first such reading: the
+    /// latest reading as it is, and `None`. With `refresh`, asks for a new reading if the
+    /// latest is older than [`MAX_AGE`].
+    pub fn current(&self, refresh: bool) -> (u64, Option<Duration>) {
+        let value = self.get(refresh);
+        let i = &self.inner;
+        let Some((v, at, taken)) = *memory::lock(&i.clean) else {
+            return (value, None);
+        };
+        let now = self.region.plugged_bytes();
+        let value = if now >= at {
+            v.saturating_add(now - at)
+        } else {
+            v.saturating_sub(at - now)
+        };
+        (value, Some(taken.elapsed()))
     }
 
     /// Whether the latest reading was taken after every plug and unplug so far; when it was
@@ -160,8 +184,17 @@ fn sample(i: &Inner, region: &HotplugRegion, done: Option<&EventFd>) {
         let now = Instant::now();
         let changes = i.changes.load(Ordering::SeqCst);
         let plugged = region.plugged_bytes();
+        let before = region.changes();
         match region.resident_bytes() {
-            Ok(v) => i.value.store(v, Ordering::SeqCst),
+            Ok(v) => {
+                i.value.store(v, Ordering::SeqCst);
+                // A populate under way during the walk shows in part of the memory and not
+                // in the plugged count yet: only a reading with none is a base for `current`.
+                let after = region.changes();
+                if before == after && before.1 == 0 && region.plugged_bytes() == plugged {
+                    *memory::lock(&i.clean) = Some((v, plugged, now));
+                }
+            }
             Err(e) => log::debug!("resident bytes: {e}"),
         }
         i.seen_plugged.store(plugged, Ordering::SeqCst);

@@ -10,6 +10,7 @@ use vmm_sys_util::terminal::Terminal;
 
 use crate::api::{ApiBackend, MemoryStatus, VmInfo};
 use crate::event_loop::{ConsoleInput, StopSources};
+use crate::exit_status;
 use crate::resident::ResidentSampler;
 use crate::vcpu::{self, RunState, VmExit};
 use crate::{Error, Result, Vmm};
@@ -36,11 +37,13 @@ struct Control {
 impl Control {
     fn status(&self, refresh: bool) -> Option<MemoryStatus> {
         let (shared, region, _) = self.mem.as_ref()?;
-        let resident_bytes = match &self.sampler {
-            Some(s) => s.get(refresh),
-            // One fstat.
-            None if region.resident_bytes_is_cheap() => region.resident_bytes().unwrap_or(0),
-            None => 0,
+        let (resident_bytes, resident_age) = match &self.sampler {
+            Some(s) => s.current(refresh),
+            // One fstat, now.
+            None if region.resident_bytes_is_cheap() => {
+                (region.resident_bytes().unwrap_or(0), Some(Duration::ZERO))
+            }
+            None => (0, None),
         };
         // One lock: the sizes are of one instant.
         let sizes = shared.status();
@@ -52,6 +55,7 @@ impl Control {
             usable_region_size: sizes.usable_region_size,
             backend: region.backend().to_string(),
             resident_bytes,
+            resident_age_ms: resident_age.map(|d| d.as_millis() as u64),
             ahead_bytes: region.ahead_bytes(),
         })
     }
@@ -74,7 +78,25 @@ impl ApiBackend for Control {
 
     fn metrics(&self) -> Option<serde_json::Value> {
         let (_, _, metrics) = self.mem.as_ref()?;
-        serde_json::to_value(metrics.snapshot()).ok()
+        let mut v = serde_json::to_value(metrics.snapshot()).ok()?;
+        if let Some(o) = v.as_object_mut() {
+            // What the rate limit and the log sink kept out of the log.
+            let kinds: serde_json::Map<String, serde_json::Value> = devices::guest_log::counts()
+                .into_iter()
+                .map(|k| {
+                    let v = serde_json::json!({"count": k.count, "logged": k.logged});
+                    (k.kind.to_string(), v)
+                })
+                .collect();
+            o.insert(
+                "log".into(),
+                serde_json::json!({
+                    "dropped_lines": crate::logger::dropped(),
+                    "guest_messages": kinds,
+                }),
+            );
+        }
+        Some(v)
     }
 
     fn resize(&self, requested_size: u64) -> std::result::Result<(), crate::api::BackendError> {
@@ -124,8 +146,9 @@ impl Drop for RawStdin {
 }
 
 impl Vmm {
-    /// Runs the VM until the guest powers off or resets, a fault stops it, or the API shuts it
-    /// down. Returns why it stopped.
+    /// Runs the VM until the guest powers off or resets, a fault stops it, the API shuts it
+    /// down or the timeout is reached. Returns why it stopped, with the exit status of
+    /// [`crate::exit_status`].
     pub fn run(mut self) -> Result<VmExit> {
         vcpu::install_kick_handler()?;
         let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> =
@@ -178,16 +201,35 @@ impl Vmm {
             match v.start() {
                 Ok(h) => handles.push(h),
                 Err(e) => {
-                    self.state.request_exit(1, format!("{e}"));
+                    self.state
+                        .request_exit(exit_status::TIDE_ERROR, format!("{e}"));
                     break;
                 }
             }
         }
+        let deadline = self.config.timeout.map(|t| (t, Instant::now() + t));
         while !self.state.stopping() {
-            if let Err(e) = em.run_with_timeout(200) {
-                self.state
-                    .request_exit(1, format!("event loop failed: {e:?}"));
+            let mut wait_ms = 200;
+            if let Some((t, end)) = deadline {
+                let left = end.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    self.state.request_exit_reporting_vcpus(
+                        exit_status::TIMEOUT,
+                        format!("--timeout {t:?} reached: the guest was stopped"),
+                    );
+                    break;
+                }
+                // Rounded up: never wakes before the deadline to spin.
+                wait_ms = wait_ms.min(left.as_micros().div_ceil(1000) as i32);
             }
+            if let Err(e) = em.run_with_timeout(wait_ms) {
+                self.state
+                    .request_exit(exit_status::TIDE_ERROR, format!("event loop failed: {e:?}"));
+            }
+        }
+        // A PLUG being populated stops at its next slice: the stop never waits for it.
+        if let Some(dev) = &self.mem_device {
+            dev.region().stop_populates();
         }
         // Answer what the API still has pending (parked long polls get 503 "shutting down"),
         // bounded: a client that does not read cannot hold the stop.
@@ -202,21 +244,39 @@ impl Vmm {
             }
         }
         vcpu::stop_vcpus(handles);
+        let mut exit = self.state.exit().unwrap_or(VmExit {
+            code: exit_status::SUCCESS,
+            reason: "stopped".into(),
+            report: None,
+        });
+        if let Some(vcpus) = self.state.take_vcpu_reports() {
+            exit.report = Some(match exit.report.take() {
+                Some(r) => format!("{r}\n{vcpus}"),
+                None => vcpus,
+            });
+        }
         if let Some(dev) = self.mem_device.as_mut() {
             dev.stop();
+            if let Some(failure) = dev.driver_failure() {
+                if exit.code == exit_status::SUCCESS {
+                    exit.reason = format!("{failure} (and then {})", exit.reason);
+                    exit.code = exit_status::DRIVER_FAILED;
+                } else {
+                    log::warn!("{failure}");
+                }
+            }
         }
         // Guest output still buffered goes out if stdout takes it soon; never waits longer.
         if !self.console.drain(CONSOLE_DRAIN) {
             log::warn!("console: stdout is not being read; buffered guest output dropped");
         }
+        if let Some(line) = devices::guest_log::summary() {
+            log::warn!("{line}");
+        }
         let dropped = self.console.dropped();
         if dropped > 0 {
             log::warn!("console: {dropped} bytes of guest output dropped (stdout was not read)");
         }
-        Ok(self.state.exit().unwrap_or(VmExit {
-            code: 0,
-            reason: "stopped".into(),
-            report: None,
-        }))
+        Ok(exit)
     }
 }

@@ -9,7 +9,9 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use log::{debug, error, warn};
+use log::{debug, error, warn, Level};
+
+use crate::guest_log;
 use virtio_bindings::virtio_config::*;
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
@@ -127,6 +129,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     status: u32,
     needs_reset: bool,
     activated: bool,
+    /// FAILED and DEVICE_NEEDS_RESET as the status register showed them before resets.
+    failures_before_reset: u32,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -154,6 +158,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             status: 0,
             needs_reset: false,
             activated: false,
+            failures_before_reset: 0,
         })
     }
 
@@ -182,6 +187,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
             }
     }
 
+    /// The FAILED and DEVICE_NEEDS_RESET bits the status register has shown, resets included.
+    pub fn failures_seen(&self) -> u32 {
+        (self.failures_before_reset | self.status())
+            & (VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET)
+    }
+
     /// Whether the device was activated (the driver set `DRIVER_OK` and activation succeeded).
     pub fn is_activated(&self) -> bool {
         self.activated
@@ -191,7 +202,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// the queue. Out-of-range indices are ignored.
     pub fn handle_queue_event(&mut self, index: usize) {
         let Some(evt) = self.queue_evts.get(index) else {
-            warn!("virtio-mmio: event for nonexistent queue {index}");
+            guest_log!(
+                Level::Warn,
+                "virtio-mmio bad queue event",
+                "virtio-mmio: event for nonexistent queue {index}"
+            );
             return;
         };
         if let Err(e) = evt.read() {
@@ -217,7 +232,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// The device cannot go on: set DEVICE_NEEDS_RESET and tell a running driver.
     fn device_failed(&mut self, why: &str) {
-        error!(
+        guest_log!(
+            Level::Error,
+            "virtio-mmio device needs reset",
             "virtio-mmio: device {} needs reset: {why}",
             self.device.device_type()
         );
@@ -250,6 +267,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn reset(&mut self) {
         debug!("virtio-mmio: reset of device {}", self.device.device_type());
+        self.failures_before_reset = self.failures_seen();
         self.device.reset();
         for queue in &mut self.queues {
             queue.reset();
@@ -282,7 +300,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let current = self.status;
         if value & current != current {
-            warn!("virtio-mmio: status write {value:#x} clears bits of {current:#x}; ignored");
+            guest_log!(
+                Level::Warn,
+                "virtio-mmio status write out of order",
+                "virtio-mmio: status write {value:#x} clears bits of {current:#x}; ignored"
+            );
             return;
         }
         let added = value & !current;
@@ -294,7 +316,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
             (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER) => self.status = AD,
             (AD, VIRTIO_CONFIG_S_FEATURES_OK) => self.negotiate_features(),
             (ADF, VIRTIO_CONFIG_S_DRIVER_OK) => self.activate(),
-            _ => warn!("virtio-mmio: status {current:#x} -> {value:#x} out of order; ignored"),
+            _ => guest_log!(
+                Level::Warn,
+                "virtio-mmio status write out of order",
+                "virtio-mmio: status {current:#x} -> {value:#x} out of order; ignored"
+            ),
         }
     }
 
@@ -302,19 +328,27 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let offered = self.device.avail_features();
         let acked = self.driver_features;
         if acked & !offered != 0 {
-            warn!(
+            guest_log!(Level::Warn, "virtio-mmio features refused", 
                 "virtio-mmio: driver acked features {:#x} that were not offered; FEATURES_OK refused",
                 acked & !offered
             );
             return;
         }
         if acked & (1 << VIRTIO_F_VERSION_1) == 0 {
-            warn!("virtio-mmio: driver did not ack VIRTIO_F_VERSION_1; FEATURES_OK refused");
+            guest_log!(
+                Level::Warn,
+                "virtio-mmio features refused",
+                "virtio-mmio: driver did not ack VIRTIO_F_VERSION_1; FEATURES_OK refused"
+            );
             return;
         }
         match self.device.set_acked_features(acked) {
             Ok(()) => self.status |= VIRTIO_CONFIG_S_FEATURES_OK,
-            Err(e) => warn!("virtio-mmio: device refused features {acked:#x}: {e}"),
+            Err(e) => guest_log!(
+                Level::Warn,
+                "virtio-mmio features refused",
+                "virtio-mmio: device refused features {acked:#x}: {e}"
+            ),
         }
     }
 

@@ -18,6 +18,8 @@ use crate::{Error, Result};
 
 /// Why [`HotplugRegion::fill`] failed.
 pub(super) enum Fill {
+    /// A stop of the VMM came between two slices ([`HotplugRegion::stop_populates`]).
+    Stopped,
     /// Making blocks read-write.
     Protect(io::Error),
     /// Backing them.
@@ -98,10 +100,22 @@ impl HotplugRegion {
                 protected.map_err(Fill::Protect)?;
                 // Blocks of fd backends populated ahead are in the file already: this only
                 // maps them.
-                let t = Instant::now();
-                let populated = self.populate_blocks(i, x);
-                times.syscall_ns += ns_since(t);
-                populated.map_err(Fill::Populate)?;
+                // In slices, with a check for a stop before each.
+                let slice = (super::POPULATE_SLICE / self.layout.block_size).max(1) as usize;
+                let mut j = i;
+                while j < x {
+                    if self.stop_requested() {
+                        return Err(Fill::Stopped);
+                    }
+                    let k = (j + slice).min(x);
+                    let t = Instant::now();
+                    let populated = self.populate_blocks(j, k);
+                    times.syscall_ns += ns_since(t);
+                    populated.map_err(Fill::Populate)?;
+                    #[cfg(test)]
+                    super::fail::after_slice(self);
+                    j = k;
+                }
             }
             i = y;
         }
@@ -211,13 +225,18 @@ impl HotplugRegion {
                     let host = self.map_staging(len).map_err(short)?;
                     (Some(host), PieceOp::Populate { addr: host })
                 }
-                Some(file) => (
-                    None,
-                    PieceOp::Allocate {
-                        fd: file.as_raw_fd(),
-                        offset: s as u64 * bs,
-                    },
-                ),
+                Some(file) => {
+                    // From before the first page is allocated until `ahead` counts them
+                    // ([`Self::end_staging`]).
+                    self.ahead_inflight.store(len as u64, Ordering::Release);
+                    (
+                        None,
+                        PieceOp::Allocate {
+                            fd: file.as_raw_fd(),
+                            offset: s as u64 * bs,
+                        },
+                    )
+                }
             };
             let piece = if self.huge_pages() {
                 BACKGROUND_PIECE_HUGE_PAGES
@@ -235,6 +254,8 @@ impl HotplugRegion {
             job
         };
         let result = job.work.run();
+        #[cfg(test)]
+        super::fail::ahead_in_flight(self);
         let mut st = self.lock();
         if !st
             .in_progress
@@ -286,6 +307,7 @@ impl HotplugRegion {
             }
         }
         if mid == job.a {
+            self.ahead_inflight.store(0, Ordering::Release);
             return 0;
         }
         st.ahead.set_range(job.a, mid, true);
@@ -297,7 +319,9 @@ impl HotplugRegion {
             });
         }
         let kept = self.byte_len(job.a, mid) as u64;
+        // Counted in `ahead` before it leaves `ahead_inflight`: never resident.
         self.ahead.fetch_add(kept, Ordering::AcqRel);
+        self.ahead_inflight.store(0, Ordering::Release);
         kept
     }
 

@@ -93,6 +93,7 @@ pub(super) fn reserve(
         Backend::Memfd | Backend::Hugetlb => {
             let file = create_memfd(size, *backend == Backend::Hugetlb)
                 .map_err(|source| Error::Memfd { size, source })?;
+            probe_hole_punch(&file, block_size, backend)?;
             let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
             let host = map_none(len, flags, file.as_raw_fd()).map_err(mmap_err)?;
             (host, Some(file))
@@ -100,6 +101,7 @@ pub(super) fn reserve(
         Backend::File(path) => {
             // On any error below, dropping `bf` removes a file it created.
             let bf = BackingFile::open(path, size)?;
+            probe_hole_punch(&bf.file, block_size, backend)?;
             let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
             let host = map_none(len, flags, bf.file.as_raw_fd()).map_err(mmap_err)?;
             let file = bf.file.try_clone().map_err(mmap_err);
@@ -124,12 +126,27 @@ pub(super) fn reserve(
     })
 }
 
+/// Punches a hole over the first block of the fresh (empty) `file`: a file system that cannot
+/// (ramfs) could never give unplugged memory back, so the backend is refused.
+fn probe_hole_punch(file: &File, block_size: u64, backend: &Backend) -> Result<()> {
+    use rustix::fs::FallocateFlags;
+    let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    rustix::fs::fallocate(file, flags, 0, block_size).map_err(|errno| Error::NoHolePunch {
+        backend: backend.to_string(),
+        source: errno.into(),
+    })
+}
+
 impl HotplugRegion {
     pub(super) fn host_ptr(&self, a: usize) -> *mut libc::c_void {
         (self.host + a * self.layout.block_size as usize) as *mut libc::c_void
     }
 
     pub(super) fn protect(&self, a: usize, b: usize, prot: libc::c_int) -> io::Result<()> {
+        #[cfg(test)]
+        if super::fail::take(super::fail::PROTECT) {
+            return Err(io::Error::from_raw_os_error(libc::ENOMEM));
+        }
         // SAFETY: blocks [a, b) lie inside our reservation (checked by callers); changing their
         // protection cannot affect memory outside it. Accesses to PROT_NONE blocks fault, which
         // callers avoid by checking the plug state.
@@ -160,6 +177,10 @@ impl HotplugRegion {
 
     /// Gives the host memory of blocks `[a, b)` back.
     pub(super) fn release(&self, a: usize, b: usize) -> io::Result<()> {
+        #[cfg(test)]
+        if super::fail::take(super::fail::RELEASE) {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
         match &self.fd {
             None => self.advise(a, b, libc::MADV_DONTNEED),
             Some(file) => {
@@ -195,14 +216,24 @@ impl HotplugRegion {
 
     /// Resident host memory of the reservation, without what is populated ahead
     /// ([`Self::ahead_bytes`], reported apart). For fd backends (memfd, hugetlb, file) the
-    /// storage allocated to the file (`fstat` blocks) less the part allocated ahead, which costs
-    /// one syscall. For anon the `Rss` of the `/proc/self/smaps` entries that overlap it (memory
+    /// storage allocated to the file (`fstat` blocks) less the part allocated ahead (done, or
+    /// under way: counted whole until it is done), which costs one syscall. For anon the `Rss` of the `/proc/self/smaps` entries that overlap it (memory
     /// populated ahead waits in a separate staging mapping), which walks the region's page
     /// tables under the mmap lock: tens of milliseconds with gigabytes plugged in 4 KiB pages.
     pub fn resident_bytes(&self) -> Result<u64> {
         if let Some(f) = &self.fd {
+            // What is allocated ahead, done or under way, read before and after the file's
+            // size (the larger of the two: a populate ahead may start or be given back in
+            // between), is never counted.
+            let ahead = || {
+                self.ahead_bytes()
+                    + self
+                        .ahead_inflight
+                        .load(std::sync::atomic::Ordering::Acquire)
+            };
+            let before = ahead();
             let allocated = BackingFile::allocated_bytes(f).map_err(Error::Smaps)?;
-            return Ok(allocated.saturating_sub(self.ahead_bytes()));
+            return Ok(allocated.saturating_sub(before.max(ahead())));
         }
         let start = self.host as u64;
         crate::smaps::resident_bytes(start, start + self.layout.size).map_err(Error::Smaps)

@@ -7,15 +7,20 @@ use serde::Deserialize;
 
 pub(crate) use super::http_client::call;
 pub use super::http_client::CtlError;
-use super::http_client::{decode, REQUEST_TIMEOUT};
+use super::http_client::{call_until, deadline_in, decode, REQUEST_TIMEOUT};
 #[cfg(test)]
 pub(crate) use super::progress::progress_line;
 use super::progress::ProgressBar;
 pub use super::units::{fmt_bytes, parse_size};
 use super::{MemoryStatus, VmInfo};
 
-/// Length of one long poll while `resize --wait` waits (the progress bar moves between them).
+/// Length of one long poll while `resize --wait` waits (the progress bar moves between them);
+/// also the least time between the starts of two long polls, so that a server answering at
+/// once cannot make the client spin.
 const WAIT_SLICE: Duration = Duration::from_millis(500);
+/// How far past its `--timeout` a `resize --wait` may run for a request under way to end
+/// (it ends within the timeout plus a second, whatever the server does).
+const WAIT_GRACE: Duration = Duration::from_millis(750);
 
 /// Arguments of `tide ctl`.
 #[derive(clap::Args, Debug)]
@@ -64,11 +69,11 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
     let sock = args.api_socket.as_path();
     match args.cmd {
         CtlCommand::Status { json } => {
-            println!("{}", status(sock, json)?);
+            print_out(&status(sock, json)?);
             Ok(())
         }
         CtlCommand::Info { json } => {
-            println!("{}", info(sock, json)?);
+            print_out(&info(sock, json)?);
             Ok(())
         }
         CtlCommand::Shutdown => {
@@ -81,21 +86,33 @@ pub fn run(args: CtlArgs) -> Result<(), CtlError> {
             timeout,
         } => {
             let wait = wait.then(|| Duration::from_secs(timeout.unwrap_or(60)));
+            // One deadline for the whole command, from now.
+            let end = wait.map(deadline_in);
             // The bar measures from the state before the PATCH: the first long poll may come
             // after the guest already plugged part of the way.
-            let before = match wait {
-                Some(_) => {
-                    let body = call(sock, "GET", "/hotplug/memory", None, REQUEST_TIMEOUT)?;
-                    decode::<MemoryStatus>(&body)?.plugged_size
+            let before = match end {
+                Some(end) => {
+                    let by = request_deadline(Some(end), REQUEST_TIMEOUT);
+                    let body = call_until(sock, "GET", "/hotplug/memory", None, by)?;
+                    Some(decode::<MemoryStatus>(&body)?)
                 }
-                None => 0,
+                None => None,
             };
-            let mut bar = ProgressBar::new(before);
-            let res = resize(sock, size, wait, &mut |s| bar.show(s));
+            let mut bar = ProgressBar::new(before.as_ref().map_or(0, |s| s.plugged_size));
+            let res = resize_until(sock, size, wait.zip(end), before, &mut |s| bar.show(s));
             bar.finish();
             res
         }
     }
+}
+
+/// Prints `text` and a newline on stdout. A stdout that is closed or full of errors (`| head`
+/// that has had enough) is not the request's failure: the output is dropped quietly, and the
+/// exit status still says how the request went.
+fn print_out(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
 }
 
 /// A long-poll answer.
@@ -166,44 +183,81 @@ pub(crate) fn info(sock: &Path, json: bool) -> Result<String, CtlError> {
 /// `resize`: requests `size`; with `wait`, long-polls until the guest has plugged the requested
 /// size ([`CtlError::WaitTimedOut`] once `wait` has passed), calling `progress` with every
 /// status seen.
+#[cfg(test)]
 pub(crate) fn resize(
     sock: &Path,
     size: u64,
     wait: Option<Duration>,
     progress: &mut dyn FnMut(&MemoryStatus),
 ) -> Result<(), CtlError> {
-    let body = format!("{{\"requested_size\":{size}}}");
-    call(
+    resize_until(
         sock,
-        "PATCH",
-        "/hotplug/memory",
-        Some(&body),
-        REQUEST_TIMEOUT,
-    )?;
-    let Some(wait) = wait else {
+        size,
+        wait.map(|w| (w, deadline_in(w))),
+        None,
+        progress,
+    )
+}
+
+/// When a request started now must be over: after `timeout`, and, in a wait that ends at
+/// `end`, no later than [`WAIT_GRACE`] after it.
+fn request_deadline(end: Option<Instant>, timeout: Duration) -> Instant {
+    let own = deadline_in(timeout);
+    end.map_or(own, |e| own.min(e + WAIT_GRACE))
+}
+
+/// [`resize`] whose wait (`wait`, if any) ends at `end`; `before` is the status read before,
+/// if any (reported if the wait runs out before a long poll answers).
+fn resize_until(
+    sock: &Path,
+    size: u64,
+    wait: Option<(Duration, Instant)>,
+    before: Option<MemoryStatus>,
+    progress: &mut dyn FnMut(&MemoryStatus),
+) -> Result<(), CtlError> {
+    let end = wait.map(|(_, end)| end);
+    let mut last = before;
+    // A request that gets no answer by the end of the wait is the wait running out.
+    let timed_out = |e: CtlError, last: &Option<MemoryStatus>| match (e, wait, last) {
+        (CtlError::NoAnswer { .. }, Some((after, end)), Some(last)) if Instant::now() >= end => {
+            CtlError::WaitTimedOut {
+                after,
+                last: last.clone(),
+            }
+        }
+        (e, ..) => e,
+    };
+    let body = format!("{{\"requested_size\":{size}}}");
+    let by = request_deadline(end, REQUEST_TIMEOUT);
+    call_until(sock, "PATCH", "/hotplug/memory", Some(&body), by)
+        .map_err(|e| timed_out(e, &last))?;
+    let Some((after, end)) = wait else {
         return Ok(());
     };
-    // A wait too long for the clock is a wait without end.
-    let deadline = Instant::now().checked_add(wait);
     loop {
-        let left = deadline
-            .map_or(WAIT_SLICE, |d| d.saturating_duration_since(Instant::now()))
-            .min(WAIT_SLICE);
+        let started = Instant::now();
+        let left = end.saturating_duration_since(started).min(WAIT_SLICE);
         let path = format!(
             "/hotplug/memory?wait_for=plugged_size&timeout_ms={}",
             left.as_millis()
         );
-        let answer = call(sock, "GET", &path, None, left + REQUEST_TIMEOUT)?;
+        let by = request_deadline(Some(end), left + REQUEST_TIMEOUT);
+        let answer = call_until(sock, "GET", &path, None, by).map_err(|e| timed_out(e, &last))?;
         let poll: LongPoll = decode(&answer)?;
         progress(&poll.status);
         if poll.settled {
             return Ok(());
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        if Instant::now() >= end {
             return Err(CtlError::WaitTimedOut {
-                after: wait,
+                after,
                 last: poll.status,
             });
         }
+        last = Some(poll.status);
+        // An answer before the slice was over (a server that does not wait): pause for the
+        // rest of it rather than asking again at once.
+        let next = (started + WAIT_SLICE).min(end);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
 }

@@ -4,7 +4,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
@@ -32,7 +32,7 @@ pub enum CtlError {
     #[error("API socket {}", .0.display())]
     Io(PathBuf, #[source] io::Error),
     /// No whole answer came within the request's timeout.
-    #[error("no answer on {} within {} s", .socket.display(), .timeout.as_secs())]
+    #[error("no answer on {} within {:.0} s", .socket.display(), .timeout.as_secs_f64())]
     NoAnswer {
         /// The API socket.
         socket: PathBuf,
@@ -87,7 +87,8 @@ pub(crate) fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, CtlErr
 }
 
 /// Sends one request and returns the body of a 2xx answer; other answers become
-/// [`CtlError::Status`] with the server's `error` message.
+/// [`CtlError::Status`] with the server's `error` message. The whole request (connecting,
+/// sending, the whole answer) gets `timeout`.
 pub(crate) fn call(
     sock: &Path,
     method: &str,
@@ -95,7 +96,25 @@ pub(crate) fn call(
     body: Option<&str>,
     timeout: Duration,
 ) -> Result<Vec<u8>, CtlError> {
-    let (status, body) = request(sock, method, path, body, timeout)?;
+    call_until(sock, method, path, body, deadline_in(timeout))
+}
+
+/// `now + timeout`, or far in the future when the clock cannot add it.
+pub(crate) fn deadline_in(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
+}
+
+/// [`call`] that must be over by `deadline`.
+pub(crate) fn call_until(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    deadline: Instant,
+) -> Result<Vec<u8>, CtlError> {
+    let (status, body) = request(sock, method, path, body, deadline)?;
     if (200..300).contains(&status) {
         return Ok(body);
     }
@@ -111,19 +130,36 @@ pub(crate) fn call(
     })
 }
 
-/// Sends one HTTP/1.1 request on a fresh connection; returns the status and body.
+/// Sends one HTTP/1.1 request on a fresh connection; returns the status and body. Everything
+/// (connecting, sending, reading the whole answer) ends by `deadline`, however slowly the server
+/// sends: each read waits only for what is left of it.
 pub(crate) fn request(
     sock: &Path,
     method: &str,
     path: &str,
     body: Option<&str>,
-    timeout: Duration,
+    deadline: Instant,
 ) -> Result<(u16, Vec<u8>), CtlError> {
     let socket = || sock.to_path_buf();
-    let mut stream = UnixStream::connect(sock).map_err(|e| CtlError::Connect(socket(), e))?;
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    let no_answer = || CtlError::NoAnswer {
+        socket: socket(),
+        timeout,
+    };
+    // What is left until the deadline, never zero (a zero timeout means none).
+    let left = || {
+        let d = deadline.saturating_duration_since(Instant::now());
+        (!d.is_zero()).then_some(d)
+    };
+    let mut stream = match connect(sock, left().ok_or_else(no_answer)?) {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(no_answer()),
+        Err(e) => return Err(CtlError::Connect(socket(), e)),
+    };
     let io_err = |e: io::Error| CtlError::Io(socket(), e);
-    stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
-    stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+    stream
+        .set_write_timeout(Some(left().ok_or_else(no_answer)?))
+        .map_err(io_err)?;
 
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
     req.push_str("Accept: application/json\r\nConnection: close\r\n");
@@ -142,6 +178,10 @@ pub(crate) fn request(
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
+        let Some(rest) = left() else {
+            return Err(no_answer());
+        };
+        stream.set_read_timeout(Some(rest)).map_err(io_err)?;
         let eof = match stream.read(&mut chunk) {
             Ok(0) => true,
             Ok(n) => {
@@ -155,10 +195,7 @@ pub(crate) fn request(
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(CtlError::NoAnswer {
-                    socket: socket(),
-                    timeout,
-                })
+                return Err(no_answer())
             }
             Err(e) => return Err(io_err(sent.err().unwrap_or(e))),
         };
@@ -175,6 +212,56 @@ pub(crate) fn request(
         }
         if buf.len() > MAX_ANSWER {
             return Err(CtlError::TooLarge(socket()));
+        }
+    }
+}
+
+/// Connects to the UNIX socket at `path`, waiting at most `timeout` (a listener whose backlog
+/// is full makes a plain connect wait for ever): WouldBlock when that passes.
+fn connect(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+    // SAFETY: socket() takes no pointers; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns; closed on drop.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: setsockopt reads one timeval of the size given. For UNIX sockets the send
+    // timeout also bounds connect's wait for room in the listener's backlog.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let addr = super::socket::unix_addr(path)?;
+    loop {
+        // SAFETY: `addr` is a valid sockaddr_un of the size given; connect only reads it.
+        let r = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            // SAFETY: the fd is a connected stream socket we own; ownership moves.
+            return Ok(unsafe { UnixStream::from_raw_fd(fd.into_raw_fd()) });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

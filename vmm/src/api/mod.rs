@@ -66,8 +66,14 @@ pub struct MemoryStatus {
     pub usable_region_size: u64,
     /// What backs the region (for example "anonymous" or a file).
     pub backend: String,
-    /// Host memory actually resident for the region.
+    /// Host memory resident for the plugged blocks. For anon, the latest page-table walk
+    /// (taken off the event loop) moved by what was plugged and unplugged since it began.
     pub resident_bytes: u64,
+    /// How old the measurement `resident_bytes` builds on is, in milliseconds (0 for fd
+    /// backends, read at once; absent before the first walk of an anon region taken with no
+    /// plug or unplug under way, when `resident_bytes` is the latest walk as it is).
+    #[serde(default)]
+    pub resident_age_ms: Option<u64>,
     /// Host memory populated ahead of the guest's plugs (not plugged, not visible to the
     /// guest, not in `resident_bytes`).
     #[serde(default)]

@@ -35,14 +35,16 @@ impl ProgressBar {
     pub(crate) fn show(&mut self, s: &MemoryStatus) {
         let rate = rate_and_time_left(self.start, s, self.since.elapsed());
         // Pad over what a longer previous line left.
-        eprint!("\r{}{rate:<24}", progress_line(self.start, s));
-        let _ = std::io::stderr().flush();
+        // Errors ignored: a closed stderr only loses the bar.
+        let mut err = std::io::stderr().lock();
+        let _ =
+            write!(err, "\r{}{rate:<24}", progress_line(self.start, s)).and_then(|()| err.flush());
         self.shown = true;
     }
 
     pub(crate) fn finish(&mut self) {
         if self.shown {
-            eprintln!();
+            let _ = writeln!(std::io::stderr());
         }
     }
 }

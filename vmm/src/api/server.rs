@@ -102,6 +102,11 @@ pub struct ApiServer {
     waiters: usize,
     /// `waiters`, shared with the [`StopHandle`].
     parked: Arc<AtomicUsize>,
+    /// The listener is not watched: `accept` ran out of a resource (fds, memory). Watched
+    /// again when a connection closes or at the next timer tick.
+    listener_paused: bool,
+    /// Whether running out has been logged (once per run).
+    out_logged: bool,
 }
 
 /// Lets the VMM stop the API: waiting long polls and new requests get 503 "shutting down",
@@ -162,6 +167,8 @@ impl ApiServer {
             open: Arc::new(AtomicUsize::new(0)),
             waiters: 0,
             parked: Arc::new(AtomicUsize::new(0)),
+            listener_paused: false,
+            out_logged: false,
         };
         // Dropping `server` on error removes the socket file.
         set_nonblocking_fd(&server.timer).map_err(ApiError::Timer)?;
@@ -195,9 +202,19 @@ impl ApiServer {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // The client left before being accepted: the next one.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => continue,
                 Err(e) => {
-                    // ECONNABORTED, EMFILE...: nothing to do for this one; try on the next event.
-                    log::warn!("API socket: accept failed: {e}");
+                    // EMFILE, ENFILE, ENOBUFS, ENOMEM...: the pending connection stays queued
+                    // and the listener readable, so watching it would spin. Stop watching it
+                    // until a connection closes or the next tick.
+                    if !self.out_logged {
+                        self.out_logged = true;
+                        log::warn!(
+                            "API socket: accept failed: {e}; not accepting until a connection closes or an fd is free"
+                        );
+                    }
+                    self.pause_listener(ops);
                     return;
                 }
             };
@@ -233,6 +250,23 @@ impl ApiServer {
         }
     }
 
+    fn pause_listener(&mut self, ops: &mut EventOps) {
+        if !self.listener_paused {
+            let fd = self.listener.as_raw_fd();
+            let _ = ops.remove(Events::with_data_raw(fd, LISTENER, EventSet::empty()));
+            self.listener_paused = true;
+        }
+    }
+
+    /// Watches the listener again after [`Self::pause_listener`] (a connection closed, or the
+    /// timer ticked); the pending connections it has are taken at once.
+    fn resume_listener(&mut self, ops: &mut EventOps) {
+        if self.listener_paused {
+            self.listener_paused = false;
+            watch(ops, self.listener.as_raw_fd(), LISTENER, "the API socket");
+        }
+    }
+
     fn new_id(&mut self) -> u32 {
         loop {
             let id = self.next_id;
@@ -249,6 +283,9 @@ impl ApiServer {
                 self.waiters -= 1;
             }
             let _ = ops.remove(Events::with_data(&conn.stream, id, EventSet::empty()));
+            // An fd is free again.
+            drop(conn);
+            self.resume_listener(ops);
         }
     }
 
@@ -409,6 +446,8 @@ impl ApiServer {
     fn on_tick(&mut self, ops: &mut EventOps) {
         // Non-blocking timer: EAGAIN when the expirations were already consumed or reset.
         let _ = self.timer.wait();
+        // Out of fds with no connection of ours to close: try again at each tick.
+        self.resume_listener(ops);
         let now = Instant::now();
         let mut status: Option<Option<MemoryStatus>> = None;
         let ids: Vec<u32> = self.conns.keys().copied().collect();
@@ -463,7 +502,7 @@ impl ApiServer {
             .any(|c| matches!(c.state, State::Waiting { .. }))
         {
             Some(POLL_TICK)
-        } else if self.conns.is_empty() {
+        } else if self.conns.is_empty() && !self.listener_paused {
             None
         } else {
             Some(IDLE_TICK)

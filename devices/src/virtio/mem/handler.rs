@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
-use log::{debug, error, warn};
+use log::{debug, Level};
+
+use crate::guest_log;
 use vm_memory::GuestAddress;
 
 use super::hotplug_memory::HotplugMemory;
@@ -51,13 +53,21 @@ impl<R: HotplugMemory> Core<R> {
                 ACK
             }
             Err(e) => {
-                warn!("virtio-mem: cannot back {len:#x} at {addr:#x}, answering BUSY: {e}");
+                guest_log!(
+                    Level::Warn,
+                    "virtio-mem plug BUSY",
+                    "virtio-mem: cannot back {len:#x} at {addr:#x}, answering BUSY: {e}"
+                );
                 // Leave nothing of the failed plug behind (the region should have rolled back).
                 if !matches!(self.region.state(gaddr, len), Ok(RangeState::Unplugged)) {
                     // The roll-back's time counts as bookkeeping, not as a phase.
                     let untimed = &mut memory::OpTimes::default();
                     if let Err(e) = self.region.discard_timed(gaddr, len, untimed) {
-                        error!("virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}");
+                        guest_log!(
+                            Level::Error,
+                            "virtio-mem discard failed",
+                            "virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}"
+                        );
                     }
                 }
                 self.publish(false);
@@ -77,7 +87,11 @@ impl<R: HotplugMemory> Core<R> {
         match result {
             Ok(()) => ACK,
             Err(e) => {
-                error!("virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}");
+                guest_log!(
+                    Level::Error,
+                    "virtio-mem discard failed",
+                    "virtio-mem: cannot discard {len:#x} at {addr:#x}: {e}"
+                );
                 self.busy()
             }
         }
@@ -91,7 +105,11 @@ impl<R: HotplugMemory> Core<R> {
         match result {
             Ok(()) => ACK,
             Err(e) => {
-                error!("virtio-mem: cannot unplug all: {e}");
+                guest_log!(
+                    Level::Error,
+                    "virtio-mem discard failed",
+                    "virtio-mem: cannot unplug all: {e}"
+                );
                 self.busy()
             }
         }
@@ -99,13 +117,21 @@ impl<R: HotplugMemory> Core<R> {
 
     pub(super) fn state(&self, addr: u64, nb_blocks: u16) -> Response {
         let Some(len) = self.check_range(addr, nb_blocks) else {
-            warn!("virtio-mem: STATE of {nb_blocks} blocks at {addr:#x}: invalid range");
+            guest_log!(
+                Level::Warn,
+                "virtio-mem invalid range",
+                "virtio-mem: STATE of {nb_blocks} blocks at {addr:#x}: invalid range"
+            );
             return ERROR;
         };
         match self.region.state(GuestAddress(addr), len) {
             Ok(state) => Response::state(state),
             Err(e) => {
-                error!("virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}");
+                guest_log!(
+                    Level::Error,
+                    "virtio-mem state unreadable",
+                    "virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}"
+                );
                 self.busy()
             }
         }
@@ -122,17 +148,29 @@ impl<R: HotplugMemory> Core<R> {
         m: &mut Timing,
     ) -> std::result::Result<u64, Response> {
         let Some(len) = self.check_range(addr, nb_blocks) else {
-            warn!("virtio-mem: {op} of {nb_blocks} blocks at {addr:#x}: invalid range");
+            guest_log!(
+                Level::Warn,
+                "virtio-mem invalid range",
+                "virtio-mem: {op} of {nb_blocks} blocks at {addr:#x}: invalid range"
+            );
             return Err(ERROR);
         };
         match self.region.state(GuestAddress(addr), len) {
             Ok(state) if state == want => {}
             Ok(state) => {
-                warn!("virtio-mem: {op} of {len:#x} at {addr:#x}: range is {state:?}");
+                guest_log!(
+                    Level::Warn,
+                    "virtio-mem range in the wrong state",
+                    "virtio-mem: {op} of {len:#x} at {addr:#x}: range is {state:?}"
+                );
                 return Err(ERROR);
             }
             Err(e) => {
-                error!("virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}");
+                guest_log!(
+                    Level::Error,
+                    "virtio-mem state unreadable",
+                    "virtio-mem: cannot get the state of {len:#x} at {addr:#x}: {e}"
+                );
                 return Err(self.busy());
             }
         }

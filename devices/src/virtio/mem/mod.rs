@@ -6,12 +6,11 @@
 //! against: ERROR only for malformed requests, NACK when a plug would exceed the requested size,
 //! BUSY when the host cannot back a plug (the driver retries later).
 //!
-//! The sizes live in [`VirtioMemShared`] so that the vmm's API thread can read them and change
-//! the requested size without taking the device's lock.
-//!
-//! One file per job: [`spec`] the numbers of the specification, `hotplug_memory` what the
-//! device plugs into, `shared` the sizes the vmm reads, `request` the request and response
-//! codec, `device` the device and its queue.
+//! One folder for the device. One file per job: [`spec`] the numbers of the specification,
+//! [`request`] the wire types, `hotplug_memory` what the device plugs into, `shared` the sizes
+//! the vmm reads and sets (one lock), `device` the device, `queue` the queue runner, `handler`
+//! what each request does, `worker` the worker thread and the BUSY retry timer, `ahead` the
+//! populate-ahead policy, [`metrics`] what each request cost. The vmm only wires it to KVM.
 
 mod ahead;
 mod device;

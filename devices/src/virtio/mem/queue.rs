@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use log::warn;
+use log::Level;
+
+use crate::guest_log;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -193,11 +195,19 @@ impl<R: HotplugMemory> Core<R> {
                 self.execute(req, &mut timing)
             }
             Some(Err(other)) => {
-                warn!("virtio-mem: unknown request type {other}");
+                guest_log!(
+                    Level::Warn,
+                    "virtio-mem unknown request type",
+                    "virtio-mem: unknown request type {other}"
+                );
                 ERROR
             }
             None => {
-                warn!("virtio-mem: malformed request chain");
+                guest_log!(
+                    Level::Warn,
+                    "virtio-mem malformed chain",
+                    "virtio-mem: malformed request chain"
+                );
                 ERROR
             }
         };
@@ -237,13 +247,21 @@ impl<R: HotplugMemory> Core<R> {
             return 0;
         };
         if !self.buffer_ok(addr, len as u64) {
-            warn!("virtio-mem: response buffer in unplugged hotplug memory");
+            guest_log!(
+                Level::Warn,
+                "virtio-mem response in unplugged memory",
+                "virtio-mem: response buffer in unplugged hotplug memory"
+            );
             return 0;
         }
         match mem.write_slice(&reply.response.to_wire().as_slice()[..len], addr) {
             Ok(()) => len as u32,
             Err(e) => {
-                warn!("virtio-mem: cannot write the response: {e}");
+                guest_log!(
+                    Level::Warn,
+                    "virtio-mem response unwritable",
+                    "virtio-mem: cannot write the response: {e}"
+                );
                 0
             }
         }

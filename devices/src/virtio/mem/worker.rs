@@ -169,7 +169,11 @@ impl<R: HotplugMemory> MutEventSubscriber for QueueWorker<R> {
                 // Without the transport's lock; a failure marks the device DEVICE_NEEDS_RESET
                 // through its interrupt.
                 if let Err(e) = self.runner.process() {
-                    log::error!("virtio-mem: the queue failed, the device needs reset: {e}");
+                    crate::guest_log!(
+                        log::Level::Error,
+                        "virtio-mem queue failed",
+                        "virtio-mem: the queue failed, the device needs reset: {e}"
+                    );
                 }
                 let _ = self.changed.write(1);
                 if let Some(kick) = &self.ahead_kick {

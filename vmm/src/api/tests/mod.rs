@@ -39,6 +39,7 @@ impl Mock {
                 usable_region_size: 0,
                 backend: "anonymous".into(),
                 resident_bytes: 3 * MIB / 2,
+                resident_age_ms: Some(0),
                 ahead_bytes: 0,
             })),
             step: AtomicUsize::new(0),
