@@ -12,6 +12,7 @@
 
 mod access;
 mod backend;
+mod background;
 mod backing;
 mod bitmap;
 mod cgroup;

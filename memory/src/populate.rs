@@ -7,10 +7,11 @@
 
 use std::io;
 use std::sync::mpsc::{self, Sender};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use log::debug;
 
+use crate::background::SharedWork;
 use crate::sys::{last_err, HUGE_PAGE_SIZE, PAGE_SIZE};
 
 /// Most threads one populate uses.
@@ -33,17 +34,22 @@ pub enum Priority {
     /// Populate ahead, which nobody waits for yet: a pool of threads at nice
     /// [`BACKGROUND_NICE`] (so that a PLUG being answered, the guest's vCPUs and the API win
     /// the CPU from it), in pieces of about a millisecond ([`BACKGROUND_PIECE_SMALL_PAGES`],
-    /// [`BACKGROUND_PIECE_HUGE_PAGES`]): `MADV_POPULATE_WRITE` holds the mmap lock for reading
-    /// through each call, and a PLUG's `mprotect` or `mremap` waits for it.
+    /// [`BACKGROUND_PIECE_HUGE_PAGES`]) that its threads claim in order and do not start while
+    /// a foreground populate or discard is under way: `MADV_POPULATE_WRITE` holds the mmap
+    /// lock for reading through each call, and a PLUG's `mprotect` or `mremap` waits for it.
+    /// A PLUG that needs the memory of a background job stops it at a piece boundary and
+    /// does the rest itself.
     Background,
 }
 
 /// The nice value of the background populate threads.
 pub const BACKGROUND_NICE: i32 = 10;
-/// Largest background piece of 4 KiB pages (about a millisecond of one core).
-pub const BACKGROUND_PIECE_SMALL_PAGES: u64 = 4 << 20;
-/// Largest background piece of 2 MiB pages (about a millisecond of one core).
-pub const BACKGROUND_PIECE_HUGE_PAGES: u64 = 16 << 20;
+/// Largest background piece of 4 KiB pages (about 0.3-0.4 ms of one core here): a PLUG that
+/// stops a populate ahead waits for the pieces in flight, which run at nice
+/// [`BACKGROUND_NICE`].
+pub const BACKGROUND_PIECE_SMALL_PAGES: u64 = 1 << 20;
+/// Largest background piece of 2 MiB pages (about 0.2 ms of one core here).
+pub const BACKGROUND_PIECE_HUGE_PAGES: u64 = 4 << 20;
 
 /// The CPUs this process may run on, read once.
 fn allowed_cpus() -> Vec<usize> {
@@ -91,11 +97,16 @@ pub(crate) fn advise_raw(addr: usize, len: usize, advice: libc::c_int) -> io::Re
     }
 }
 
-/// One piece of a populate, and where its result goes.
-struct Job {
-    addr: usize,
-    len: usize,
-    done: Sender<io::Result<()>>,
+/// What a pool thread is handed.
+pub(crate) enum Job {
+    /// One piece of a populate, and where its result goes.
+    Populate {
+        addr: usize,
+        len: usize,
+        done: Sender<io::Result<()>>,
+    },
+    /// A share of a background job: claim its pieces until none is left.
+    Shared(Arc<SharedWork>),
 }
 
 /// The populate threads: worker `i` is pinned to the `i`-th CPU this process may use. They
@@ -115,6 +126,11 @@ fn pool(priority: Priority) -> Option<&'static Pool> {
         Priority::Background => &BACKGROUND,
     };
     cell.get_or_init(|| start_pool(priority)).as_ref()
+}
+
+/// The threads of the background pool (none when it could not start one).
+pub(crate) fn background_workers() -> &'static [Sender<Job>] {
+    pool(Priority::Background).map_or(&[], |p| &p.workers)
 }
 
 /// Starts both pools now (called when a region is created, so that the threads exist before
@@ -142,11 +158,15 @@ fn start_pool(priority: Priority) -> Option<Pool> {
                 pin_to(cpu);
                 if priority == Priority::Background {
                     lower_thread_priority();
+                    crate::background::register_background_thread();
                 }
                 for job in rx {
-                    let _ = job
-                        .done
-                        .send(advise_raw(job.addr, job.len, libc::MADV_POPULATE_WRITE));
+                    match job {
+                        Job::Populate { addr, len, done } => {
+                            let _ = done.send(advise_raw(addr, len, libc::MADV_POPULATE_WRITE));
+                        }
+                        Job::Shared(work) => work.work(),
+                    }
                 }
             });
         match started {
@@ -231,16 +251,17 @@ pub(crate) fn populate_parallel(
         .cycle()
         .zip((addr..addr + len).step_by(per))
     {
-        let job = Job {
+        let piece = per.min(addr + len - start);
+        let job = Job::Populate {
             addr: start,
-            len: per.min(addr + len - start),
+            len: piece,
             done: done.clone(),
         };
         match worker.send(job) {
             Ok(()) => sent += 1,
             // The worker is gone (it cannot panic, but stay correct): do its piece here.
-            Err(mpsc::SendError(job)) => {
-                if let Err(e) = advise_raw(job.addr, job.len, libc::MADV_POPULATE_WRITE) {
+            Err(_) => {
+                if let Err(e) = advise_raw(start, piece, libc::MADV_POPULATE_WRITE) {
                     result = result.and(Err(e));
                 }
             }
@@ -295,7 +316,7 @@ mod tests {
         let r = unsafe { libc::mprotect(addr as _, len, libc::PROT_READ | libc::PROT_WRITE) };
         assert_eq!(r, 0);
         advise_raw(addr, len, libc::MADV_DONTNEED).unwrap();
-        // Background: two 4 MiB pieces on the low-priority pool.
+        // Background: 1 MiB pieces on the low-priority pool.
         populate_parallel(addr, len, false, Priority::Background).unwrap();
         // SAFETY: `vec` has one byte per page of the mapping.
         let r = unsafe { libc::mincore(addr as _, len, vec.as_mut_ptr()) };

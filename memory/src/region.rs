@@ -13,6 +13,7 @@ use vm_memory::GuestAddress;
 
 use crate::access::{RangeState, UnpluggedAccess};
 use crate::backend::Backend;
+use crate::background::Foreground;
 use crate::backing::BackingFile;
 use crate::bitmap::Bitmap;
 use crate::cgroup::cgroup_headroom;
@@ -31,7 +32,7 @@ mod limits;
 mod reservation;
 mod unplugged;
 
-use ahead::{Fill, Staged};
+use ahead::{Fill, StageJob, Staged};
 pub use reservation::RegionOptions;
 use reservation::{reserve, Reserved};
 use unplugged::access_code;
@@ -52,8 +53,11 @@ struct State {
     ahead: Bitmap,
     /// Anonymous regions: where the memory of the blocks populated ahead lives.
     staged: Vec<Staged>,
-    /// Blocks being populated ahead right now (without the lock); a PLUG of any of them waits.
-    in_progress: Option<(usize, usize)>,
+    /// The populate ahead under way (without the lock); a PLUG of any of its blocks stops it.
+    in_progress: Option<Arc<StageJob>>,
+    /// The last PLUG failed for lack of memory: nothing is populated ahead until one succeeds
+    /// (that memory is the guest's when it tries again).
+    short_of_memory: bool,
 }
 
 /// The hot-pluggable memory of a guest: one `MAP_NORESERVE` reservation of the whole hotplug
@@ -91,8 +95,6 @@ pub struct HotplugRegion {
     /// Populates and discards begun so far, and those under way ([`Self::changes`]).
     changes_begun: AtomicU64,
     changes_running: AtomicU64,
-    /// Signalled when a populate ahead ends.
-    staging_done: std::sync::Condvar,
 }
 
 impl fmt::Debug for HotplugRegion {
@@ -227,7 +229,6 @@ impl HotplugRegion {
             stopping: AtomicBool::new(false),
             changes_begun: AtomicU64::new(0),
             changes_running: AtomicU64::new(0),
-            staging_done: std::sync::Condvar::new(),
             state: Mutex::new(State {
                 bitmap: Bitmap::new(blocks),
                 transitions: 0,
@@ -239,6 +240,7 @@ impl HotplugRegion {
                 ahead: Bitmap::new(blocks),
                 staged: Vec::new(),
                 in_progress: None,
+                short_of_memory: false,
             }),
         })
     }
@@ -370,19 +372,17 @@ impl HotplugRegion {
 
     /// [`HotplugRegion::populate`], adding where its time went to `times`. Blocks of the range
     /// populated ahead are taken as they are (moved into place on anonymous regions); a
-    /// populate ahead of any of them still under way is waited for.
+    /// populate ahead of any of them still under way is stopped at a piece boundary, its
+    /// pieces in flight waited for, and the rest populated here. When the host is short of
+    /// memory, what is populated ahead for other blocks is given back before failing.
     pub fn populate_timed(&self, addr: GuestAddress, len: u64, times: &mut OpTimes) -> Result<()> {
         let _change = self.change();
         let (a, b) = self.check(addr, len)?;
+        let _foreground = Foreground::enter();
         let mut st = self.lock();
-        if st.in_progress.is_some_and(|(x, y)| x < b && a < y) {
+        if st.in_progress.as_ref().is_some_and(|j| j.a < b && a < j.b) {
             let t = Instant::now();
-            while st.in_progress.is_some_and(|(x, y)| x < b && a < y) {
-                st = self
-                    .staging_done
-                    .wait(st)
-                    .unwrap_or_else(|e| e.into_inner());
-            }
+            self.stop_staging(&mut st, true);
             times.ahead_wait_ns += ns_since(t);
         }
         if st.bitmap.count(a, b) != 0 {
@@ -400,21 +400,16 @@ impl HotplugRegion {
             // len / 256: the page tables of the range, with room to spare.
             let short =
                 |room: Option<u64>| room.is_some_and(|r| fresh.saturating_add(len / 256) > r);
-            if short(room) && self.ahead_bytes() > ahead {
+            if short(room) && (self.ahead_bytes() > ahead || st.in_progress.is_some()) {
                 // Memory populated ahead for other blocks must never turn a PLUG into BUSY:
                 // give it back and look again.
-                for (x, y) in st.ahead.runs(true) {
-                    for (x, y) in [(x, y.min(a)), (x.max(b), y)] {
-                        if x < y {
-                            self.drop_ahead(&mut st, x, y);
-                        }
-                    }
-                }
+                self.give_back_ahead(&mut st, a, b);
                 room = cgroup_headroom();
                 st.headroom = Some((room, Instant::now(), self.plugged_bytes()));
             }
             if let Some(room) = room {
                 if short(Some(room)) {
+                    st.short_of_memory = true;
                     return Err(Error::Populate {
                         addr: addr.0,
                         len,
@@ -431,8 +426,19 @@ impl HotplugRegion {
         if !pieces.is_empty() {
             Self::ensure_splits(&mut st);
         }
-        if let Err(e) = self.fill(&mut st, a, b, &pieces, times) {
+        let mut filled = self.fill(&mut st, a, b, &pieces, times);
+        if matches!(filled, Err(Fill::Populate(_)))
+            && (self.ahead_bytes() > 0 || st.in_progress.is_some())
+        {
+            // Short of memory (a hugetlb pool, a tmpfs, the host) while memory populated ahead
+            // for other blocks holds some: give that back and try once more before BUSY.
             self.roll_back(a, b, st.access);
+            self.give_back_ahead(&mut st, a, b);
+            filled = self.fill(&mut st, a, b, &[], times);
+        }
+        if let Err(e) = filled {
+            self.roll_back(a, b, st.access);
+            st.short_of_memory |= matches!(e, Fill::Populate(_));
             return Err(match e {
                 Fill::Stopped => Error::Stopped { addr: addr.0, len },
                 Fill::Protect(source) => Error::Protect {
@@ -470,6 +476,7 @@ impl HotplugRegion {
         st.transitions = transitions;
         Self::mark_split(&mut st, a, b);
         self.plugged.fetch_add(len, Ordering::AcqRel);
+        st.short_of_memory = false;
         Ok(())
     }
 

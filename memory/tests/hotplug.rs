@@ -107,6 +107,13 @@ fn reserve_1tib_anon() {
     assert_eq!(vmas(&r).len(), 1);
 }
 
+/// The hugetlb tests change the host's pool: one at a time.
+static POOL_LOCK: Mutex<()> = Mutex::new(());
+
+fn pool_lock() -> std::sync::MutexGuard<'static, ()> {
+    POOL_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Restores /proc/sys/vm/nr_hugepages on drop.
 struct HugePool(Option<String>);
 
@@ -211,6 +218,7 @@ fn memfd_populate_discard() {
 
 #[test]
 fn hugetlb_populate_discard() {
+    let _lock = pool_lock();
     let _pool = match huge_pool() {
         Ok(p) => p,
         Err(why) => {
@@ -895,4 +903,59 @@ fn anon_4k_populate_ahead() {
 #[test]
 fn memfd_populate_ahead() {
     populate_ahead_cycle(Backend::Memfd, RegionOptions::default());
+}
+
+/// Memory populated ahead for the lowest blocks never makes a valid PLUG elsewhere fail for
+/// lack of huge pages: with a pool too small for both, the PLUG gives back what was populated
+/// ahead and tries again.
+#[test]
+fn hugetlb_plug_elsewhere_gets_the_pages_populated_ahead() {
+    let _lock = pool_lock();
+    let mut _pool = HugePool(None);
+    if free_hugepages() == 0 && is_root() {
+        if let Ok(old) = std::fs::read_to_string("/proc/sys/vm/nr_hugepages") {
+            let want = old.trim().parse::<u64>().unwrap_or(0) + 16;
+            _pool = HugePool(Some(old));
+            let _ = std::fs::write("/proc/sys/vm/nr_hugepages", want.to_string());
+        }
+    }
+    let free = free_hugepages();
+    if !(8..=256).contains(&free) {
+        println!("SKIP: needs between 8 and 256 free huge pages (root can make 16), {free} free");
+        return;
+    }
+    let r = HotplugRegion::new(&layout(4 * GIB, 2 * MIB), Backend::Hugetlb).unwrap();
+    // All but two pages of the pool populated ahead for the lowest blocks.
+    let ahead = (free - 2) * 2 * MIB;
+    let mut got = 0;
+    while got < ahead {
+        let n = r.populate_ahead_next(4 * GIB, ahead, 128 * MIB).unwrap();
+        assert!(n > 0, "populated ahead {got} of {ahead}");
+        got += n;
+    }
+    assert_eq!(r.ahead_bytes(), ahead);
+    assert_eq!(free_hugepages(), 2);
+    // The driver may plug anywhere in the usable region: as much again, high up.
+    r.populate(ga(2 * GIB), ahead)
+        .expect("a PLUG that fits the pool once the memory populated ahead is given back");
+    assert_eq!(r.ahead_bytes(), 0);
+    assert_eq!(r.plugged_bytes(), ahead);
+    assert_eq!(read_u64(&r, 2 * GIB + ahead - 8), 0);
+    // A PLUG the pool cannot back fails; until a PLUG succeeds nothing is populated ahead: the
+    // pages left are the guest's when it tries again.
+    let left = free_hugepages();
+    assert!(r.populate(ga(3 * GIB), (left + 1) * 2 * MIB).is_err());
+    assert_eq!(
+        r.populate_ahead_next(4 * GIB, 2 * MIB, 128 * MIB).unwrap(),
+        0
+    );
+    assert_eq!(free_hugepages(), left);
+    r.populate(ga(3 * GIB), 2 * MIB).unwrap();
+    assert_eq!(
+        r.populate_ahead_next(4 * GIB, 2 * MIB, 128 * MIB).unwrap(),
+        2 * MIB
+    );
+    assert_eq!(r.release_ahead(0), 2 * MIB);
+    r.discard_all().unwrap();
+    assert_eq!(free_hugepages(), free);
 }

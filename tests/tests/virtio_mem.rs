@@ -427,3 +427,61 @@ fn linux_pattern_with_populate_ahead() {
     assert_eq!(code, 204);
     assert!(tide.wait_exit(T).success(), "{}", tide.stderr());
 }
+
+fn metrics(sock: &Path) -> serde_json::Value {
+    let (code, body) = http(sock, "GET", "/metrics", None);
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Churn: under a storm of resizes that a halted driver never follows, populate ahead prepares
+/// once, at most two 128 MiB chunks, gives that back when the requested size falls, and from
+/// then on holds back (counted in GET /metrics) instead of backing and giving back memory at
+/// every resize. Each resize is waited for by the size the populate-ahead thread reports it
+/// last acted on, so the counts decide, not the timing.
+#[test]
+fn populate_ahead_holds_back_under_a_resize_storm_with_a_halted_driver() {
+    if !require_kvm("populate_ahead_holds_back_under_a_resize_storm_with_a_halted_driver") {
+        return;
+    }
+    let (mut tide, sock, _tmp) = Tide::run_guest_with_api(
+        "ahead-churn",
+        "console=ttyS0 tide.test=hang",
+        &["--hotplug-size", "8G"],
+    );
+    let settle = |requested: u64| {
+        tests::patch(&sock, requested);
+        let end = Instant::now() + T;
+        loop {
+            let m = metrics(&sock);
+            if m["ahead"]["settled_requested_bytes"] == requested {
+                return m;
+            }
+            assert!(Instant::now() < end, "never settled at {requested}: {m}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let m = settle(GIB);
+    assert_eq!(
+        m["ahead"]["populated_bytes"],
+        256 * MIB,
+        "at most two chunks: {m}"
+    );
+    assert_eq!(field(&status(&sock), "ahead_bytes"), 256 * MIB);
+    let m = settle(0);
+    assert_eq!(m["ahead"]["released_bytes"], 256 * MIB, "{m}");
+    for (i, gib) in [1, 3, 0, 2, 5, 4, 0, 6, 7, 1].into_iter().enumerate() {
+        let m = settle(gib * GIB);
+        assert_eq!(m["ahead"]["populated_bytes"], 256 * MIB, "resize {i}: {m}");
+        assert_eq!(m["ahead"]["released_bytes"], 256 * MIB, "resize {i}: {m}");
+    }
+    let m = metrics(&sock);
+    assert!(m["ahead"]["held_back"].as_u64().unwrap() >= 1, "{m}");
+    assert_eq!(m["plug"]["count"], 0, "{m}");
+    let s = status(&sock);
+    assert_eq!(field(&s, "ahead_bytes"), 0, "{s}");
+    assert!(field(&s, "resident_bytes") <= MIB, "{s}");
+    let (code, _) = http(&sock, "PUT", "/vm/shutdown", None);
+    assert_eq!(code, 204);
+    assert!(tide.wait_exit(T).success(), "{}", tide.stderr());
+}

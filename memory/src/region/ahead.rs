@@ -2,14 +2,17 @@
 //! moving that memory into place when the PLUG comes.
 
 use std::io;
-use std::sync::atomic::Ordering;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::{debug, warn};
 
 use super::{ns_since, HotplugRegion, OpTimes, State};
 use crate::backend::Backend;
-use crate::populate::{advise_raw, populate_parallel, Priority};
+use crate::background::{PieceOp, SharedWork};
+use crate::populate::{advise_raw, BACKGROUND_PIECE_HUGE_PAGES, BACKGROUND_PIECE_SMALL_PAGES};
 use crate::sys::{last_err, unmap, HUGE_PAGE_SIZE};
 use crate::{Error, Result};
 
@@ -21,6 +24,17 @@ pub(super) enum Fill {
     Protect(io::Error),
     /// Backing them.
     Populate(io::Error),
+}
+
+/// A populate ahead under way for blocks `[a, b)` (see [`HotplugRegion::populate_ahead_next`]).
+pub(super) struct StageJob {
+    pub(super) a: usize,
+    pub(super) b: usize,
+    /// Anonymous regions: the staging mapping.
+    host: Option<usize>,
+    work: Arc<SharedWork>,
+    /// What a PLUG that took the job over kept as populated ahead (bytes).
+    kept: AtomicU64,
 }
 
 /// Memory populated ahead for blocks `[a, b)` of an anonymous region, in a separate mapping
@@ -156,16 +170,21 @@ impl HotplugRegion {
     /// first run of them not populated ahead yet, at most up to the next `chunk`-aligned guest
     /// address, and backs it outside the guest's view: a staging mapping on anonymous regions
     /// (moved into place by the PLUG), `fallocate` on the others. The blocks stay unplugged and
-    /// inaccessible. Returns the bytes populated ahead (0: nothing left to do). Runs without
-    /// the region's lock; a PLUG of these blocks meanwhile waits for it.
+    /// inaccessible. Returns the bytes populated ahead (0: nothing left to do, a PLUG took the
+    /// job over before any of it was done, or the last PLUG failed for lack of memory).
+    ///
+    /// The work runs without the region's lock on the background pool, in pieces that do not
+    /// start while a PLUG or an UNPLUG is under way. A PLUG of these blocks (or one short of
+    /// memory) meanwhile stops the job at a piece boundary and does the rest itself
+    /// ([`Self::stop_staging`]): it never waits for more than the pieces in flight.
     pub fn populate_ahead_next(&self, usable_end: u64, want: u64, chunk: u64) -> Result<u64> {
         if !self.ahead_ok {
             return Ok(0);
         }
         let bs = self.layout.block_size;
-        let (s, e) = {
+        let job = {
             let mut st = self.lock();
-            if st.in_progress.is_some() {
+            if st.in_progress.is_some() || st.short_of_memory {
                 return Ok(0);
             }
             let limit = st.bitmap.len().min((usable_end / bs) as usize);
@@ -188,72 +207,143 @@ impl HotplugRegion {
                 }
             }
             let Some((s, e)) = found else { return Ok(0) };
-            let len = self.byte_len(s, e) as u64;
+            let len = self.byte_len(s, e);
+            let short = |source| Error::Populate {
+                addr: self.guest_addr(s),
+                len: len as u64,
+                source,
+            };
             if *self.backend() != Backend::Hugetlb {
-                if let Some(room) = self.cgroup_room(&mut st, len) {
-                    if len.saturating_add(len / 256) > room {
-                        return Err(Error::Populate {
-                            addr: self.guest_addr(s),
-                            len,
-                            source: io::Error::from_raw_os_error(libc::ENOMEM),
-                        });
+                if let Some(room) = self.cgroup_room(&mut st, len as u64) {
+                    if (len as u64).saturating_add(len as u64 / 256) > room {
+                        return Err(short(io::Error::from_raw_os_error(libc::ENOMEM)));
                     }
                 }
             }
-            st.in_progress = Some((s, e));
-            (s, e)
-        };
-        let len = self.byte_len(s, e);
-        let staged = match &self.fd {
-            None => self.stage_anon(len).map(Some),
-            Some(file) => {
-                // From before the first page is allocated until `ahead` counts them.
-                self.ahead_inflight.store(len as u64, Ordering::Release);
-                // Allocates the file's pages of blocks [s, e) without mapping them.
-                let flags = rustix::fs::FallocateFlags::empty();
-                match rustix::fs::fallocate(file, flags, s as u64 * bs, len as u64) {
-                    Ok(()) => Ok(None),
-                    Err(errno) => {
-                        // Give back whatever the failed call left allocated.
-                        if let Err(r) = self.release(s, e) {
-                            warn!("giving back a failed populate ahead failed: {r}");
-                        }
-                        Err(io::Error::from(errno))
-                    }
+            let (host, op) = match &self.fd {
+                None => {
+                    let host = self.map_staging(len).map_err(short)?;
+                    (Some(host), PieceOp::Populate { addr: host })
                 }
-            }
+                Some(file) => {
+                    // From before the first page is allocated until `ahead` counts them
+                    // ([`Self::end_staging`]).
+                    self.ahead_inflight.store(len as u64, Ordering::Release);
+                    (
+                        None,
+                        PieceOp::Allocate {
+                            fd: file.as_raw_fd(),
+                            offset: s as u64 * bs,
+                        },
+                    )
+                }
+            };
+            let piece = if self.huge_pages() {
+                BACKGROUND_PIECE_HUGE_PAGES
+            } else {
+                BACKGROUND_PIECE_SMALL_PAGES
+            } as usize;
+            let job = Arc::new(StageJob {
+                a: s,
+                b: e,
+                host,
+                work: SharedWork::new(op, len, piece),
+                kept: AtomicU64::new(0),
+            });
+            st.in_progress = Some(job.clone());
+            job
         };
+        let result = job.work.run();
         #[cfg(test)]
         super::fail::ahead_in_flight(self);
         let mut st = self.lock();
+        if !st
+            .in_progress
+            .as_ref()
+            .is_some_and(|j| Arc::ptr_eq(j, &job))
+        {
+            // A PLUG took it over (and kept what was done as populated ahead).
+            return Ok(job.kept.load(Ordering::Acquire));
+        }
         st.in_progress = None;
-        self.staging_done.notify_all();
-        match staged {
-            Ok(host) => {
-                st.ahead.set_range(s, e, true);
-                if let Some(host) = host {
-                    st.staged.push(Staged { a: s, b: e, host });
+        let done = result.as_ref().ok().map(|()| self.byte_len(job.a, job.b));
+        let kept = self.end_staging(&mut st, &job, done);
+        result.map(|()| kept).map_err(|source| Error::Populate {
+            addr: self.guest_addr(job.a),
+            len: self.byte_len(job.a, job.b) as u64,
+            source,
+        })
+    }
+
+    /// Stops the populate ahead under way, if any (a PLUG needs its blocks, or the memory it
+    /// holds): no piece of it starts any more, the pieces in flight are waited for, and the
+    /// whole blocks done from its start are kept as populated ahead when `keep` (the rest is
+    /// given back). Returns the bytes kept.
+    pub(super) fn stop_staging(&self, st: &mut State, keep: bool) -> u64 {
+        let Some(job) = st.in_progress.take() else {
+            return 0;
+        };
+        let done = job.work.stop().filter(|_| keep);
+        let kept = self.end_staging(st, &job, done);
+        job.kept.store(kept, Ordering::Release);
+        kept
+    }
+
+    /// Ends a populate ahead (done or stopped) with `done` bytes done from its start (`None`:
+    /// it failed): keeps the whole blocks done as populated ahead and gives back the rest.
+    /// Returns the bytes kept.
+    fn end_staging(&self, st: &mut State, job: &StageJob, done: Option<usize>) -> u64 {
+        let bs = self.layout.block_size as usize;
+        let mid = job.a + (done.unwrap_or(0) / bs).min(job.b - job.a);
+        if mid < job.b {
+            match job.host {
+                Some(host) => unmap(host + (mid - job.a) * bs, self.byte_len(mid, job.b)),
+                // Never plugged meanwhile: a PLUG of them stops the job first.
+                None => {
+                    if let Err(e) = self.release(mid, job.b) {
+                        warn!("giving back a populate ahead failed: {e}");
+                    }
                 }
-                // Counted in `ahead` before it leaves `ahead_inflight`: never resident.
-                self.ahead.fetch_add(len as u64, Ordering::AcqRel);
-                self.ahead_inflight.store(0, Ordering::Release);
-                Ok(len as u64)
-            }
-            Err(source) => {
-                // The failed call's pages were given back above.
-                self.ahead_inflight.store(0, Ordering::Release);
-                Err(Error::Populate {
-                    addr: self.guest_addr(s),
-                    len: len as u64,
-                    source,
-                })
             }
         }
+        if mid == job.a {
+            self.ahead_inflight.store(0, Ordering::Release);
+            return 0;
+        }
+        st.ahead.set_range(job.a, mid, true);
+        if let Some(host) = job.host {
+            st.staged.push(Staged {
+                a: job.a,
+                b: mid,
+                host,
+            });
+        }
+        let kept = self.byte_len(job.a, mid) as u64;
+        // Counted in `ahead` before it leaves `ahead_inflight`: never resident.
+        self.ahead.fetch_add(kept, Ordering::AcqRel);
+        self.ahead_inflight.store(0, Ordering::Release);
+        kept
+    }
+
+    /// Gives back everything populated ahead except for blocks `[a, b)` (a PLUG of them is
+    /// short of memory), the populate ahead under way included. Returns the bytes given back
+    /// (besides that of the populate under way).
+    pub(super) fn give_back_ahead(&self, st: &mut State, a: usize, b: usize) -> u64 {
+        self.stop_staging(st, false);
+        let mut n = 0;
+        for (x, y) in st.ahead.runs(true) {
+            for (x, y) in [(x, y.min(a)), (x.max(b), y)] {
+                if x < y {
+                    n += self.drop_ahead(st, x, y);
+                }
+            }
+        }
+        n
     }
 
     /// A fresh private anonymous mapping of `len` bytes, 2 MiB aligned (huge pages when the
-    /// region asks for them), populated.
-    pub(super) fn stage_anon(&self, len: usize) -> io::Result<usize> {
+    /// region asks for them), not populated.
+    fn map_staging(&self, len: usize) -> io::Result<usize> {
         let align = HUGE_PAGE_SIZE as usize;
         let over = len + align;
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
@@ -276,11 +366,10 @@ impl HotplugRegion {
         unmap(raw, start - raw);
         unmap(start + len, raw + over - (start + len));
         if self.thp {
-            advise_raw(start, len, libc::MADV_HUGEPAGE)?;
-        }
-        if let Err(e) = populate_parallel(start, len, self.thp, Priority::Background) {
-            unmap(start, len);
-            return Err(e);
+            if let Err(e) = advise_raw(start, len, libc::MADV_HUGEPAGE) {
+                unmap(start, len);
+                return Err(e);
+            }
         }
         Ok(start)
     }
@@ -317,5 +406,68 @@ impl HotplugRegion {
             }
         }
         len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::background::Foreground;
+    use crate::{HotplugLayout, OpTimes, RegionOptions};
+
+    const MIB: u64 = 1 << 20;
+    const BASE: u64 = 4 << 30;
+
+    /// A PLUG of blocks being populated ahead never waits for the low-priority work: with the
+    /// background pieces held back, the PLUG stops the job and populates the blocks itself.
+    #[test]
+    fn a_plug_takes_over_a_populate_ahead_of_its_blocks() {
+        for backend in [Backend::Anon, Backend::Memfd] {
+            let layout = HotplugLayout {
+                base: GuestAddress(BASE),
+                size: 1 << 30,
+                block_size: 2 * MIB,
+            };
+            let options = RegionOptions { thp: false };
+            let r = Arc::new(HotplugRegion::with_options(&layout, backend, options).unwrap());
+            // No background piece starts while this is held: the populate ahead is stuck.
+            let held = Foreground::enter();
+            let (tx, rx) = mpsc::channel();
+            let ahead = {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    let _ = tx.send(r.populate_ahead_next(1 << 30, 128 * MIB, 128 * MIB));
+                })
+            };
+            // Wait for the job to be under way (or for the call to have failed).
+            while r.lock().in_progress.is_none() {
+                if let Ok(result) = rx.try_recv() {
+                    panic!("populate ahead ended before it started: {result:?}");
+                }
+                std::thread::yield_now();
+            }
+            let mut times = OpTimes::default();
+            r.populate_timed(GuestAddress(BASE), 128 * MIB, &mut times)
+                .unwrap();
+            assert_eq!(rx.recv().unwrap().unwrap(), 0, "nothing was done ahead");
+            ahead.join().unwrap();
+            drop(held);
+            assert_eq!(times.ahead_bytes, 0);
+            assert_eq!(r.ahead_bytes(), 0);
+            assert_eq!(r.plugged_bytes(), 128 * MIB);
+            assert!(r.lock().in_progress.is_none());
+            assert!(r.lock().staged.is_empty());
+            // The next populate ahead starts after the plugged block.
+            assert_eq!(
+                r.populate_ahead_next(1 << 30, 128 * MIB, 128 * MIB)
+                    .unwrap(),
+                128 * MIB
+            );
+            r.discard_all().unwrap();
+        }
     }
 }

@@ -8,6 +8,7 @@ use log::{error, warn};
 use vm_memory::GuestAddress;
 
 use super::{ns_since, HotplugRegion, OpTimes, State};
+use crate::background::Foreground;
 use crate::{Error, Result};
 
 impl HotplugRegion {
@@ -97,6 +98,7 @@ impl HotplugRegion {
     pub fn discard_timed(&self, addr: GuestAddress, len: u64, times: &mut OpTimes) -> Result<()> {
         let _change = self.change();
         let (a, b) = self.check(addr, len)?;
+        let _foreground = Foreground::enter();
         let mut st = self.lock();
         if st.bitmap.count(a, b) != b - a {
             return Err(Error::NotPlugged { addr: addr.0, len });
@@ -114,6 +116,7 @@ impl HotplugRegion {
     /// [`HotplugRegion::discard_all`], adding where its time went to `times`.
     pub fn discard_all_timed(&self, times: &mut OpTimes) -> Result<()> {
         let _change = self.change();
+        let _foreground = Foreground::enter();
         let mut st = self.lock();
         let mut result = Ok(());
         for (a, b) in st.bitmap.runs(true) {

@@ -2,8 +2,15 @@
 //! guest's view, the blocks Linux's driver will plug next (the lowest unplugged ones of the
 //! usable region), one 128 MiB memory block at a time, so that the PLUG finds them ready while
 //! the guest is still onlining the previous block. It gives them back when the requested size
-//! falls, and after [`AHEAD_IDLE`] without a plug. The mechanism (the staging mapping) is the
-//! hotplug memory's ([`HotplugMemory::populate_ahead_next`]).
+//! falls, and after [`AHEAD_IDLE`] without a plug. The mechanism (the staging mapping, the
+//! low-priority pieces a PLUG takes over) is the hotplug memory's
+//! ([`HotplugMemory::populate_ahead_next`]).
+//!
+//! Speculation has a budget: at most [`AHEAD_MAX`] bytes are populated ahead and not plugged,
+//! and once memory prepared ahead was given back unplugged (the requested size fell, the guest
+//! plugged elsewhere, or it did not plug for [`AHEAD_IDLE`]), nothing more is prepared until
+//! the guest plugs again: a guest that does not follow the requested size costs one
+//! preparation, not one per resize.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
@@ -21,6 +28,9 @@ use crate::virtio::{Error, Result};
 /// What is populated ahead at a time, aligned in guest physical memory: Linux's memory block
 /// on x86_64, which its driver plugs in one request.
 pub const AHEAD_CHUNK: u64 = memory::LINUX_MEMORY_BLOCK;
+/// The most memory populated ahead and not plugged at a time: two of Linux's memory blocks,
+/// the one the guest plugs next and the one after.
+pub const AHEAD_MAX: u64 = 2 * AHEAD_CHUNK;
 /// Memory populated ahead is given back after this long without a plug.
 pub const AHEAD_IDLE: Duration = Duration::from_secs(10);
 
@@ -79,24 +89,24 @@ impl<R: HotplugMemory> Ahead<R> {
         true
     }
 
-    fn release(&self, keep: u64) {
+    /// Gives back what is populated ahead beyond its lowest `keep` bytes; returns the bytes
+    /// given back.
+    fn release(&self, keep: u64) -> u64 {
         let n = self.region.release_ahead(keep);
         self.metrics.ahead_released_bytes.fetch_add(n, Relaxed);
+        n
     }
 
     pub(super) fn run(self) {
         // Nobody waits for this thread's work yet (fd backends allocate here, anon ones on the
         // background populate pool): a PLUG being answered and the vCPUs win the CPU from it.
         memory::lower_thread_priority();
-        // `more`: populate the next chunk without waiting (cleared when nothing is left to do
-        // or a populate ahead failed: that is not an error, the PLUG then populates itself).
-        let (mut more, mut last_requested, mut last_plugged) = (false, 0, u64::MAX);
-        let mut since = Instant::now();
+        let mut policy = Policy::default();
         loop {
-            let timeout = if more {
+            let timeout = if policy.more {
                 Some(Duration::ZERO)
             } else if self.region.ahead_bytes() > 0 {
-                Some(AHEAD_IDLE.saturating_sub(since.elapsed()))
+                Some(AHEAD_IDLE.saturating_sub(policy.since.elapsed()))
             } else {
                 None
             };
@@ -104,44 +114,96 @@ impl<R: HotplugMemory> Ahead<R> {
                 break;
             }
             let requested = self.shared.requested_size();
-            let plugged = self.region.plugged_bytes();
-            if requested > last_requested || plugged != last_plugged {
-                more = true;
-                since = Instant::now();
-            }
-            (last_requested, last_plugged) = (requested, plugged);
-            let want = requested.saturating_sub(plugged);
-            if self.region.ahead_bytes() > want {
-                self.release(want);
-            }
-            if self.region.ahead_bytes() > 0 && since.elapsed() >= AHEAD_IDLE {
-                log::debug!(
-                    "virtio-mem: no plug for {AHEAD_IDLE:?}: giving back what was populated ahead"
-                );
-                self.release(0);
-                more = false;
-                continue;
-            }
-            if !more || self.region.ahead_bytes() >= want {
-                more = false;
-                continue;
-            }
-            let t = Instant::now();
-            let usable = self.shared.usable_region_size();
-            match self.region.populate_ahead_next(usable, want, AHEAD_CHUNK) {
-                Ok(0) => more = false,
-                Ok(n) => {
-                    self.metrics.ahead_populated_bytes.fetch_add(n, Relaxed);
-                    self.metrics
-                        .ahead_ns
-                        .fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-                }
-                Err(e) => {
-                    log::debug!("virtio-mem: populate ahead failed (the PLUG will populate): {e}");
-                    more = false;
-                }
+            self.step(&mut policy, requested);
+            if !policy.more {
+                self.metrics
+                    .ahead_settled_requested_bytes
+                    .store(requested, Relaxed);
             }
         }
         self.release(0);
+    }
+
+    /// One look at the sizes: gives back what is not wanted any more, and populates the next
+    /// chunk ahead if the budget allows.
+    fn step(&self, p: &mut Policy, requested: u64) {
+        let plugged = self.region.plugged_bytes();
+        if p.last_plugged.is_some_and(|last| plugged > last) {
+            // The guest plugs again: prepare for it again.
+            p.held_back = false;
+        }
+        if requested > p.last_requested || p.last_plugged != Some(plugged) {
+            p.more = true;
+            p.since = Instant::now();
+        }
+        (p.last_requested, p.last_plugged) = (requested, Some(plugged));
+        let want = requested.saturating_sub(plugged).min(AHEAD_MAX);
+        if self.region.ahead_bytes() > want && self.release(want) > 0 {
+            // Prepared and not plugged (the requested size fell, or the guest plugged other
+            // blocks): the guest does not take what is prepared for it.
+            p.held_back = true;
+        }
+        if self.region.ahead_bytes() > 0 && p.since.elapsed() >= AHEAD_IDLE {
+            log::debug!(
+                "virtio-mem: no plug for {AHEAD_IDLE:?}: giving back what was populated ahead"
+            );
+            if self.release(0) > 0 {
+                p.held_back = true;
+            }
+            p.more = false;
+            return;
+        }
+        if !p.more || self.region.ahead_bytes() >= want {
+            p.more = false;
+            return;
+        }
+        if p.held_back {
+            log::debug!("virtio-mem: not populating ahead until the guest plugs again");
+            self.metrics.ahead_held_back.fetch_add(1, Relaxed);
+            p.more = false;
+            return;
+        }
+        let t = Instant::now();
+        let usable = self.shared.usable_region_size();
+        match self.region.populate_ahead_next(usable, want, AHEAD_CHUNK) {
+            Ok(n) => {
+                self.metrics.ahead_populated_bytes.fetch_add(n, Relaxed);
+                self.metrics
+                    .ahead_ns
+                    .fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+                // 0: nothing left to do, or a PLUG took the work over (its end kicks us).
+                p.more = n > 0;
+            }
+            Err(e) => {
+                log::debug!("virtio-mem: populate ahead failed (the PLUG will populate): {e}");
+                p.more = false;
+            }
+        }
+    }
+}
+
+/// The populate-ahead thread's view of the guest.
+struct Policy {
+    /// Populate the next chunk without waiting (cleared when nothing is left to do, or a
+    /// populate ahead failed: that is not an error, the PLUG then populates itself).
+    more: bool,
+    last_requested: u64,
+    last_plugged: Option<u64>,
+    /// Memory populated ahead was given back unplugged and the guest has not plugged since:
+    /// nothing more is prepared until it does.
+    held_back: bool,
+    /// The last plug or rise of the requested size.
+    since: Instant,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            more: false,
+            last_requested: 0,
+            last_plugged: None,
+            held_back: false,
+            since: Instant::now(),
+        }
     }
 }

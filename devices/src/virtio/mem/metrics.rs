@@ -179,6 +179,11 @@ pub struct AheadSnapshot {
     pub released_bytes: u64,
     /// Time spent populating ahead.
     pub ns: u64,
+    /// Times populate ahead held back because what it had prepared was given back unplugged
+    /// and the guest has not plugged since.
+    pub held_back: u64,
+    /// The requested size populate ahead last finished acting on.
+    pub settled_requested_bytes: u64,
 }
 
 /// The metrics of one virtio-mem device as served (`GET /metrics`).
@@ -217,6 +222,10 @@ pub struct VirtioMemMetrics {
     pub ahead_released_bytes: AtomicU64,
     /// Time spent populating ahead (ns), off the queue.
     pub ahead_ns: AtomicU64,
+    /// Times populate ahead held back (the guest did not plug what was prepared).
+    pub ahead_held_back: AtomicU64,
+    /// The requested size the populate-ahead thread last finished acting on.
+    pub ahead_settled_requested_bytes: AtomicU64,
 }
 
 impl VirtioMemMetrics {
@@ -250,6 +259,8 @@ impl VirtioMemMetrics {
                 populated_bytes: self.ahead_populated_bytes.load(Relaxed),
                 released_bytes: self.ahead_released_bytes.load(Relaxed),
                 ns: self.ahead_ns.load(Relaxed),
+                held_back: self.ahead_held_back.load(Relaxed),
+                settled_requested_bytes: self.ahead_settled_requested_bytes.load(Relaxed),
             },
         }
     }
@@ -322,6 +333,6 @@ mod tests {
             j.contains("\"unplug\":{\"count\":0,") && j.contains("\"min_ns\":0"),
             "{j}"
         );
-        assert!(j.ends_with("\"ahead\":{\"populated_bytes\":0,\"released_bytes\":0,\"ns\":0}}"));
+        assert!(j.ends_with("\"ahead\":{\"populated_bytes\":0,\"released_bytes\":0,\"ns\":0,\"held_back\":0,\"settled_requested_bytes\":0}}"));
     }
 }

@@ -9,6 +9,11 @@
 //!    `PATCH /hotplug/memory` to `plugged_size` reaching it (the long poll), and back to 0;
 //! 3. `tide` start to the guest's first serial byte, and the VMM's own resident memory;
 //! 4. the cost of the one KVM memory slot of the hotplug region, by region size;
+//! 5. the resize trace; 6. Linux's own driver (tier 3, `--linux-only` alone);
+//! 7. populate ahead with and without, Linux's pattern, quiet and beside two busy loops at
+//!    nice 0, per backend, alternated (`--ahead-only` alone);
+//! 8. with `--linux-ahead` (alone, or with `--ahead-only`): Linux's own driver with and without
+//!    populate ahead, PATCH to the guest's `MemTotal`;
 //!
 //! and writes `DIR/results.json`, `DIR/results.md`, `DIR/resize.png` (plugged size and host
 //! resident memory over time) and `DIR/resize.csv` (its samples). `--quick` does 1 GiB and one
@@ -27,6 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use tests::{proc_status_kib, temp_dir, test_guest, try_http, Tide};
 
+mod ahead;
 mod backends;
 mod end_to_end;
 mod pattern;
@@ -200,6 +206,8 @@ fn main() {
     let mut out = None;
     let mut quick = false;
     let mut linux_only = false;
+    let mut ahead_only = false;
+    let mut linux_ahead = false;
     let mut i = 1;
     while i < args.len() {
         match args[i].as_str() {
@@ -209,12 +217,18 @@ fn main() {
             }
             "--quick" => quick = true,
             "--linux-only" => linux_only = true,
+            "--ahead-only" => ahead_only = true,
+            "--linux-ahead" => linux_ahead = true,
             "-h" | "--help" => {
-                println!("usage: bench --out DIR [--quick] [--linux-only]");
+                println!("usage: bench --out DIR [--quick] [--linux-only] [--ahead-only] [--linux-ahead]");
+                println!("  --linux-only   only Linux's own driver (tier 3)");
+                println!("  --ahead-only   section 7 only: populate ahead with and without, quiet and beside two busy loops");
+                println!("  --linux-ahead  section 8 only: Linux's own driver with and without populate ahead (two guests, needs TIDE_GUEST_DIR);");
+                println!("                 with --ahead-only, sections 7 and 8");
                 return;
             }
             a => {
-                eprintln!("bench: unknown argument {a:?}; usage: bench --out DIR [--quick] [--linux-only]");
+                eprintln!("bench: unknown argument {a:?}; usage: bench --out DIR [--quick] [--linux-only] [--ahead-only] [--linux-ahead]");
                 std::process::exit(2);
             }
         }
@@ -243,7 +257,9 @@ fn main() {
 
     let mut rows: Vec<Row> = Vec::new();
     let mut goals = Vec::new();
-    if !linux_only {
+    // --ahead-only and --linux-ahead pick their sections alone.
+    let picked = ahead_only || linux_ahead;
+    if !linux_only && !picked {
         host_and_test_guest(
             &tide,
             quick,
@@ -255,18 +271,32 @@ fn main() {
         );
     }
 
-    println!(
-        "6. Linux's virtio-mem driver (tier-3 guest from TIDE_GUEST_DIR; boot takes minutes on an \
-         emulating KVM)"
-    );
-    let linux_lines = match linux_driver(&mut rows) {
-        Ok(l) => l,
-        Err(e) => {
-            println!("  SKIP {e}");
-            skipped.push(format!("Linux driver: {e}"));
-            Vec::new()
+    let linux_lines = if picked && !linux_only {
+        Vec::new()
+    } else {
+        println!(
+            "6. Linux's virtio-mem driver (tier-3 guest from TIDE_GUEST_DIR; boot takes minutes on \
+             an emulating KVM)"
+        );
+        match linux_driver(&mut rows) {
+            Ok(l) => l,
+            Err(e) => {
+                println!("  SKIP {e}");
+                skipped.push(format!("Linux driver: {e}"));
+                Vec::new()
+            }
         }
     };
+    if ahead_only || !(linux_only || linux_ahead) {
+        ahead::populate_ahead_section(&tide, reps, &mut rows, &mut goals, &mut skipped);
+    }
+    if linux_ahead {
+        println!("8. Linux's own driver with and without populate ahead (two tier-3 guests)");
+        if let Err(e) = ahead::linux_driver_ahead(reps.min(2), &mut rows, &mut goals) {
+            println!("  SKIP {e}");
+            skipped.push(format!("Linux driver with and without populate ahead: {e}"));
+        }
+    }
 
     let elapsed = start.elapsed().as_secs_f64();
     let json = Value::Array(rows.iter().map(Row::json).collect());
