@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # Builds Tide's minimal Linux guest: bzImage + vmlinux (PVH) from `make tinyconfig` plus
 # resources/guest-kernel.config and resources/guest-kernel.patch, and a busybox initramfs whose
-# /init is resources/init, with /bin/memtest (resources/memtest.c).
+# /init is resources/init, with /bin/memtest (resources/memtest.c) and /bin/tide-exit
+# (resources/tide-exit.c).
 #
 #   resources/build-guest.sh            # prints the artifact directory as its last line
 #   nice -n 19 resources/build-guest.sh # on a shared machine
 #
-# Artifacts go to ${TIDE_CACHE:-$HOME/.cache/tide}/guest-<hash>/ where <hash> covers the fragment,
-# the patch, this script, init, memtest.c and emulated-kvm.cmdline: bzImage, vmlinux,
-# initramfs.cpio.gz and initramfs.cpio (the same, uncompressed: no emulated inflation), config (the
-# final .config), cmdline (one line: the kernel parameters this guest needs on an emulating KVM,
-# the one place every script and test takes them from), build.log. A directory that is complete
-# (has .complete) is reused as is; nothing is rebuilt until one of those files changes.
+# Two caches under ${TIDE_CACHE:-$HOME/.cache/tide}, so that a change to the initramfs costs seconds:
+#   kernel-<khash>/  the kernel alone: bzImage, vmlinux, config, gen_init_cpio, build.log, info.
+#                    <khash> covers the fragment, the patch and KERNEL_RECIPE below (bump it when the
+#                    kernel steps of this script change).
+#   guest-<hash>/    what users and tests take: bzImage, vmlinux and config (hard links to or copies
+#                    of the kernel cache's), initramfs.cpio.gz and initramfs.cpio (the same,
+#                    uncompressed: no emulated inflation), cmdline (one line: the kernel parameters
+#                    this guest needs on an emulating KVM, the one place every script and test takes
+#                    them from), build.log, info. <hash> covers <khash>, this script, init, the C
+#                    helpers and emulated-kvm.cmdline.
+# A directory that is complete (has .complete) is reused as is.
 #
 # The patch adds three workarounds for a software nested KVM whose instruction emulator cannot run
 # some kernel instructions (shared/README.md section 7), each behind a boot parameter that is off by
@@ -27,20 +33,26 @@ fragment=$here/guest-kernel.config
 patch_file=$here/guest-kernel.patch
 init=$here/init
 memtest=$here/memtest.c
+tide_exit=$here/tide-exit.c
 emulated_cmdline=$here/emulated-kvm.cmdline
 self=$here/$(basename "${BASH_SOURCE[0]}")
 cache=${TIDE_CACHE:-$HOME/.cache/tide}
 jobs=${JOBS:-$(nproc)}
 kernel_source=${KERNEL_SOURCE:-/usr/src/linux-source-6.12.tar.xz}
+# Bump when the kernel steps below (configure, build, what is kept) change.
+KERNEL_RECIPE=1
 
 die() { echo "build-guest.sh: error: $*" >&2; exit 1; }
 log() { echo "build-guest.sh: $*" >&2; }
 
-for f in "$fragment" "$patch_file" "$init" "$memtest" "$emulated_cmdline"; do
+for f in "$fragment" "$patch_file" "$init" "$memtest" "$tide_exit" "$emulated_cmdline"; do
     [ -f "$f" ] || die "missing $f"
 done
 
-hash=$(cat "$fragment" "$patch_file" "$self" "$init" "$memtest" "$emulated_cmdline" |
+khash=$({ echo "recipe $KERNEL_RECIPE ${KERNEL_SOURCE:-}"; cat "$fragment" "$patch_file"; } |
+    sha256sum | cut -c1-16)
+kdir=$cache/kernel-$khash
+hash=$({ echo "$khash"; cat "$self" "$init" "$memtest" "$tide_exit" "$emulated_cmdline"; } |
     sha256sum | cut -c1-16)
 out=$cache/guest-$hash
 if [ -f "$out/.complete" ]; then
@@ -52,8 +64,11 @@ fi
 # --- build dependencies --------------------------------------------------------------------------
 need_pkgs=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-pkgs=(bc bison flex libelf-dev libssl-dev busybox-static cpio gzip lz4 make gcc libc6-dev patch)
-[ -n "${KERNEL_SOURCE:-}" ] || pkgs+=(linux-source-6.12)
+pkgs=(busybox-static cpio gzip gcc libc6-dev)
+if [ ! -f "$kdir/.complete" ]; then
+    pkgs+=(bc bison flex libelf-dev libssl-dev lz4 make patch)
+    [ -n "${KERNEL_SOURCE:-}" ] || pkgs+=(linux-source-6.12)
+fi
 for p in "${pkgs[@]}"; do have_pkg "$p" || need_pkgs+=("$p"); done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing: ${need_pkgs[*]}"
@@ -74,7 +89,6 @@ busybox=$(command -v busybox || true)
 [ -x "$busybox" ] || die "busybox not found (package busybox-static)"
 if ldd "$busybox" >/dev/null 2>&1; then die "$busybox is dynamically linked: install busybox-static"; fi
 
-# --- kernel --------------------------------------------------------------------------------------
 mkdir -p "$cache"
 work=$(mktemp -d "$cache/build-$hash.XXXXXX")
 cleanup() { [ "${KEEP_BUILD:-0}" = 1 ] || rm -rf "$work"; }
@@ -82,6 +96,8 @@ trap cleanup EXIT
 buildlog=$work/build.log
 t0=$(date +%s)
 
+# --- kernel (its own cache) ----------------------------------------------------------------------
+build_kernel() {
 if [ -d "$kernel_source" ]; then
     ksrc=$kernel_source
     log "using kernel tree $ksrc (built out of tree in $work/obj)"
@@ -143,12 +159,37 @@ kmake bzImage
 t1=$(date +%s)
 log "kernel built in $((t1 - t0)) s"
 
+kstage=$work/kernel
+mkdir -p "$kstage"
+cp "$obj/arch/x86/boot/bzImage" "$obj/vmlinux" "$obj/usr/gen_init_cpio" "$kstage/"
+cp "$obj/.config" "$kstage/config"
+cp "$buildlog" "$kstage/build.log"
+{
+    echo "kernel: $(make -s -C "$ksrc" O="$obj" kernelversion 2>/dev/null || echo unknown)"
+    echo "source: $kernel_source"
+    echo "built: $(date -u +%FT%TZ) in $(( $(date +%s) - t0 )) s with -j$jobs"
+} >"$kstage/info"
+touch "$kstage/.complete"
+rm -rf "$kdir"
+mv "$kstage" "$kdir"
+}
+if [ -f "$kdir/.complete" ]; then
+    log "kernel up to date: $kdir"
+else
+    build_kernel
+fi
+
 # --- initramfs -----------------------------------------------------------------------------------
 # Only /bin/sh links to busybox: its shell runs every applet by name without a link (Debian's
 # busybox-static is built with FEATURE_SH_STANDALONE), and each of the ~270 links would cost the
 # emulated kernel time to unpack at every boot.
+ti=$(date +%s)
 gcc -static -O2 -Wall -o "$work/memtest" "$memtest" >>"$buildlog" 2>&1 ||
     { tail -n 20 "$buildlog" >&2; die "cannot build $memtest (gcc -static needs libc6-dev)"; }
+# No libc: a few KB instead of a static glibc's ~800 KB for the kernel to unpack at every boot.
+gcc -static -nostdlib -ffreestanding -fno-stack-protector -fno-pie -no-pie -Os -s -Wall \
+    -o "$work/tide-exit" "$tide_exit" >>"$buildlog" 2>&1 ||
+    { tail -n 20 "$buildlog" >&2; die "cannot build $tide_exit"; }
 env -i PATH=/nonexistent "$busybox" sh -c 'mount --help' >/dev/null 2>&1 ||
     die "$busybox cannot run applets without links (no FEATURE_SH_STANDALONE)"
 list=$work/initramfs.list
@@ -163,26 +204,27 @@ list=$work/initramfs.list
     echo "file /bin/busybox $busybox 0755 0 0"
     echo "file /init $init 0755 0 0"
     echo "file /bin/memtest $work/memtest 0755 0 0"
+    echo "file /bin/tide-exit $work/tide-exit 0755 0 0"
     echo "slink /bin/sh busybox 0777 0 0"
     echo "slink /sbin/init /init 0777 0 0"
 } >"$list"
-"$obj/usr/gen_init_cpio" "$list" >"$work/initramfs.cpio"
+"$kdir/gen_init_cpio" "$list" >"$work/initramfs.cpio"
 gzip -9n <"$work/initramfs.cpio" >"$work/initramfs.cpio.gz"
 
 # --- publish -------------------------------------------------------------------------------------
 stage=$work/out
 mkdir -p "$stage"
-cp "$obj/arch/x86/boot/bzImage" "$stage/bzImage"
-cp "$obj/vmlinux" "$stage/vmlinux"
-cp "$obj/.config" "$stage/config"
+for f in bzImage vmlinux config; do
+    ln "$kdir/$f" "$stage/$f" 2>/dev/null || cp "$kdir/$f" "$stage/$f"
+done
 mv "$work/initramfs.cpio.gz" "$work/initramfs.cpio" "$stage/"
 grep -v '^#' "$emulated_cmdline" | tr -s ' \n' ' ' | sed 's/^ //; s/ $//' >"$stage/cmdline"
 echo >>"$stage/cmdline"
-cp "$buildlog" "$stage/build.log"
+cat "$kdir/build.log" "$buildlog" >"$stage/build.log"
 {
-    echo "kernel: $(make -s -C "$ksrc" O="$obj" kernelversion 2>/dev/null || echo unknown)"
-    echo "source: $kernel_source"
-    echo "built: $(date -u +%FT%TZ) in $(( $(date +%s) - t0 )) s with -j$jobs"
+    cat "$kdir/info"
+    echo "kernel cache: $kdir"
+    echo "initramfs: $(date -u +%FT%TZ) in $(( $(date +%s) - ti )) s"
 } >"$stage/info"
 touch "$stage/.complete"
 rm -rf "$out"

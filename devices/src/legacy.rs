@@ -1,7 +1,8 @@
 //! Legacy PC devices: the 8250 UART on port 0x3f8 (vm-superio's, fitted here to the [`BusDevice`]
 //! trait) and the i8042 controller whose CPU-reset command ends the VM ([`I8042`], our own: Linux
 //! probes more of it than vm-superio answers). Both signal event fds: the vmm turns the serial's
-//! fd into an irqfd on IRQ 4 and watches the i8042's fd to stop the VM.
+//! fd into an irqfd on IRQ 4 and watches the i8042's fd to stop the VM. And the debug-exit port
+//! 0xf4 ([`DebugExit`]) through which a guest sets the VMM's exit status.
 
 use std::io::{self, Write};
 
@@ -10,7 +11,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 
+mod debug_exit;
 mod i8042;
+pub use debug_exit::{DebugExit, OnExit, DEBUG_EXIT_LEN, DEBUG_EXIT_PORT};
 pub use i8042::{I8042, KBD_IRQ};
 
 /// Base port of COM1.

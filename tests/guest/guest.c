@@ -11,8 +11,9 @@
  *
  * Command line (Linux's boot_params.hdr.cmd_line_ptr):
  *   tide.test=hang | triple | flood | mem-follow | mem-hostile | mem-touch-unplugged | mem-busy
- *             | mem-reset | mem-read-unplugged | mem-log-flood
- *             (flood: prints lines on the console for ever)
+ *             | mem-reset | mem-read-unplugged | mem-log-flood | mem-failed
+ *             (flood: prints lines on the console for ever; mem-failed: the driver sets FAILED)
+ *   tide.exit=<n>                            write n to the debug-exit port 0xf4 after the boot facts
  *   virtio_mmio.device=<size>@<addr>:<irq>   (Linux syntax; may appear several times)
  *   tide.accept_inaccessible=0               do not accept VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
  *   tide.exit_at_zero=1                      mem-follow: power off once requested and plugged are 0
@@ -1567,11 +1568,20 @@ static void virtio_mem_main(void)
     int want = param_is("tide.test", "mem-follow") || param_is("tide.test", "mem-hostile") ||
                param_is("tide.test", "mem-touch-unplugged") || param_is("tide.test", "mem-busy") ||
                param_is("tide.test", "mem-reset") || param_is("tide.test", "mem-read-unplugged") ||
-               param_is("tide.test", "mem-log-flood");
+               param_is("tide.test", "mem-log-flood") || param_is("tide.test", "mem-failed");
     if (!find_device()) {
         if (want)
             fail("no virtio-mem device (virtio_mmio.device=) on the command line");
         return;
+    }
+    if (param_is("tide.test", "mem-failed")) {
+        /* A driver that gives up during its probe, as Linux's does when the probe fails. */
+        mw(VM_STATUS, 0);
+        mw(VM_STATUS, ST_ACK);
+        mw(VM_STATUS, ST_ACK | ST_DRIVER);
+        say_line("virtio-mem: driver gives up: status FAILED");
+        mw(VM_STATUS, ST_ACK | ST_DRIVER | ST_FAILED);
+        power_off();
     }
     irq_init(mmio_irq);
     device_init();
@@ -1610,6 +1620,16 @@ void guest_main(u64 boot_params)
 
     report_e820(boot_params);
 
+    const char *exit_code = find_param("tide.exit");
+    if (exit_code) {
+        u64 n = parse_num(&exit_code, 0);
+        say("debug-exit ");
+        put_dec(n);
+        nl();
+        outb(0xf4, (u8)n);
+        say_line("debug-exit returned (the VM was not stopped)");
+        power_off();
+    }
     if (param_is("tide.test", "hang")) {
         say_line("hanging (hlt with interrupts off)");
         halt_forever();

@@ -352,7 +352,11 @@ fn options_without_effect_are_refused_and_sizes_parse_alike() {
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(
+            out.status.code(),
+            Some(vmm::exit_status::TIDE_ERROR),
+            "{args:?}: {err}"
+        );
         assert!(err.contains("no effect without a hotplug region"), "{err}");
     }
     // `resize 1P` parses (as `--hotplug-size 1P` does): the error is about the socket.

@@ -65,7 +65,7 @@ fn build(config: VmmConfig) -> Result<Vmm> {
     cmdline
         .insert_str(&config.kernel.cmdline)
         .map_err(Error::Cmdline)?;
-    let legacy = attach_legacy_devices(&vm)?;
+    let legacy = attach_legacy_devices(&vm, &state)?;
     let mut mmio = Bus::new();
     let mem_device = match hotplug {
         Some(region) => Some(attach_mem_device(
@@ -196,14 +196,17 @@ struct LegacyDevices {
     console: crate::console::ConsoleOut,
 }
 
-/// Creates the serial port and the i8042 with their irqfds, on a new port-I/O bus.
-fn attach_legacy_devices(vm: &VmFd) -> Result<LegacyDevices> {
+/// Creates the serial port and the i8042 with their irqfds, and the debug-exit port, on a new
+/// port-I/O bus.
+fn attach_legacy_devices(vm: &VmFd, state: &Arc<RunState>) -> Result<LegacyDevices> {
     let irq = || EventFdTrigger::new().map_err(|e| Error::Io("cannot create an event fd", e));
     // Guest output never blocks a vCPU: bounded buffer, dropped and counted when unread.
     let console = crate::console::ConsoleOut::stdout()
         .map_err(|e| Error::Io("cannot start the console output thread", e))?;
+    // Every byte passes the panic watch, whether or not stdout is read.
+    let out = crate::panic_watch::PanicWatch::new(console.clone(), state.clone());
     let serial = Arc::new(Mutex::new(
-        SerialDevice::new(irq()?, Box::new(console.clone()))
+        SerialDevice::new(irq()?, Box::new(out))
             .map_err(|e| Error::Io("cannot create an event fd", e))?,
     ));
     vm.register_irqfd(devices::bus::lock(&serial).irq_evt(), legacy::COM1_IRQ)
@@ -216,6 +219,24 @@ fn attach_legacy_devices(vm: &VmFd) -> Result<LegacyDevices> {
         .map_err(Error::Bus)?;
     pio.insert(i8042.clone(), legacy::I8042_PORT, legacy::I8042_LEN)
         .map_err(Error::Bus)?;
+    // Stops the VM on the vCPU thread of the write, before the guest runs on (so before any
+    // reset it does next).
+    let stop = state.clone();
+    let debug_exit = legacy::DebugExit::new(Box::new(move |n| {
+        stop.request_exit(
+            i32::from(n),
+            format!(
+                "the guest wrote {n} to the debug-exit port {:#x}",
+                legacy::DEBUG_EXIT_PORT
+            ),
+        )
+    }));
+    pio.insert(
+        Arc::new(Mutex::new(debug_exit)),
+        legacy::DEBUG_EXIT_PORT,
+        legacy::DEBUG_EXIT_LEN,
+    )
+    .map_err(Error::Bus)?;
     Ok(LegacyDevices {
         pio,
         serial,
@@ -328,6 +349,7 @@ fn configure_vcpus(
             mmio: mmio.clone(),
             hotplug: window.clone(),
             state: state.clone(),
+            triple_fault_resets: crate::exit_status::triple_fault_is_reset(&config.kernel.cmdline),
         });
     }
     Ok(vcpus)

@@ -14,6 +14,9 @@ pub struct VmmConfig {
     pub hotplug: HotplugConfig,
     /// Where to serve the HTTP API, if anywhere.
     pub api_socket: Option<PathBuf>,
+    /// Longest time the whole run may take: then Tide stops the guest, reports where its vCPUs
+    /// were and exits with [`crate::exit_status::TIMEOUT`].
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// The guest kernel.
@@ -66,5 +69,83 @@ impl Default for HotplugConfig {
             thp: true,
             populate_ahead: true,
         }
+    }
+}
+
+/// Parses a duration for `--timeout`: a whole number with an optional unit, `ms`, `s` (the
+/// default), `m` or `h`: `90`, `90s`, `1500ms`, `5m`, `1h`. Zero is refused (it would stop the
+/// guest before it ran).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("invalid duration {s:?} (a whole number with ms, s, m or h: 90s, 5m)");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    if d.is_zero() {
+        return Err(format!("duration {s:?} must be more than zero"));
+    }
+    Ok(d)
+}
+
+/// The kernel parameter through which `tide run --exec CMD` hands CMD to the project's guest
+/// init: `tide.exec=` and CMD's bytes in lowercase hexadecimal, since a kernel parameter cannot
+/// carry double quotes and the kernel splits at spaces outside them.
+pub fn exec_param(cmd: &str) -> String {
+    let mut p = String::with_capacity(10 + 2 * cmd.len());
+    p.push_str("tide.exec=");
+    for b in cmd.bytes() {
+        p.push_str(&format!("{b:02x}"));
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in [
+            "",
+            "s",
+            "0",
+            "0s",
+            "1.5s",
+            "-1",
+            "5d",
+            "99999999999999999999",
+            "18446744073709551615h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn exec_param_survives_quotes_and_spaces() {
+        assert_eq!(
+            exec_param("exit 7"),
+            "tide.exec=6578697420 37".replace(' ', "")
+        );
+        let cmd = "echo \"a b\" 'c'; exit 7";
+        let p = exec_param(cmd);
+        assert!(p["tide.exec=".len()..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!(p.len(), "tide.exec=".len() + 2 * cmd.len());
     }
 }

@@ -8,6 +8,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use vmm::config::{HotplugConfig, KernelConfig, MachineConfig, VmmConfig, DEFAULT_CMDLINE};
+use vmm::exit_status::TIDE_ERROR;
+
+/// Tide's own error as the process's exit status.
+fn tide_error() -> ExitCode {
+    ExitCode::from(TIDE_ERROR as u8)
+}
 
 /// Tide: a minimal KVM VMM whose guest memory grows and shrinks through virtio-mem.
 #[derive(Parser, Debug)]
@@ -20,6 +26,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a guest and run it until it powers off or resets.
+    #[command(after_help = vmm::exit_status::TABLE)]
     Run(RunArgs),
     /// Talk to a running tide over its API socket.
     Ctl(vmm::api::client::CtlArgs),
@@ -74,6 +81,14 @@ struct RunArgs {
     /// Log level: error, warn, info, debug.
     #[arg(long, default_value = "warn", value_parser = level)]
     log_level: log::LevelFilter,
+    /// Run this shell command in the project's guest (resources/build-guest.sh; its /init reads
+    /// tide.exec=), stream its output, power off and exit with its status.
+    #[arg(long, value_name = "CMD")]
+    exec: Option<String>,
+    /// Stop the guest after this long (90s, 5m, 1h; plain number: seconds), print where its vCPUs
+    /// were and exit with 124.
+    #[arg(long, value_name = "DURATION", value_parser = vmm::config::parse_duration)]
+    timeout: Option<std::time::Duration>,
 }
 
 /// Longest time the exit waits for the log sink to write what it holds (a stderr nobody reads
@@ -107,7 +122,7 @@ fn main() -> ExitCode {
                 "tide: {}",
                 line.trim_start_matches("error: ").trim()
             );
-            return ExitCode::from(2);
+            return tide_error();
         }
     };
     match cli.command {
@@ -115,7 +130,7 @@ fn main() -> ExitCode {
             // Every line to stderr from here on goes through the log sink, which never blocks.
             if let Err(e) = vmm::logger::init(a.log_level) {
                 let _ = writeln!(std::io::stderr(), "tide: error: cannot start logging: {e}");
-                return ExitCode::FAILURE;
+                return tide_error();
             }
             if a.hotplug_size == 0 {
                 let unused = [
@@ -128,19 +143,28 @@ fn main() -> ExitCode {
                     vmm::logger::line(&format!(
                         "tide: {opt} has no effect without a hotplug region (--hotplug-size)"
                     ));
-                    return finish(ExitCode::from(2));
+                    return finish(tide_error());
                 }
+            }
+            let mut cmdline = a.cmdline;
+            if let Some(cmd) = &a.exec {
+                if cmd.trim().is_empty() {
+                    vmm::logger::line("tide: --exec needs a command");
+                    return finish(tide_error());
+                }
+                cmdline.push(' ');
+                cmdline.push_str(&vmm::config::exec_param(cmd));
             }
             // SIGTERM, SIGINT and SIGHUP stop the VM like PUT /vm/shutdown from here on.
             if let Err(e) = vmm::signals::install() {
                 vmm::logger::line(&format!("tide: error: cannot install signal handlers: {e}"));
-                return finish(ExitCode::FAILURE);
+                return finish(tide_error());
             }
             let config = VmmConfig {
                 kernel: KernelConfig {
                     path: a.kernel,
                     initrd: a.initrd,
-                    cmdline: a.cmdline,
+                    cmdline,
                 },
                 machine: MachineConfig {
                     cpus: a.cpus,
@@ -155,6 +179,7 @@ fn main() -> ExitCode {
                     populate_ahead: !a.no_populate_ahead,
                 },
                 api_socket: a.api_socket,
+                timeout: a.timeout,
             };
             let code = match vmm::Vmm::new(config).and_then(|v| v.run()) {
                 Ok(exit) => {
@@ -171,7 +196,7 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     vmm::logger::line(&format!("tide: error: {}", vmm::error_chain(&e)));
-                    ExitCode::FAILURE
+                    tide_error()
                 }
             };
             finish(code)

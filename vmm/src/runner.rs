@@ -10,6 +10,7 @@ use vmm_sys_util::terminal::Terminal;
 
 use crate::api::{ApiBackend, MemoryStatus, VmInfo};
 use crate::event_loop::{ConsoleInput, StopSources};
+use crate::exit_status;
 use crate::resident::ResidentSampler;
 use crate::vcpu::{self, RunState, VmExit};
 use crate::{Error, Result, Vmm};
@@ -145,8 +146,9 @@ impl Drop for RawStdin {
 }
 
 impl Vmm {
-    /// Runs the VM until the guest powers off or resets, a fault stops it, or the API shuts it
-    /// down. Returns why it stopped.
+    /// Runs the VM until the guest powers off or resets, a fault stops it, the API shuts it
+    /// down or the timeout is reached. Returns why it stopped, with the exit status of
+    /// [`crate::exit_status`].
     pub fn run(mut self) -> Result<VmExit> {
         vcpu::install_kick_handler()?;
         let mut em: EventManager<Box<dyn MutEventSubscriber + Send>> =
@@ -199,15 +201,30 @@ impl Vmm {
             match v.start() {
                 Ok(h) => handles.push(h),
                 Err(e) => {
-                    self.state.request_exit(1, format!("{e}"));
+                    self.state
+                        .request_exit(exit_status::TIDE_ERROR, format!("{e}"));
                     break;
                 }
             }
         }
+        let deadline = self.config.timeout.map(|t| (t, Instant::now() + t));
         while !self.state.stopping() {
-            if let Err(e) = em.run_with_timeout(200) {
+            let mut wait_ms = 200;
+            if let Some((t, end)) = deadline {
+                let left = end.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    self.state.request_exit_reporting_vcpus(
+                        exit_status::TIMEOUT,
+                        format!("--timeout {t:?} reached: the guest was stopped"),
+                    );
+                    break;
+                }
+                // Rounded up: never wakes before the deadline to spin.
+                wait_ms = wait_ms.min(left.as_micros().div_ceil(1000) as i32);
+            }
+            if let Err(e) = em.run_with_timeout(wait_ms) {
                 self.state
-                    .request_exit(1, format!("event loop failed: {e:?}"));
+                    .request_exit(exit_status::TIDE_ERROR, format!("event loop failed: {e:?}"));
             }
         }
         // A PLUG being populated stops at its next slice: the stop never waits for it.
@@ -227,8 +244,27 @@ impl Vmm {
             }
         }
         vcpu::stop_vcpus(handles);
+        let mut exit = self.state.exit().unwrap_or(VmExit {
+            code: exit_status::SUCCESS,
+            reason: "stopped".into(),
+            report: None,
+        });
+        if let Some(vcpus) = self.state.take_vcpu_reports() {
+            exit.report = Some(match exit.report.take() {
+                Some(r) => format!("{r}\n{vcpus}"),
+                None => vcpus,
+            });
+        }
         if let Some(dev) = self.mem_device.as_mut() {
             dev.stop();
+            if let Some(failure) = dev.driver_failure() {
+                if exit.code == exit_status::SUCCESS {
+                    exit.reason = format!("{failure} (and then {})", exit.reason);
+                    exit.code = exit_status::DRIVER_FAILED;
+                } else {
+                    log::warn!("{failure}");
+                }
+            }
         }
         // Guest output still buffered goes out if stdout takes it soon; never waits longer.
         if !self.console.drain(CONSOLE_DRAIN) {
@@ -241,10 +277,6 @@ impl Vmm {
         if dropped > 0 {
             log::warn!("console: {dropped} bytes of guest output dropped (stdout was not read)");
         }
-        Ok(self.state.exit().unwrap_or(VmExit {
-            code: 0,
-            reason: "stopped".into(),
-            report: None,
-        }))
+        Ok(exit)
     }
 }

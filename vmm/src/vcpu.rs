@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::exit_status::{KVM_GAVE_UP, TIDE_ERROR, UNPLUGGED_ACCESS};
 use crate::guest_report;
 use devices::bus::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -13,11 +14,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// `KVM_EXIT_MEMORY_FAULT` (Linux 6.8+): `KVM_RUN` failed with EFAULT on a guest physical address.
 const KVM_EXIT_MEMORY_FAULT: u32 = 39;
+/// `KVM_SYSTEM_EVENT_CRASH`: the guest reported a crash (e.g. through Hyper-V's crash MSRs).
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 
 /// Why the VM stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmExit {
-    /// Exit status for `tide` (0: the guest powered off or reset).
+    /// Exit status for `tide` ([`crate::exit_status`]).
     pub code: i32,
     /// What happened, in words.
     pub reason: String,
@@ -31,6 +34,11 @@ pub struct RunState {
     exit: Mutex<Option<VmExit>>,
     stop: AtomicBool,
     evt: EventFd,
+    /// The guest kernel's panic line, once the console showed one.
+    panic: Mutex<Option<String>>,
+    /// Each vCPU thread adds its guest report when it stops.
+    want_reports: AtomicBool,
+    reports: Mutex<Vec<(u8, String)>>,
 }
 
 impl RunState {
@@ -40,7 +48,43 @@ impl RunState {
             exit: Mutex::new(None),
             stop: AtomicBool::new(false),
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            panic: Mutex::new(None),
+            want_reports: AtomicBool::new(false),
+            reports: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The guest kernel panicked (the first line counts): a stop that would read as the guest's
+    /// own reset or halt, or as KVM giving up on it, is this panic.
+    pub fn record_panic(&self, line: String) {
+        let mut p = devices::bus::lock(&self.panic);
+        if p.is_none() {
+            *p = Some(line);
+        }
+    }
+
+    /// Stops the VM, and has every vCPU thread add where its vCPU was to the exit's report.
+    pub fn request_exit_reporting_vcpus(&self, code: i32, reason: impl Into<String>) {
+        self.want_reports.store(true, Ordering::SeqCst);
+        self.request_exit(code, reason)
+    }
+
+    /// Whether the vCPU threads should report where they stopped.
+    pub fn wants_vcpu_reports(&self) -> bool {
+        self.want_reports.load(Ordering::SeqCst)
+    }
+
+    /// A vCPU thread's report, for [`Self::take_vcpu_reports`].
+    pub fn add_vcpu_report(&self, id: u8, report: String) {
+        devices::bus::lock(&self.reports).push((id, report));
+    }
+
+    /// The vCPU reports added so far, in vCPU order, as one text.
+    pub fn take_vcpu_reports(&self) -> Option<String> {
+        let mut r = std::mem::take(&mut *devices::bus::lock(&self.reports));
+        r.sort_by_key(|(id, _)| *id);
+        let text: Vec<String> = r.into_iter().map(|(_, t)| t).collect();
+        (!text.is_empty()).then(|| text.join("\n"))
     }
 
     /// Records why the VM stops (only the first call counts) and wakes the event loop.
@@ -57,9 +101,19 @@ impl RunState {
     ) {
         let mut e = devices::bus::lock(&self.exit);
         if e.is_none() {
+            let mut reason = reason.into();
+            let mut code = code;
+            let panic = devices::bus::lock(&self.panic).clone();
+            if let Some(line) = panic {
+                use crate::exit_status::{GUEST_PANIC, SUCCESS};
+                if [SUCCESS, KVM_GAVE_UP, GUEST_PANIC].contains(&code) {
+                    reason = format!("guest kernel panic: {line} (then: {reason})");
+                    code = GUEST_PANIC;
+                }
+            }
             *e = Some(VmExit {
                 code,
-                reason: reason.into(),
+                reason,
                 report,
             });
         }
@@ -123,6 +177,8 @@ pub struct Vcpu {
     pub hotplug: Option<HotplugWindow>,
     /// Shared run state.
     pub state: Arc<RunState>,
+    /// A triple fault is the guest's way to reset (`reboot=t`), not a failure.
+    pub triple_fault_resets: bool,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -160,18 +216,24 @@ impl Vcpu {
             let plugged = window
                 .as_ref()
                 .is_some_and(|w| w.contains(addr) && w.is_plugged(addr));
-            let msg = if plugged {
-                format!(
-                    "vCPU {id} {what} plugged hotplug memory at guest physical address {addr:#x} \
-                     that the host could not back; the guest was stopped"
+            if plugged {
+                // The host's failure, not the guest's.
+                state.request_exit(
+                    TIDE_ERROR,
+                    format!(
+                        "vCPU {id} {what} plugged hotplug memory at guest physical address {addr:#x} \
+                         that the host could not back; the guest was stopped"
+                    ),
                 )
             } else {
-                format!(
-                    "vCPU {id} {what} unplugged hotplug memory at guest physical address {addr:#x}; \
-                     the guest was stopped and no host memory was allocated for it"
+                state.request_exit(
+                    UNPLUGGED_ACCESS,
+                    format!(
+                        "vCPU {id} {what} unplugged hotplug memory at guest physical address {addr:#x}; \
+                         the guest was stopped and no host memory was allocated for it"
+                    ),
                 )
-            };
-            state.request_exit(1, msg)
+            }
         };
         while !state.stopping() {
             match self.fd.run() {
@@ -199,10 +261,17 @@ impl Vcpu {
                     }
                 }
                 Ok(VcpuExit::Hlt) => state.request_exit(0, "guest halted"),
+                Ok(VcpuExit::Shutdown) if self.triple_fault_resets => {
+                    state.request_exit(0, "guest reset (triple fault, as reboot=t asks)")
+                }
                 Ok(VcpuExit::Shutdown) => state.request_exit_with_report(
-                    0,
-                    "guest reset (triple fault or shutdown)",
+                    KVM_GAVE_UP,
+                    format!("vCPU {id} triple-faulted (KVM shutdown exit) and the guest did not ask for resets by triple fault (reboot=t)"),
                     Some(guest_report::report(id, &self.fd, None)),
+                ),
+                Ok(VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_CRASH, _)) => state.request_exit(
+                    crate::exit_status::GUEST_PANIC,
+                    format!("vCPU {id} reported a guest crash (KVM system event)"),
                 ),
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     state.request_exit(0, format!("guest system event {kind}"))
@@ -215,13 +284,13 @@ impl Vcpu {
                         "a guest state it cannot handle"
                     };
                     state.request_exit_with_report(
-                        1,
+                        KVM_GAVE_UP,
                         format!("KVM internal error on vCPU {id} (suberror {suberror}): the guest reached {what}"),
                         Some(guest_report::report(id, &self.fd, insn.as_deref())),
                     )
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => state.request_exit_with_report(
-                    1,
+                    KVM_GAVE_UP,
                     format!(
                         "KVM could not enter vCPU {id} (hardware reason {reason:#x}, cpu {cpu})"
                     ),
@@ -229,7 +298,7 @@ impl Vcpu {
                 ),
                 Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => {}
                 Ok(other) => state.request_exit(
-                    1,
+                    KVM_GAVE_UP,
                     format!("vCPU {} stopped on an unexpected KVM exit: {other:?}", id),
                 ),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
@@ -242,7 +311,7 @@ impl Vcpu {
                         if in_hotplug(gpa) {
                             unplugged_access(gpa, "touched");
                         } else {
-                            state.request_exit(1, format!("vCPU {} faulted on guest physical address {gpa:#x} (no host memory behind it)", id));
+                            state.request_exit(KVM_GAVE_UP, format!("vCPU {} faulted on guest physical address {gpa:#x} (no host memory behind it)", id));
                         }
                     } else {
                         let hint = if window.is_some() {
@@ -251,13 +320,19 @@ impl Vcpu {
                             ""
                         };
                         state.request_exit(
-                            1,
+                            KVM_GAVE_UP,
                             format!("KVM_RUN failed with EFAULT on vCPU {}{hint}", id),
                         );
                     }
                 }
-                Err(e) => state.request_exit(1, format!("KVM_RUN failed on vCPU {}: {e}", id)),
+                Err(e) => state.request_exit(
+                    KVM_GAVE_UP,
+                    format!("KVM_RUN failed on vCPU {}: {e}", id),
+                ),
             }
+        }
+        if state.wants_vcpu_reports() {
+            state.add_vcpu_report(id, guest_report::report(id, &self.fd, None));
         }
     }
 }

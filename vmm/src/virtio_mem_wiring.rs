@@ -83,6 +83,38 @@ impl MemDevice {
         &self.metrics
     }
 
+    /// Whether the guest's driver failed the device during the run, in words: it set FAILED,
+    /// the device needed a reset (DEVICE_NEEDS_RESET), or Tide answered a request ERROR (after
+    /// which Linux's driver stops using the device). Read from the transport's status register
+    /// record and the request counts.
+    pub fn driver_failure(&self) -> Option<String> {
+        use virtio_bindings::virtio_config::{
+            VIRTIO_CONFIG_S_FAILED as FAILED, VIRTIO_CONFIG_S_NEEDS_RESET as NEEDS_RESET,
+        };
+        let seen = lock(&self.transport).failures_seen();
+        let m = self.metrics.snapshot();
+        let errors = [&m.plug, &m.unplug, &m.unplug_all, &m.state, &m.invalid]
+            .iter()
+            .map(|r| r.error)
+            .sum::<u64>();
+        let mut what = Vec::new();
+        if seen & FAILED != 0 {
+            what.push("the driver set FAILED".to_string());
+        }
+        if seen & NEEDS_RESET != 0 {
+            what.push("the device needed a reset (DEVICE_NEEDS_RESET)".to_string());
+        }
+        if errors > 0 {
+            what.push(format!("Tide answered {errors} request(s) ERROR"));
+        }
+        (!what.is_empty()).then(|| {
+            format!(
+                "the guest's virtio-mem driver failed the device: {}",
+                what.join(", ")
+            )
+        })
+    }
+
     /// A new handle on the event fd signalled after every batch of requests the worker handled
     /// (the memory state may have changed): the API wakes its long polls with it.
     pub fn changed_evt(&self) -> Result<EventFd> {

@@ -129,6 +129,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     status: u32,
     needs_reset: bool,
     activated: bool,
+    /// FAILED and DEVICE_NEEDS_RESET as the status register showed them before resets.
+    failures_before_reset: u32,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -156,6 +158,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             status: 0,
             needs_reset: false,
             activated: false,
+            failures_before_reset: 0,
         })
     }
 
@@ -182,6 +185,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
             } else {
                 0
             }
+    }
+
+    /// The FAILED and DEVICE_NEEDS_RESET bits the status register has shown, resets included.
+    pub fn failures_seen(&self) -> u32 {
+        (self.failures_before_reset | self.status())
+            & (VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET)
     }
 
     /// Whether the device was activated (the driver set `DRIVER_OK` and activation succeeded).
@@ -258,6 +267,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn reset(&mut self) {
         debug!("virtio-mmio: reset of device {}", self.device.device_type());
+        self.failures_before_reset = self.failures_seen();
         self.device.reset();
         for queue in &mut self.queues {
             queue.reset();

@@ -148,8 +148,11 @@ fn status_machine_rejects_out_of_order_writes() {
             | VIRTIO_CONFIG_S_FEATURES_OK,
     );
     assert_eq!(rd(&mut t, 0x70) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+    assert_eq!(t.failures_seen(), VIRTIO_CONFIG_S_FAILED);
     wr(&mut t, 0x70, 0);
     assert_eq!(rd(&mut t, 0x70), 0);
+    // The reset clears the register, not the record that the driver once gave up.
+    assert_eq!(t.failures_seen(), VIRTIO_CONFIG_S_FAILED);
 }
 
 #[test]
@@ -303,6 +306,7 @@ fn processing_failure_sets_needs_reset() {
     wr(&mut t, 0x50, 0);
     wr(&mut t, 0x70, 0);
     assert_eq!(rd(&mut t, 0x70), 0);
+    assert_eq!(t.failures_seen(), VIRTIO_CONFIG_S_NEEDS_RESET);
 }
 
 #[test]
@@ -334,6 +338,7 @@ fn invalid_queue_sizes_and_selects_are_ignored() {
     wr(&mut t, 0x44, 1);
     assert_eq!(rd(&mut t, 0x44), 0);
     assert_eq!(rd(&mut t, 0x70) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+    assert_eq!(t.failures_seen(), 0);
 }
 
 #[test]
