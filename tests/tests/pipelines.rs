@@ -14,7 +14,7 @@ const PER_LINE: u32 = 10;
 /// crashes (`cargo test -p tests --test pipelines -- --ignored --nocapture`); see also
 /// resources/probes/pipeline-probe.sh.
 #[test]
-#[ignore = "busybox pipelines still crash on the emulating kvm_pvm KVM (docs/testing.md): a probe, run with --ignored"]
+#[ignore = "busybox pipelines crashed on the emulating kvm_pvm KVM and have no fix yet (docs/testing.md): a probe, run with --ignored"]
 fn linux_pipelines_of_three_busybox_processes_do_not_crash() {
     let test = "linux_pipelines_of_three_busybox_processes_do_not_crash";
     if !require_kvm(test) {
