@@ -123,7 +123,8 @@ pub struct OpTimes {
 }
 
 /// How much of a PLUG is populated between two checks for a stop
-/// ([`HotplugRegion::stop_populates`]): ~30 ms of 4 KiB pages on a warm host here.
+/// ([`HotplugRegion::stop_populates`]): a few tens of milliseconds of 4 KiB pages at the
+/// populate rates of docs/benchmarks.md.
 pub const POPULATE_SLICE: u64 = 64 << 20;
 
 /// A populate or discard under way ([`HotplugRegion::changes`]).

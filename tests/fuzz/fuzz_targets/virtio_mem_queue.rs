@@ -14,6 +14,7 @@ use tide_fuzz::*;
 use vm_memory::{Bytes, GuestAddress};
 
 use devices::bus::BusDevice;
+use devices::virtio::mem::request::VirtioMemReq;
 use devices::virtio::VirtioMem;
 
 /// Most operations taken from one input (each plug may populate up to 32 MiB).
@@ -160,11 +161,13 @@ fuzz_target!(|data: &[u8]| {
                     0 | 1 => u16::from(inp.u8() % 20),
                     _ => inp.u16(),
                 };
-                let mut req = [0u8; 24];
-                req[0..2].copy_from_slice(&kind.to_le_bytes());
-                req[8..16].copy_from_slice(&addr.to_le_bytes());
-                req[16..18].copy_from_slice(&nb.to_le_bytes());
-                mem.write_slice(&req, GuestAddress(DATA + slot * REQ_STRIDE))
+                let req = VirtioMemReq {
+                    req_type: kind.into(),
+                    addr: addr.into(),
+                    nb_blocks: nb.into(),
+                    ..Default::default()
+                };
+                mem.write_obj(req, GuestAddress(DATA + slot * REQ_STRIDE))
                     .unwrap();
             }
             // Make a head available.

@@ -74,7 +74,7 @@ fuzz_target!(|data: &[u8]| {
                 if inp.u8() & 1 == 0 {
                     t.read(off, &mut b[..size]);
                 } else {
-                    let v = inp.bytes(size);
+                    let v = inp.bytes_up_to(size);
                     b[..v.len()].copy_from_slice(v);
                     t.write(off, &b[..size]);
                 }

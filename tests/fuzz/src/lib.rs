@@ -18,52 +18,44 @@ pub const DATA: u64 = 0x1_0000;
 
 pub type Transport = MmioTransport<VirtioMem<memory::HotplugRegion>>;
 
-/// Reads choices from the fuzzer's bytes; past the end everything reads as zero.
-pub struct Input<'a> {
-    data: &'a [u8],
-    pos: usize,
+/// The fuzzer's bytes, read as choices: arbitrary's reader, whose integers are little endian
+/// and read as zero past the end.
+pub type Input<'a> = arbitrary::Unstructured<'a>;
+
+/// The choices a target reads (none fails: past the end of the input everything is zero).
+pub trait Choices<'a> {
+    /// One byte.
+    fn u8(&mut self) -> u8;
+    /// Two bytes, little endian.
+    fn u16(&mut self) -> u16;
+    /// Four bytes, little endian.
+    fn u32(&mut self) -> u32;
+    /// Eight bytes, little endian.
+    fn u64(&mut self) -> u64;
+    /// `n` bytes (fewer at the end of the input).
+    fn bytes_up_to(&mut self, n: usize) -> &'a [u8];
 }
 
-impl<'a> Input<'a> {
-    pub fn new(data: &'a [u8]) -> Self {
-        Self { data, pos: 0 }
+impl<'a> Choices<'a> for Input<'a> {
+    fn u8(&mut self) -> u8 {
+        self.arbitrary().unwrap_or(0)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.pos >= self.data.len()
+    fn u16(&mut self) -> u16 {
+        self.arbitrary().unwrap_or(0)
     }
 
-    pub fn u8(&mut self) -> u8 {
-        let b = self.data.get(self.pos).copied().unwrap_or(0);
-        self.pos += 1;
-        b
+    fn u32(&mut self) -> u32 {
+        self.arbitrary().unwrap_or(0)
     }
 
-    pub fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
+    fn u64(&mut self) -> u64 {
+        self.arbitrary().unwrap_or(0)
     }
 
-    pub fn u32(&mut self) -> u32 {
-        u32::from(self.u16()) | (u32::from(self.u16()) << 16)
-    }
-
-    pub fn u64(&mut self) -> u64 {
-        u64::from(self.u32()) | (u64::from(self.u32()) << 32)
-    }
-
-    /// `n` bytes (fewer at the end of the input).
-    pub fn bytes(&mut self, n: usize) -> &'a [u8] {
-        let start = self.pos.min(self.data.len());
-        let end = (start + n).min(self.data.len());
-        self.pos = start + n;
-        &self.data[start..end]
-    }
-
-    /// The rest of the input.
-    pub fn rest(&mut self) -> &'a [u8] {
-        let start = self.pos.min(self.data.len());
-        self.pos = self.data.len();
-        &self.data[start..]
+    fn bytes_up_to(&mut self, n: usize) -> &'a [u8] {
+        let n = n.min(self.len());
+        self.bytes(n).unwrap_or_default()
     }
 }
 
