@@ -226,6 +226,22 @@ fn linux_exec_returns_the_commands_status() {
     );
 }
 
+/// The older form, `tide.cmd="..."` on the kernel command line, gets the same exit status.
+#[test]
+fn linux_tide_cmd_returns_the_commands_status() {
+    let Some(dir) = linux_guest("linux_tide_cmd_returns_the_commands_status") else {
+        return;
+    };
+    let mut tide = run_linux(&dir, "tide.cmd=\"echo via-tide-cmd; exit 3\"", &[]);
+    assert_eq!(code(&mut tide, LINUX_RUN), 3, "{}", tide.stderr());
+    let out = tide.stdout();
+    assert!(
+        out.contains("via-tide-cmd\r\nTIDE-CMD-END rc=3")
+            || out.contains("via-tide-cmd\nTIDE-CMD-END rc=3"),
+        "{out}"
+    );
+}
+
 #[test]
 fn linux_kernel_panic_gives_the_panic_code_and_names_it() {
     let Some(dir) = linux_guest("linux_kernel_panic_gives_the_panic_code_and_names_it") else {
