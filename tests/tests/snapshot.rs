@@ -147,6 +147,8 @@ fn snapshot_and_restore_the_test_guest_with_plugged_memory() {
     assert_eq!(field(&s, "plugged_size_mib"), 256, "{s}");
     assert_eq!(field(&s, "total_size_mib"), 64 << 10, "{s}");
     assert_eq!(s["backend"], "memfd", "{s}");
+    // The driver's record follows the restored device, not a fresh one.
+    assert_eq!(s["driver"]["state"], "active", "{s}");
     let resident = field(&s, "resident_bytes");
     assert!((256 * MIB..=260 * MIB).contains(&resident), "{s}");
     let (code, body) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));

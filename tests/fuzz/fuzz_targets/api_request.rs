@@ -34,6 +34,7 @@ impl ApiBackend for Mock {
             usable_region_size: (r + GIB).min(4 * GIB),
             backend: "anon".into(),
             resident_bytes: r,
+            resident_age_ms: Some(0),
             ahead_bytes: 0,
             guest_online_size: Some(r),
             driver: None,

@@ -170,6 +170,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.activated = true;
         }
         self.interrupt.restore(state.interrupt_status, state.failed);
+        // The device's record of its driver (health) follows the restored status register.
+        let status = self.status();
+        self.device.driver_status(status, None);
         Ok(())
     }
 }
