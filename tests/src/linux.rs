@@ -23,6 +23,21 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// Bound on one command or one resize in the guest.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
+/// The guest artifact directory for tier-3 test `test`, or `None` after printing why it is
+/// skipped (no usable /dev/kvm, or no guest artifacts).
+pub fn guest_or_skip(test: &str) -> Option<PathBuf> {
+    if !crate::require_kvm(test) {
+        return None;
+    }
+    match guest_dir() {
+        Ok(d) => Some(d),
+        Err(why) => {
+            println!("SKIP {test}: {why}");
+            None
+        }
+    }
+}
+
 /// The guest artifact directory from `TIDE_GUEST_DIR` (what `resources/build-guest.sh` printed),
 /// or why it cannot be used.
 pub fn guest_dir() -> Result<PathBuf, String> {

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tests::linux::{guest_dir, kernel_cmdline, BOOT_TIMEOUT};
+use tests::linux::{guest_or_skip, kernel_cmdline, BOOT_TIMEOUT};
 use tests::{require_kvm, tide_bin, Tide};
 use vmm::exit_status::{
     DRIVER_FAILED, GUEST_PANIC, KVM_GAVE_UP, TIDE_ERROR, TIMEOUT, UNPLUGGED_ACCESS,
@@ -178,19 +178,6 @@ fn timeout_stops_a_hung_guest_and_reports_its_vcpus() {
 
 // --- tier 3: the Linux guest -------------------------------------------------------------------
 
-fn linux_guest(test: &str) -> Option<std::path::PathBuf> {
-    if !require_kvm(test) {
-        return None;
-    }
-    match guest_dir() {
-        Ok(d) => Some(d),
-        Err(why) => {
-            println!("SKIP {test}: {why}");
-            None
-        }
-    }
-}
-
 /// `tide run` of the Linux guest with 128 MiB, `cmdline_extra` and `extra` arguments.
 fn run_linux(dir: &std::path::Path, cmdline_extra: &str, extra: &[&str]) -> Tide {
     let mut args: Vec<String> = vec![
@@ -210,7 +197,7 @@ fn run_linux(dir: &std::path::Path, cmdline_extra: &str, extra: &[&str]) -> Tide
 
 #[test]
 fn linux_exec_returns_the_commands_status() {
-    let Some(dir) = linux_guest("linux_exec_returns_the_commands_status") else {
+    let Some(dir) = guest_or_skip("linux_exec_returns_the_commands_status") else {
         return;
     };
     // Quotes, spaces, a percent sign and a backslash survive the trip through the command line.
@@ -229,7 +216,7 @@ fn linux_exec_returns_the_commands_status() {
 /// The older form, `tide.cmd="..."` on the kernel command line, gets the same exit status.
 #[test]
 fn linux_tide_cmd_returns_the_commands_status() {
-    let Some(dir) = linux_guest("linux_tide_cmd_returns_the_commands_status") else {
+    let Some(dir) = guest_or_skip("linux_tide_cmd_returns_the_commands_status") else {
         return;
     };
     let mut tide = run_linux(&dir, "tide.cmd=\"echo via-tide-cmd; exit 3\"", &[]);
@@ -244,7 +231,7 @@ fn linux_tide_cmd_returns_the_commands_status() {
 
 #[test]
 fn linux_kernel_panic_gives_the_panic_code_and_names_it() {
-    let Some(dir) = linux_guest("linux_kernel_panic_gives_the_panic_code_and_names_it") else {
+    let Some(dir) = guest_or_skip("linux_kernel_panic_gives_the_panic_code_and_names_it") else {
         return;
     };
     // No init anywhere: the kernel panics, and with panic=1 it resets a second later.
@@ -268,7 +255,7 @@ fn linux_kernel_panic_gives_the_panic_code_and_names_it() {
 
 #[test]
 fn linux_timeout_gives_its_code() {
-    let Some(dir) = linux_guest("linux_timeout_gives_its_code") else {
+    let Some(dir) = guest_or_skip("linux_timeout_gives_its_code") else {
         return;
     };
     // A command that never ends: whatever the speed of this KVM, only the timeout ends the run.
@@ -299,7 +286,7 @@ fn docs_show_the_ci_scenario_as_written() {
 /// guest sees and uses the memory, shrink, and tide's exit status 0.
 #[test]
 fn linux_ci_scenario_runs_as_written() {
-    let Some(dir) = linux_guest("linux_ci_scenario_runs_as_written") else {
+    let Some(dir) = guest_or_skip("linux_ci_scenario_runs_as_written") else {
         return;
     };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -2,10 +2,10 @@
 //! the test guest), and what the project's Linux guest reports over the guest channel (tier 3:
 //! its user space is ready, the memory it has online, and `wait_for=online`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use tests::linux::{guest_dir, LinuxGuest, COMMAND_TIMEOUT, HOTPLUG_BASE};
+use tests::linux::{guest_or_skip, LinuxGuest, COMMAND_TIMEOUT, HOTPLUG_BASE};
 use tests::{
     field, http, patch, require_kvm, status, temp_dir, test_guest, tide_bin, wait_for_path, Tide,
     API_SOCKET_WAIT,
@@ -128,19 +128,6 @@ fn driver_health_from_no_driver_to_failed() {
     tide.send("4");
     let st = tide.wait_exit(T);
     assert_eq!(st.code(), Some(252), "{st:?}\n{}", tide.stderr());
-}
-
-fn guest_or_skip(test: &str) -> Option<PathBuf> {
-    if !require_kvm(test) {
-        return None;
-    }
-    match guest_dir() {
-        Ok(d) => Some(d),
-        Err(why) => {
-            println!("SKIP {test}: {why}");
-            None
-        }
-    }
 }
 
 /// Long-polls `wait_for=online` until it answers settled (bounded by [`COMMAND_TIMEOUT`]).

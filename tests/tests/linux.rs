@@ -10,21 +10,8 @@
 use memory::MIB;
 use std::time::Duration;
 
-use tests::linux::{guest_dir, LinuxGuest, COMMAND_TIMEOUT, HOTPLUG_BASE, LINUX_MEMORY_BLOCK};
-use tests::{field, kvm_is_emulating, patch, require_kvm, status, wait_settled};
-
-fn guest_or_skip(test: &str) -> Option<std::path::PathBuf> {
-    if !require_kvm(test) {
-        return None;
-    }
-    match guest_dir() {
-        Ok(d) => Some(d),
-        Err(why) => {
-            println!("SKIP {test}: {why}");
-            None
-        }
-    }
-}
+use tests::linux::{guest_or_skip, LinuxGuest, COMMAND_TIMEOUT, HOTPLUG_BASE, LINUX_MEMORY_BLOCK};
+use tests::{field, kvm_is_emulating, patch, status, wait_settled};
 
 /// How much a program fills in the guest to show plugged memory is usable: most of it on a
 /// hardware-assisted KVM; on an emulating one each new page costs the guest's emulated page-fault

@@ -3,8 +3,7 @@
 //! busybox processes once crashed often (docs/testing.md). Booted under the conditions that
 //! crashed then: 128 MiB of boot RAM, a hotplug region, two vCPUs.
 
-use tests::linux::{guest_dir, LinuxGuest};
-use tests::require_kvm;
+use tests::linux::LinuxGuest;
 
 /// Pipelines run, ten to a command line (each line is bounded by the session's command timeout).
 const PIPELINES: u32 = 100;
@@ -17,15 +16,8 @@ const PER_LINE: u32 = 10;
 #[ignore = "busybox pipelines crashed on the emulating kvm_pvm KVM and have no fix yet (docs/testing.md): a probe, run with --ignored"]
 fn linux_pipelines_of_three_busybox_processes_do_not_crash() {
     let test = "linux_pipelines_of_three_busybox_processes_do_not_crash";
-    if !require_kvm(test) {
+    let Some(dir) = tests::linux::guest_or_skip(test) else {
         return;
-    }
-    let dir = match guest_dir() {
-        Ok(d) => d,
-        Err(why) => {
-            println!("SKIP {test}: {why}");
-            return;
-        }
     };
     let mut g = LinuxGuest::boot(
         &dir,
