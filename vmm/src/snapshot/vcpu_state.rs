@@ -14,6 +14,32 @@ use serde::{Deserialize, Serialize};
 
 use super::SnapshotError;
 
+/// `MSR_IA32_TSC_DEADLINE`: KVM ignores a write to it unless the local APIC's timer is already
+/// in TSC-deadline mode, so it is restored after the LAPIC (a fresh vCPU's timer is not).
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// Writes `(index, value)` pairs with `KVM_SET_MSRS`, 256 at a time; an MSR KVM refuses fails.
+fn write_msrs(fd: &VcpuFd, pairs: &[(u32, u64)]) -> Result<(), SnapshotError> {
+    let entries: Vec<kvm_msr_entry> = pairs
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    for chunk in entries.chunks(256) {
+        let msrs = Msrs::from_entries(chunk).map_err(|_| SnapshotError::Msrs)?;
+        let n = fd
+            .set_msrs(&msrs)
+            .map_err(|e| SnapshotError::Kvm("KVM_SET_MSRS", e))?;
+        if n != chunk.len() {
+            return Err(SnapshotError::MsrRefused(chunk[n].index));
+        }
+    }
+    Ok(())
+}
+
 /// The x87/SSE state as `KVM_GET_FPU` gives it (kvm-bindings has no serde for `kvm_fpu`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FpuState {
@@ -192,7 +218,7 @@ impl VcpuState {
     }
 
     /// Restores this state into a fresh vCPU, in the order KVM needs (CPUID first, the local
-    /// APIC before the pending events). A part the snapshot lacks keeps the fresh vCPU's
+    /// APIC before the TSC deadline and the pending events). A part the snapshot lacks keeps the fresh vCPU's
     /// value; a setter KVM refuses fails the restore, except the TSC frequency (a host that
     /// cannot scale the TSC runs the guest at its own, as Firecracker does).
     pub fn restore(&self, fd: &VcpuFd) -> Result<(), SnapshotError> {
@@ -206,22 +232,11 @@ impl VcpuState {
                 }
             }
         }
-        let entries: Vec<kvm_msr_entry> = self
+        let (deadline, msrs): (Vec<_>, Vec<_>) = self
             .msrs
             .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        for chunk in entries.chunks(256) {
-            let msrs = Msrs::from_entries(chunk).map_err(|_| SnapshotError::Msrs)?;
-            let n = fd.set_msrs(&msrs).map_err(k("KVM_SET_MSRS"))?;
-            if n != chunk.len() {
-                return Err(SnapshotError::MsrRefused(chunk[n].index));
-            }
-        }
+            .partition(|&&(index, _)| index == MSR_IA32_TSC_DEADLINE);
+        write_msrs(fd, &msrs)?;
         fd.set_sregs(&self.sregs).map_err(k("KVM_SET_SREGS"))?;
         fd.set_regs(&self.regs).map_err(k("KVM_SET_REGS"))?;
         if let Some(f) = &self.fpu {
@@ -247,6 +262,9 @@ impl VcpuState {
         if let Some(l) = &self.lapic {
             fd.set_lapic(l).map_err(k("KVM_SET_LAPIC"))?;
         }
+        // The timer's deadline only after the LAPIC has put the timer in TSC-deadline mode:
+        // written before, KVM drops it and the restored guest never gets another timer tick.
+        write_msrs(fd, &deadline)?;
         if let Some(m) = self.mp_state {
             fd.set_mp_state(m).map_err(k("KVM_SET_MP_STATE"))?;
         }
