@@ -292,7 +292,7 @@ pub(super) fn linux_driver_ahead(
             let m0 = metrics(&g.sock)?;
             let t = Instant::now();
             patch(&g.sock, GIB)?;
-            settle(&g.sock, GIB)?;
+            settle_within(&g.sock, GIB, Duration::from_secs(600))?;
             g.wait_mem_total(g.boot_mem_total_kib + GIB / 1024);
             let secs = t.elapsed().as_secs_f64();
             let d = Delta::of(&m0, &metrics(&g.sock)?, "plug");
@@ -307,7 +307,7 @@ pub(super) fn linux_driver_ahead(
             }
             s.secs.push(secs);
             patch(&g.sock, 0)?;
-            settle(&g.sock, 0)?;
+            settle_within(&g.sock, 0, Duration::from_secs(600))?;
             g.wait_mem_total(g.boot_mem_total_kib);
         }
     }

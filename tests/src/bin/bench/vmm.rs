@@ -196,6 +196,31 @@ pub(crate) fn settle(sock: &Path, bytes: u64) -> Res<Value> {
     Ok(v)
 }
 
+/// [`settle`] for a guest that may take longer than one read timeout (Linux's driver on an
+/// emulating KVM takes minutes to unplug 1 GiB): long polls of 50 s until `limit` has passed.
+pub(crate) fn settle_within(sock: &Path, bytes: u64, limit: std::time::Duration) -> Res<Value> {
+    let start = std::time::Instant::now();
+    loop {
+        let (code, body) = api(
+            sock,
+            "GET",
+            "/hotplug/memory?wait_for=plugged_size&timeout_ms=50000",
+            None,
+        )?;
+        let v: Value =
+            serde_json::from_str(&body).map_err(|e| format!("long poll: {e}: {body}"))?;
+        if code == 200 && v["settled"] == true && v["plugged_size"].as_u64() == Some(bytes) {
+            return Ok(v);
+        }
+        if start.elapsed() >= limit {
+            return Err(format!(
+                "plugged_size did not settle at {bytes} within {} s: {code} {body}",
+                limit.as_secs()
+            ));
+        }
+    }
+}
+
 pub(crate) fn u(v: &Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or(0)
 }
