@@ -26,7 +26,6 @@ fn api(sock: &Path, method: &str, path: &str, body: Option<&str>, want: u16) -> 
 }
 
 #[test]
-#[ignore = "on the emulating kvm_pvm, the restored Linux guest's driver sent one request after restore and none in the next 6 minutes (2026-12-06); the cause is not found yet: run with --ignored"]
 fn linux_guest_snapshot_and_restore_with_plugged_memory() {
     let test = "linux_guest_snapshot_and_restore_with_plugged_memory";
     let Some(dir) = tests::linux::guest_or_skip(test) else {
