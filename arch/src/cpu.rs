@@ -81,6 +81,18 @@ pub fn cpuid_for(supported: &CpuId, id: u8, count: u8) -> CpuId {
     cpuid
 }
 
+/// `(index, value)` pairs as the entries `KVM_SET_MSRS` takes.
+pub fn msr_entries(pairs: &[(u32, u64)]) -> Vec<kvm_msr_entry> {
+    pairs
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect()
+}
+
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
@@ -106,7 +118,7 @@ pub fn configure_vcpu(vcpu: &VcpuFd, id: u8, cpuid: &CpuId, entry: u64, cr3: u64
     };
     vcpu.set_cpuid2(cpuid).map_err(err("set CPUID"))?;
 
-    let entries: Vec<kvm_msr_entry> = [
+    let entries = msr_entries(&[
         (MSR_IA32_SYSENTER_CS, 0),
         (MSR_IA32_SYSENTER_ESP, 0),
         (MSR_IA32_SYSENTER_EIP, 0),
@@ -117,14 +129,7 @@ pub fn configure_vcpu(vcpu: &VcpuFd, id: u8, cpuid: &CpuId, entry: u64, cr3: u64
         (MSR_LSTAR, 0),
         (MSR_IA32_TSC, 0),
         (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
-    ]
-    .iter()
-    .map(|&(index, data)| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    })
-    .collect();
+    ]);
     let msrs = Msrs::from_entries(&entries).expect("ten MSR entries fit a FAM wrapper");
     vcpu.set_msrs(&msrs).map_err(err("set MSRs"))?;
 

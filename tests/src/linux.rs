@@ -131,9 +131,12 @@ impl LinuxGuest {
         // tick: waits a second with shell builtins only (a read that times out on a FIFO nobody
         // writes), where `sleep` would cost an exec.
         g.sh("mkfifo /tmp/tick; tick() { read -t 1 _ <>/tmp/tick; true; }");
-        // blocks FIRST END: BL = the state of each memory block FIRST..END-1, on one line.
+        // blocks FIRST END: BL = the state of each memory block FIRST..END-1, on one line. Linux
+        // may remove a block between any test and the read: a block whose file cannot be opened
+        // is absent, and the shell's complaint about it goes nowhere (stderr is redirected before
+        // the file is opened).
         g.sh("blocks() { local i=$1 l= s f; while [ $i -lt $2 ]; do f=/sys/devices/system/memory/memory$i/state; \
-              s=absent; [ -f $f ] && read s <$f; l=\"$l $s\"; i=$((i+1)); done; BL=${l# }; }");
+              read s 2>/dev/null <$f || s=absent; l=\"$l $s\"; i=$((i+1)); done; BL=${l# }; }");
         g.boot_mem_total_kib = g.mem_total_kib();
         g
     }

@@ -20,14 +20,7 @@ const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// Writes `(index, value)` pairs with `KVM_SET_MSRS`, 256 at a time; an MSR KVM refuses fails.
 fn write_msrs(fd: &VcpuFd, pairs: &[(u32, u64)]) -> Result<(), SnapshotError> {
-    let entries: Vec<kvm_msr_entry> = pairs
-        .iter()
-        .map(|&(index, data)| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        })
-        .collect();
+    let entries = arch::cpu::msr_entries(pairs);
     for chunk in entries.chunks(256) {
         let msrs = Msrs::from_entries(chunk).map_err(|_| SnapshotError::Msrs)?;
         let n = fd
