@@ -78,6 +78,34 @@ impl Drop for Created {
     }
 }
 
+/// Walks `segments` a [`CHUNK`] at a time through one buffer: `fill` puts the chunk at
+/// `done` bytes into segment `s` into the buffer, `drain` takes it out; returns the CRC-32 of
+/// every chunk, in segment order. Gives up with [`SnapshotError::Cancelled`] as soon as
+/// `cancel()` says so (checked every chunk), so that a stop never waits for a large copy.
+fn by_chunks(
+    segments: &[Segment],
+    cancel: &dyn Fn() -> bool,
+    mut fill: impl FnMut(&Segment, u64, &mut [u8]) -> Result<(), SnapshotError>,
+    mut drain: impl FnMut(&Segment, u64, &[u8]) -> Result<(), SnapshotError>,
+) -> Result<u32, SnapshotError> {
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    for s in segments {
+        let mut done = 0u64;
+        while done < s.len {
+            if cancel() {
+                return Err(SnapshotError::Cancelled);
+            }
+            let n = (s.len - done).min(CHUNK as u64) as usize;
+            fill(s, done, &mut buf[..n])?;
+            crc.update(&buf[..n]);
+            drain(s, done, &buf[..n])?;
+            done += n as u64;
+        }
+    }
+    Ok(crc.finalize())
+}
+
 /// Writes `segments` into `file` at their offsets and sets its length to `len` (the rest
 /// stays holes). Returns the CRC-32 of the bytes written, in segment order. Gives up with
 /// [`SnapshotError::Cancelled`] as soon as `cancel()` says so (checked every MiB), so that a
@@ -90,30 +118,28 @@ pub fn write(
     cancel: &dyn Fn() -> bool,
 ) -> Result<u32, SnapshotError> {
     let err = |e| SnapshotError::File(path.to_path_buf(), e);
-    let mut crc = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; CHUNK];
-    for s in segments {
-        let mut done = 0u64;
-        while done < s.len {
-            if cancel() {
-                return Err(SnapshotError::Cancelled);
-            }
-            let n = (s.len - done).min(CHUNK as u64) as usize;
-            // SAFETY: `s.host + done .. + n` lies inside a live guest memory mapping that the
-            // VM keeps for its whole life (the caller's segments come from the boot memory and
-            // the plugged blocks of the hotplug region, read-write while plugged); `buf` is a
-            // separate allocation of at least `n` bytes. The vCPUs are paused, so nothing
+    let crc = by_chunks(
+        segments,
+        cancel,
+        |s, done, buf| {
+            // SAFETY: `s.host + done .. + buf.len()` lies inside a live guest memory mapping
+            // that the VM keeps for its whole life (the caller's segments come from the boot
+            // memory and the plugged blocks of the hotplug region, read-write while plugged);
+            // `buf` is a separate allocation of that length. The vCPUs are paused, so nothing
             // writes the source while it is copied.
             unsafe {
-                std::ptr::copy_nonoverlapping((s.host + done) as *const u8, buf.as_mut_ptr(), n)
+                std::ptr::copy_nonoverlapping(
+                    (s.host + done) as *const u8,
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                )
             };
-            crc.update(&buf[..n]);
-            file.write_all_at(&buf[..n], s.offset + done).map_err(err)?;
-            done += n as u64;
-        }
-    }
+            Ok(())
+        },
+        |s, done, buf| file.write_all_at(buf, s.offset + done).map_err(err),
+    )?;
     file.set_len(len).map_err(err)?;
-    Ok(crc.finalize())
+    Ok(crc)
 }
 
 /// Reads `segments` from `file` into guest memory; returns the CRC-32 of the bytes read.
@@ -125,23 +151,18 @@ pub fn read(
     cancel: &dyn Fn() -> bool,
 ) -> Result<u32, SnapshotError> {
     let err = |e| SnapshotError::File(path.to_path_buf(), e);
-    let mut crc = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; CHUNK];
-    for s in segments {
-        let mut done = 0u64;
-        while done < s.len {
-            if cancel() {
-                return Err(SnapshotError::Cancelled);
-            }
-            let n = (s.len - done).min(CHUNK as u64) as usize;
-            file.read_exact_at(&mut buf[..n], s.offset + done)
-                .map_err(err)?;
-            crc.update(&buf[..n]);
-            // SAFETY: `s.host + done .. + n` lies inside a live, writable guest memory mapping
-            // (boot RAM, or hotplug blocks the restore has just plugged); no vCPU runs yet.
-            unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), (s.host + done) as *mut u8, n) };
-            done += n as u64;
-        }
-    }
-    Ok(crc.finalize())
+    by_chunks(
+        segments,
+        cancel,
+        |s, done, buf| file.read_exact_at(buf, s.offset + done).map_err(err),
+        |s, done, buf| {
+            // SAFETY: `s.host + done .. + buf.len()` lies inside a live, writable guest memory
+            // mapping (boot RAM, or hotplug blocks the restore has just plugged); no vCPU runs
+            // yet; `buf` is a separate allocation.
+            unsafe {
+                std::ptr::copy_nonoverlapping(buf.as_ptr(), (s.host + done) as *mut u8, buf.len())
+            };
+            Ok(())
+        },
+    )
 }

@@ -91,16 +91,20 @@ fn one_plug(sock: &Path) -> Res<(f64, Delta)> {
     Ok((secs, d))
 }
 
+/// Which variant goes first in repetition `rep` (true: with populate ahead): they alternate.
+fn order(rep: usize) -> [bool; 2] {
+    if rep.is_multiple_of(2) {
+        [true, false]
+    } else {
+        [false, true]
+    }
+}
+
 /// `reps` alternated repetitions on the two VMs: (with populate ahead, without).
 fn alternate(with: &Path, without: &Path, reps: usize) -> Res<(Samples, Samples)> {
     let (mut a, mut n) = (Samples::default(), Samples::default());
     for rep in 0..reps {
-        let order = if rep % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for ahead in order {
+        for ahead in order(rep) {
             let (s, sock) = if ahead {
                 (&mut a, with)
             } else {
@@ -278,12 +282,7 @@ pub(super) fn linux_driver_ahead(
     let mut without = LinuxGuest::boot(&dir, "bench-linux-no-ahead", &no_args);
     let (mut a, mut n) = (Samples::default(), Samples::default());
     for rep in 0..reps {
-        let order = if rep % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for ahead in order {
+        for ahead in order(rep) {
             let (g, s) = if ahead {
                 (&mut with, &mut a)
             } else {
