@@ -80,6 +80,21 @@ pub struct LinuxGuest {
     _tmp: TempDir,
 }
 
+impl Drop for LinuxGuest {
+    /// A failing test shows what the guest and Tide said last: the console's tail (the guest's
+    /// kernel messages, a panic) and Tide's diagnostics.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let out = self.tide.stdout();
+            let tail = &out[out.floor_char_boundary(out.len().saturating_sub(16 * 1024))..];
+            eprintln!(
+                "--- the guest's console, last 16 KiB ---\n{tail}\n--- tide's stderr ---\n{}",
+                self.tide.stderr()
+            );
+        }
+    }
+}
+
 impl LinuxGuest {
     /// Boots the guest of `dir` with 128 MiB of boot RAM, an API socket and `extra` arguments to
     /// `tide run` (hotplug region, vCPUs, backend), and waits for its shell.
@@ -223,12 +238,17 @@ impl LinuxGuest {
     /// errors of Tide's own devices (i8042, serial). Empty when the log is clean.
     pub fn kernel_log_problems(&mut self) -> Vec<String> {
         self.kernel_log_grep(
-            "warning|bug|oops|call trace|virtio|i8042|serio|serial|8250|error|fail|broken|unable|can.t",
+            "warning|bug|oops|call trace|stall|starved|virtio|i8042|serio|serial|8250|error|fail|broken|unable|can.t",
         )
         .lines()
             .filter(|l| is_problem(l, kvm_is_emulating().is_some()))
             .map(str::to_string)
             .collect()
+    }
+
+    /// The guest's whole kernel log, for a failure message that needs the context of a problem.
+    pub fn kernel_log(&mut self) -> String {
+        self.sh("dmesg")
     }
 
     /// The lines of the guest's kernel log that match the extended regular expression
@@ -268,11 +288,13 @@ pub fn is_problem(line: &str, emulating: bool) -> bool {
     if emulating && l.contains("[firmware bug]: cpu") && l.contains("apic id mismatch") {
         return false;
     }
-    // Facts of this host's CPU that the kernel reports as such, not faults of the guest or Tide.
-    const BENIGN: [&str; 3] = [
+    // Facts of this host's CPU that the kernel reports as such, not faults of the guest or Tide,
+    // and the echo of a boot parameter of resources/emulated-kvm.cmdline.
+    const BENIGN: [&str; 4] = [
         "[firmware bug]: tsc doesn't count with p0 frequency",
         "rdseed32 is broken. disabling the corresponding cpuid bit",
         "pmu not available due to virtualization",
+        "rcu cpu stall warnings timeout set to",
     ];
     if BENIGN.iter().any(|b| l.contains(b)) {
         return false;
@@ -281,6 +303,10 @@ pub fn is_problem(line: &str, emulating: bool) -> bool {
         || l.contains("bug")
         || l.contains("oops")
         || l.contains("call trace")
+        || (l.contains("rcu")
+            && (l.contains("detected stall")
+                || l.contains("detected expedited stall")
+                || l.contains("starved")))
         || ((l.contains("virtio")
             || l.contains("i8042")
             || l.contains("serio")
@@ -311,6 +337,22 @@ mod tests {
                 "[    2.0] WARNING: CPU: 0 PID: 1 at mm/page_alloc.c:1 foo"
             ));
             assert!(p("[    2.0] BUG: unable to handle page fault"));
+            assert!(p(
+                "[  140.5] rcu: INFO: rcu_sched self-detected stall on CPU"
+            ));
+            assert!(p(
+                "[  140.5] rcu: rcu_sched kthread starved for 2101 jiffies!"
+            ));
+            assert!(p(
+                "[  655.2] rcu: INFO: rcu_sched detected stalls on CPUs/tasks:"
+            ));
+            assert!(!p("[    1.0] x86/fpu: xstate handlers installed"));
+            assert!(!p(
+                "[   15.7] \tRCU CPU stall warnings timeout set to 300 (rcu_cpu_stall_timeout)."
+            ));
+            assert!(!p(
+                "[    0.0] Command line: console=ttyS0 rcupdate.rcu_cpu_stall_timeout=300"
+            ));
             assert!(!p(
                 "[    0.0] [Firmware Bug]: TSC doesn't count with P0 frequency!"
             ));

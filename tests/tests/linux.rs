@@ -73,11 +73,13 @@ fn use_plugged_memory(g: &mut LinuxGuest, mib: u64) {
 
 fn assert_kernel_log_clean(g: &mut LinuxGuest) {
     let problems = g.kernel_log_problems();
-    assert!(
-        problems.is_empty(),
-        "guest kernel log:\n{}",
-        problems.join("\n")
-    );
+    if !problems.is_empty() {
+        let log = g.kernel_log();
+        panic!(
+            "guest kernel log problems:\n{}\nthe whole log:\n{log}",
+            problems.join("\n")
+        );
+    }
 }
 
 /// One vCPU, anonymous memory: boot, run a command, grow 0 -> 256 MiB -> 1 GiB and use the

@@ -76,7 +76,10 @@ fn linux_guest_snapshot_and_restore_with_plugged_memory() {
         .iter()
         .filter(|l| !problems_before.contains(l))
         .collect();
-    assert!(new.is_empty(), "new kernel log problems:\n{new:?}");
+    if !new.is_empty() {
+        let log = g.kernel_log();
+        panic!("new kernel log problems:\n{new:?}\nthe whole log:\n{log}");
+    }
     let st = g.power_off();
     assert!(st.success(), "tide exited with {st:?}");
     let _ = std::fs::remove_dir_all(&files);
