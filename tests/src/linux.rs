@@ -86,7 +86,12 @@ impl Drop for LinuxGuest {
     fn drop(&mut self) {
         if std::thread::panicking() {
             let out = self.tide.stdout();
-            let tail = &out[out.floor_char_boundary(out.len().saturating_sub(16 * 1024))..];
+            // The last 16 KiB, from the first whole character (stdout() is valid UTF-8).
+            let mut from = out.len().saturating_sub(16 * 1024);
+            while !out.is_char_boundary(from) {
+                from += 1;
+            }
+            let tail = &out[from..];
             eprintln!(
                 "--- the guest's console, last 16 KiB ---\n{tail}\n--- tide's stderr ---\n{}",
                 self.tide.stderr()
